@@ -1,0 +1,3 @@
+"""Distributed contrastive pretraining over many modalities."""
+
+__version__ = "0.1.0"

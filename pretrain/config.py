@@ -1,0 +1,279 @@
+"""Typed configuration tree: YAML file + dotted ``key=value`` overrides, validated with clear errors.
+
+Every section is a dataclass. ``load_config(path, overrides)`` reads the YAML, applies the overrides
+(``train.steps=20``, ``data.train.urls=[a.tar,b.tar]``; values are parsed as YAML scalars/lists),
+and converts the result into the tree. An unknown key or a value of the wrong type raises
+``ConfigError`` whose message names the full dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The tree
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitConfig:
+    urls: Union[str, list[str]] = ""  # brace pattern(s) or list of shard paths/URLs
+    shuffle_buffer: int = 0  # sample shuffle buffer (0: keep shard order)
+    workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(shuffle_buffer=1000))
+    val: SplitConfig = field(default_factory=SplitConfig)
+    image_size: int = 32  # images are resized to image_size x image_size RGB
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    context_length: int = 32  # text tokens per sample (byte tokenizer, with BOS/EOS)
+
+
+@dataclass
+class ImageTowerConfig:
+    name: str = "resnet10t"  # any timm model name; random init (pretrained weights: later issue)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+@dataclass
+class TextTowerConfig:
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    pooling: Literal["cls", "mean"] = "cls"
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 64
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    init_temperature: float = 0.07  # logit_scale starts at log(1/T)
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class LossConfig:
+    name: Literal["clip"] = "clip"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 32
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = 10
+    checkpoint: bool = True  # save a DeepSpeed checkpoint at the end
+    log_keys: bool = False  # write the sample keys of every step to output_dir/keys/rank{r}.jsonl
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    batch_size: int = 128
+    classnames: list[str] = field(default_factory=list)  # index = label in the .cls member
+    templates: list[str] = field(default_factory=lambda: ["{}"])  # zero-shot prompt templates
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion with dotted-key errors
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = args or (str, Any)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{key}: unknown key (known keys here: {known})")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields that types alone cannot express."""
+    t = cfg.train
+    _require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(0 <= t.warmup_steps, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _require(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _require(bool(cfg.data.train.urls), "data.train.urls", "is required (shard paths or brace pattern)")
+    for split in ("train", "val"):
+        s = getattr(cfg.data, split)
+        _require(s.workers >= 0, f"data.{split}.workers", f"must be >= 0, got {s.workers}")
+        _require(s.shuffle_buffer >= 0, f"data.{split}.shuffle_buffer", f"must be >= 0, got {s.shuffle_buffer}")
+    _require(cfg.data.image_size >= 8, "data.image_size", f"must be >= 8, got {cfg.data.image_size}")
+    _require(cfg.data.context_length >= 4, "data.context_length", f"must be >= 4, got {cfg.data.context_length}")
+    for name in ("image_mean", "image_std"):
+        _require(len(getattr(cfg.data, name)) == 3, f"data.{name}", "must have 3 values (RGB)")
+    m = cfg.model
+    _require(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
+    _require(m.text.width % m.text.heads == 0, "model.text.heads", f"must divide model.text.width ({m.text.width})")
+    _require(0 < m.init_temperature, "model.init_temperature", "must be > 0")
+    if cfg.eval.enabled and cfg.data.val.urls:
+        _require(len(cfg.eval.classnames) >= 2, "eval.classnames", "needs at least 2 class names for zero-shot")
+        for i, tmpl in enumerate(cfg.eval.templates):
+            _require("{}" in tmpl, f"eval.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")

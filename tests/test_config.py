@@ -1,0 +1,66 @@
+import pytest
+
+from pretrain.config import Config, ConfigError, load_config
+from tests.conftest import PYTHON, ROOT, run_cmd
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_loads_with_overrides():
+    cfg = load_config(QUICKSTART, ["train.steps=7", "data.train.urls=[a.tar, b.tar]", "train.lr=1e-4"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.steps == 7
+    assert cfg.data.train.urls == ["a.tar", "b.tar"]
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.loss.name == "clip"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=5", "train.stepz"),
+        ("bogus=1", "bogus"),
+        ("model.text.depth=3", "model.text.depth"),
+    ],
+)
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert str(err.value).startswith(f"{key}: unknown key")
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("train.steps=ten", "train.steps", "expected an integer"),
+        ("train.steps=2.5", "train.steps", "expected an integer"),
+        ("train.lr=fast", "train.lr", "expected a number"),
+        ("train.checkpoint=maybe", "train.checkpoint", "expected true or false"),
+        ("loss.name=triplet", "loss.name", "must be one of"),
+        ("train.steps=0", "train.steps", "must be > 0"),
+        ("data.train.urls=5", "data.train.urls", "expected"),
+        ("train.zero_stage=4", "train.zero_stage", "must be 0, 1, 2 or 3"),
+    ],
+)
+def test_bad_value_is_named(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    msg = str(err.value)
+    assert msg.startswith(f"{key}:"), msg
+    assert words in msg, msg
+
+
+def test_bad_yaml_file_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  micro_batch_size: 4\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"^train\.warmup: unknown key"):
+        load_config(bad, ["data.train.urls=x.tar"])
+
+
+def test_cli_stops_with_clear_message():
+    proc = run_cmd([PYTHON, "-m", "pretrain.train", "--config", str(QUICKSTART), "train.micro_batch=3"], timeout=120)
+    assert proc.returncode == 2
+    assert "config error: train.micro_batch: unknown key" in proc.stderr
+    proc = run_cmd([PYTHON, "-m", "pretrain.train", "--config", str(QUICKSTART), "train.steps=many"], timeout=120)
+    assert proc.returncode == 2
+    assert "config error: train.steps: expected an integer, got 'many'" in proc.stderr

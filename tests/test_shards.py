@@ -1,0 +1,114 @@
+import json
+import tarfile
+
+import pytest
+import webdataset
+
+from data_tools.__main__ import main as cli
+from data_tools.build import BuildError, build_shards
+from pretrain.data import SampleDecoder, ShardStream, expand_urls
+from pretrain.tokenizer import ByteTokenizer
+from tests.conftest import make_caption_dataset
+
+
+def _manifest_rows(manifest):
+    return [json.loads(line) for line in manifest.read_text().splitlines()]
+
+
+def test_round_trip_every_sample_equal(tmp_path):
+    manifest = make_caption_dataset(tmp_path / "raw", n=23)
+    # one extra JSON-valued field, to cover the .json member path
+    rows = _manifest_rows(manifest)
+    with open(manifest, "w") as f:
+        for r in rows:
+            r["meta"] = {"source": "test", "n": len(r["key"])}
+            f.write(json.dumps(r) + "\n")
+    out = tmp_path / "shards"
+    rc = cli(["build", "--input", str(manifest), "--output", str(out), "--shard-size", "5",
+              "--map", "image=png", "--map", "caption=txt", "--map", "label=cls"])
+    assert rc == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["total_samples"] == 23
+    assert [s["samples"] for s in index["shards"]] == [5, 5, 5, 5, 3]
+    assert json.loads((out / "sizes.json").read_text()) == {s["name"]: s["samples"] for s in index["shards"]}
+
+    expected = {
+        r["key"]: {
+            "png": (manifest.parent / r["image"]).read_bytes(),
+            "txt": r["caption"].encode(),
+            "cls": str(r["label"]).encode(),
+            "meta.json": json.dumps(r["meta"]).encode(),
+        }
+        for r in rows
+    }
+    # read back with plain webdataset (no decoding: raw bytes)
+    urls = [str(out / s["name"]) for s in index["shards"]]
+    got = {}
+    for sample in webdataset.WebDataset(urls, shardshuffle=False):
+        key = sample.pop("__key__")
+        got[key] = {k: v for k, v in sample.items() if not k.startswith("__")}
+    assert got == expected
+    # members of a sample are adjacent, mtime 0, no owner
+    with tarfile.open(urls[0]) as tar:
+        names = tar.getnames()
+        for m in tar.getmembers():
+            assert m.mtime == 0 and m.uname == "" and m.uid == 0
+    keys_in_order = [n.split(".", 1)[0] for n in names]
+    assert keys_in_order == sorted(keys_in_order)
+
+
+def test_build_is_deterministic(tmp_path):
+    manifest = make_caption_dataset(tmp_path / "raw", n=12)
+    a = build_shards(manifest, tmp_path / "a", shard_size=4, mapping={"caption": "txt"})
+    b = build_shards(manifest, tmp_path / "b", shard_size=4, mapping={"caption": "txt"})
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_project_pipeline_reads_shards(tmp_path):
+    manifest = make_caption_dataset(tmp_path / "raw", n=10)
+    build_shards(manifest, tmp_path / "s", shard_size=3,
+                 mapping={"image": "png", "caption": "txt", "label": "cls"})
+    tok = ByteTokenizer(24)
+    dec = SampleDecoder(16, [0.5] * 3, [0.5] * 3, tok)
+    urls = expand_urls(str(tmp_path / "s" / "shard-{000000..000003}.tar"))
+    samples = list(ShardStream(urls, dec, rank=0, world_size=1, repeat=False))
+    rows = {r["key"]: r for r in _manifest_rows(manifest)}
+    assert sorted(s["__key__"] for s in samples) == sorted(rows)
+    for s in samples:
+        assert s["image"].shape == (3, 16, 16)
+        assert s["label"] == rows[s["__key__"]]["label"]
+        assert tok.decode(s["text"]) == rows[s["__key__"]]["caption"]
+
+
+@pytest.mark.parametrize(
+    "row, words",
+    [
+        ({"key": "a.b", "caption": "x"}, r"m.jsonl:1: field 'key': 'a.b' must be non-empty without '.'"),
+        ({"key": "a/b", "caption": "x"}, r"m.jsonl:1: field 'key'"),
+        ({"key": "k"}, r"m.jsonl:1: the sample has no fields"),
+    ],
+)
+def test_bad_row_named(tmp_path, row, words):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(row) + "\n")
+    with pytest.raises(BuildError, match=words):
+        build_shards(manifest, tmp_path / "out")
+
+
+def test_duplicate_key_and_bad_json_named(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"key": "a", "caption": "x"}\n{"key": "a", "caption": "y"}\n')
+    with pytest.raises(BuildError, match=r"m.jsonl:2: field 'key': duplicate key 'a'"):
+        build_shards(manifest, tmp_path / "out")
+    manifest.write_text('{"key": "a", "caption": "x"}\n{not json\n')
+    with pytest.raises(BuildError, match=r"m.jsonl:2: not valid JSON"):
+        build_shards(manifest, tmp_path / "out")
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_cli_bad_flag_message(tmp_path, capsys):
+    manifest = make_caption_dataset(tmp_path / "raw", n=2)
+    assert cli(["build", "--input", str(manifest), "--output", str(tmp_path / "o"), "--map", "caption"]) == 2
+    assert "--map: expected FIELD=MEMBER" in capsys.readouterr().err
+    assert cli(["build", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    assert "--input: no such file" in capsys.readouterr().err
