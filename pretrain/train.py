@@ -41,6 +41,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def write_rank_record(out: Path, info) -> None:
+    """What each rank saw of the job: rank, world size, backend, versions."""
+    import deepspeed
+
+    (out / "ranks").mkdir(exist_ok=True)
+    record = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "local_rank": info.local_rank,
+        "backend": dist.get_backend(),
+        "device": str(info.device),
+        "pid": os.getpid(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+    }
+    (out / "ranks" / f"rank{info.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     names = sorted(values)
     t = torch.tensor([values[k] for k in names], dtype=torch.float64)
@@ -58,6 +76,7 @@ def train(cfg: Config) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
+    write_rank_record(out, info)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.context_length)
@@ -98,7 +117,7 @@ def train(cfg: Config) -> dict[str, float]:
         if keys_file is not None:
             keys_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            values = {k: float(v) for k, v in out_loss.items()}
+            values = {k: float(v.detach()) for k, v in out_loss.items()}
             values = _mean_over_ranks(values)
             elapsed = time.perf_counter() - window_start
             values.update(
