@@ -36,7 +36,9 @@ demo-data: $(STAMP)
 
 demo: demo-data
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \
-	  -m pretrain.train --config configs/quickstart.yaml output_dir=$(DEMO_RUN)
+	  -m pretrain.train --config configs/quickstart.yaml output_dir=$(DEMO_RUN) \
+	  "data.train.urls=$(DEMO_DIR)/shards/train/shard-{000000..000007}.tar" \
+	  "data.val.urls=$(DEMO_DIR)/shards/val/shard-{000000..000001}.tar"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -29,18 +29,17 @@ def embed_split(model, cfg: Config, rank: int, world_size: int, device: torch.de
         inputs = {m: x.to(device) for m, x in batch.modalities.items()}
         features, _ = model(inputs)
         for m in feats:
-            feats[m].append(features[m].float().cpu())
-        if batch.labels is not None:
-            labels.append(batch.labels)
+            feats[m].append(features[m].float())
+        # -1 marks a batch without class labels; every rank gathers the same tensors (no deadlock)
+        labels.append(batch.labels if batch.labels is not None else torch.full((len(batch),), -1))
+    # gathered on the device (NCCL needs it), then brought to the CPU
     dim = model.towers["image"].proj.out_features
-    local = {m: torch.cat(v) if v else torch.zeros(0, dim) for m, v in feats.items()}
-    local_labels = torch.cat(labels) if labels else None
-    have_labels = local_labels is not None or not any(len(v) for v in feats.values())
-    gathered = {m: all_gather_with_grad(x) for m, x in local.items()}
-    gathered_labels = None
-    if have_labels:
-        lab = local_labels if local_labels is not None else torch.zeros(0, dtype=torch.long)
-        gathered_labels = all_gather_with_grad(lab)
+    local = {m: torch.cat(v) if v else torch.zeros(0, dim, device=device) for m, v in feats.items()}
+    local_labels = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)).to(device)
+    gathered = {m: all_gather_with_grad(x).cpu() for m, x in local.items()}
+    gathered_labels = all_gather_with_grad(local_labels).cpu()
+    if bool((gathered_labels < 0).any()):
+        gathered_labels = None
     return gathered, gathered_labels
 
 

@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,10 @@ from pretrain.evaluate import evaluate
 from pretrain.losses import build_loss
 from pretrain.metrics import MetricsWriter
 from pretrain.models import build_model
+
+
+# DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -122,7 +127,7 @@ def train(cfg: Config) -> dict[str, float]:
             elapsed = time.perf_counter() - window_start
             values.update(
                 lr=scheduler.get_last_lr()[0],
-                temperature=1.0 / float(logit_scale),
+                temperature=1.0 / float(logit_scale.detach()),
                 **{"samples_per_s": window_samples / max(elapsed, 1e-9)},
             )
             writer.log(step, values)
