@@ -1,76 +1,182 @@
-"""The CLIP loss on real gloo groups equals the single-process loss on the global batch (float64)."""
+"""Every objective on real gloo groups (2 and 4 spawned processes, float64) equals the
+single-process computation on the concatenated global batch: the rank-mean of the loss values and
+of the gradients of features, temperature and bias, to 1e-9 relative; with and without masks and
+with and without feature-caching gradient accumulation."""
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from pretrain.losses import build_loss
+from pretrain.losses import accumulate_step, build_loss
 from tests.conftest import free_port
 
+DIM = 5
+SIZES = {2: [4, 3], 4: [3, 1, 4, 2]}
 
-def _global_inputs(sizes, modalities, dim=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
+
+def _cases():
+    cases = []
+    for masks in (False, True):
+        for m in (2, 3, 4):
+            cases.append(({"name": "clip"}, m, masks, False))
+            for sampling in ("n", "n_squared"):
+                cases.append(({"name": "symile", "negative_sampling": sampling, "chunk_size": 7, "seed": 3}, m, masks, False))
+        cases.append(({"name": "clip", "anchor": "m1"}, 3, masks, False))
+        for m in (2, 3):
+            for neg in ("global", "local"):
+                cases.append(({"name": "clip_lite", "negative": neg}, m, masks, False))
+            for exchange in ("all_gather", "ring"):
+                cases.append(({"name": "siglip", "exchange": exchange}, m, masks, False))
+    for opts in ({"name": "clip"}, {"name": "clip_lite"}, {"name": "siglip", "exchange": "ring"},
+                 {"name": "symile", "negative_sampling": "n_squared", "chunk_size": 11},
+                 {"name": "symile", "negative_sampling": "n", "seed": 1}):
+        cases.append((opts, 3, False, True))
+    cases.append(({"name": "clip"}, 3, True, True))
+    return cases
+
+
+CASES = _cases()
+
+
+def _case_id(case):
+    opts, m, masks, acc = case
+    extra = "-".join(f"{k}={v}" for k, v in opts.items() if k not in ("name", "chunk_size", "seed"))
+    return f"{opts['name']}{'-' + extra if extra else ''}-M{m}{'-masks' if masks else ''}{'-accum' if acc else ''}"
+
+
+def _data(case_index, sizes, m):
+    """Global inputs of a case: raw inputs, tower weights, masks, temperature and bias."""
+    g = torch.Generator().manual_seed(1000 + case_index)
     n = sum(sizes)
-    feats = {m: torch.nn.functional.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=-1)
-             for m in modalities}
-    return feats, torch.tensor([7.5], dtype=torch.float64)
+    names = [f"m{i}" for i in range(m)]
+    raw = {k: torch.randn(n, DIM + 2, generator=g, dtype=torch.float64) for k in names}
+    weights = {k: torch.randn(DIM, DIM + 2, generator=g, dtype=torch.float64) for k in names}
+    masks = {k: torch.rand(n, generator=g) > 0.3 for k in names}
+    # a rank with no sample holding m0 (rank 1's block), to exercise empty local rows
+    masks["m0"][sizes[0] : sizes[0] + sizes[1]] = False
+    masks["m1"][0] = True
+    masks["m0"][0] = True
+    return raw, weights, masks, torch.tensor([4.0], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64)
 
 
-def _worker(rank, world, port, sizes, modalities, out_path):
+def _encode(weights, raw):
+    return {k: F.normalize(raw[k] @ weights[k].T, dim=-1) for k in raw}
+
+
+def _run_case(case_index, case, rows, sizes_for_chunks=None):
+    """Loss and gradients for the rows given (this rank's slice, or the whole batch)."""
+    opts, m, use_masks, accumulate = case
+    sizes = sizes_for_chunks
+    raw, weights, masks, scale, bias = _data(case_index, sizes, m)
+    weights = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+    scale, bias = scale.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    raw = {k: v[rows] for k, v in raw.items()}
+    masks = {k: v[rows] for k, v in masks.items()} if use_masks else None
+    loss_fn = build_loss(opts)
+    use_bias = bias if opts["name"] in ("siglip", "clip_lite") else None
+    if accumulate:
+        n = len(rows)
+        cuts = [0, n // 3, n // 3 + (n + 1) // 3, n]
+        mbs = [{k: v[a:b] for k, v in raw.items()} for a, b in zip(cuts, cuts[1:])]
+        mb_masks = None if masks is None else [{k: v[a:b] for k, v in masks.items()} for a, b in zip(cuts, cuts[1:])]
+        out = accumulate_step(lambda mb: _encode(weights, mb), mbs, loss_fn, lambda: (scale, use_bias),
+                              masks=mb_masks, step=5)
+        feat_grads = None
+    else:
+        feats = {k: f.detach().requires_grad_(True) for k, f in _encode(weights, raw).items()}
+        out = loss_fn(feats, scale, use_bias, masks=masks, step=5)
+        out["loss"].backward()
+        feat_grads = {k: f.grad for k, f in feats.items()}
+        # parameters: chain through the encoder with the features' gradients
+        enc = _encode(weights, raw)
+        sum((enc[k] * feat_grads[k]).sum() for k in enc).backward()
+    return {
+        "loss": out["loss"].detach(),
+        "feat_grads": feat_grads,
+        "weight_grads": {k: w.grad for k, w in weights.items()},
+        "scale_grad": scale.grad,
+        "bias_grad": bias.grad if use_bias is not None else None,
+    }
+
+
+def _worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # ranks' own RNG streams differ; the losses must not depend on them
     try:
-        feats, scale = _global_inputs(sizes, modalities)
+        sizes = SIZES[world]
         start = sum(sizes[:rank])
-        local = {m: f[start:start + sizes[rank]].clone().requires_grad_(True) for m, f in feats.items()}
-        scale = scale.clone().requires_grad_(True)
-        out = build_loss({"name": "clip"})(local, scale)
-        out["loss"].backward()
-        torch.save({"loss": out["loss"].detach(), "scale_grad": scale.grad,
-                    "feat_grads": {m: x.grad for m, x in local.items()}}, f"{out_path}.{rank}")
+        rows = torch.arange(start, start + sizes[rank])
+        results = [_run_case(i, case, rows, sizes) for i, case in enumerate(CASES)]
+        torch.save(results, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "sizes, modalities",
-    [([3, 3], ["image", "text"]), ([4, 2], ["image", "text"]), ([2, 3, 1, 4], ["a", "b", "c"])],
-)
-def test_clip_distributed_equals_single_process(tmp_path, sizes, modalities):
-    world = len(sizes)
-    mp.spawn(_worker, args=(world, free_port(), sizes, modalities, str(tmp_path / "r")), nprocs=world)
-    results = [torch.load(tmp_path / f"r.{r}") for r in range(world)]
-
-    feats, scale = _global_inputs(sizes, modalities)
-    feats = {m: f.clone().requires_grad_(True) for m, f in feats.items()}
-    scale = scale.clone().requires_grad_(True)
-    ref = build_loss({"name": "clip"})(feats, scale)
-    ref["loss"].backward()
-
-    # value: the rank mean of the local losses (what is logged) is the global loss
-    mean_loss = sum(r["loss"] for r in results) / world
-    torch.testing.assert_close(mean_loss, ref["loss"].detach(), rtol=1e-12, atol=0)
-    # temperature: the rank mean of gradients (what DeepSpeed/DDP apply) is the global gradient
-    mean_scale_grad = sum(r["scale_grad"] for r in results) / world
-    torch.testing.assert_close(mean_scale_grad, scale.grad, rtol=1e-10, atol=1e-14)
-    # features: each rank's gradient of its slice, averaged over ranks like a parameter's
-    for m in modalities:
-        got = torch.cat([r["feat_grads"][m] for r in results]) / world
-        torch.testing.assert_close(got, feats[m].grad, rtol=1e-10, atol=1e-14)
+def _reference(case_index, case, sizes):
+    """One process on the whole batch; clip_lite's local negatives pair within the same blocks."""
+    opts = case[0]
+    if opts["name"] == "clip_lite" and opts.get("negative") == "local":
+        return _clip_lite_blocks(case_index, case, sizes)
+    return _run_case(case_index, case, torch.arange(sum(sizes)), sizes)
 
 
-def test_single_process_matches_textbook_infonce():
-    feats, scale = _global_inputs([5], ["image", "text"])
-    out = build_loss({"name": "clip"})(feats, scale)
-    logits = scale * feats["image"] @ feats["text"].T
-    labels = torch.arange(5)
-    expected = (torch.nn.functional.cross_entropy(logits, labels)
-                + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
-    torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=0)
+def _clip_lite_blocks(case_index, case, sizes):
+    """Textbook CLIP-Lite with each sample's negative the next valid sample of its own block."""
+    opts, m, use_masks, _ = case
+    raw, weights, masks, scale, bias = _data(case_index, sizes, m)
+    weights = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+    scale, bias = scale.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    feats = _encode(weights, raw)
+    names = sorted(feats)
+    terms = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            valid = (masks[a] & masks[b]) if use_masks else torch.ones(sum(sizes), dtype=torch.bool)
+            pos, neg = [], []
+            start = 0
+            for size in sizes:
+                idx = [j for j in range(start, start + size) if valid[j]]
+                for p, j in enumerate(idx):
+                    pos.append(scale * (feats[a][j] * feats[b][j]).sum() + bias)
+                    neg.append(scale * (feats[a][j] * feats[b][idx[(p + 1) % len(idx)]]).sum() + bias)
+                start += size
+            if pos:
+                terms.append((F.softplus(-torch.cat(pos)).sum() + F.softplus(torch.cat(neg)).sum()) / len(pos))
+    loss = torch.stack(terms).mean()
+    loss.backward()
+    return {"loss": loss.detach(), "feat_grads": None, "weight_grads": {k: w.grad for k, w in weights.items()},
+            "scale_grad": scale.grad, "bias_grad": bias.grad}
 
 
-def test_unknown_loss_named():
-    with pytest.raises(ValueError, match="loss.name: unknown loss 'nope'"):
-        build_loss({"name": "nope"})
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def distributed_results(request, tmp_path_factory):
+    world = request.param
+    path = tmp_path_factory.mktemp(f"w{world}") / "r"
+    mp.spawn(_worker, args=(world, free_port(), str(path)), nprocs=world)
+    return world, [torch.load(f"{path}.{r}") for r in range(world)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+def test_distributed_equals_single_process(distributed_results, index):
+    world, per_rank = distributed_results
+    case, sizes = CASES[index], SIZES[world]
+    got = [r[index] for r in per_rank]
+    ref = _reference(index, case, sizes)
+    _close(sum(g["loss"] for g in got) / world, ref["loss"], "loss (rank mean)")
+    _close(sum(g["scale_grad"] for g in got) / world, ref["scale_grad"], "temperature gradient (rank mean)")
+    if ref["bias_grad"] is not None:
+        _close(sum(g["bias_grad"] for g in got) / world, ref["bias_grad"], "bias gradient (rank mean)")
+    for k in ref["weight_grads"]:
+        _close(sum(g["weight_grads"][k] for g in got) / world, ref["weight_grads"][k], f"tower {k} gradient (rank mean)")
+    if ref["feat_grads"] is not None:
+        for k in ref["feat_grads"]:
+            _close(torch.cat([g["feat_grads"][k] for g in got]) / world, ref["feat_grads"][k], f"features {k} gradient")

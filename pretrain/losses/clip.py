@@ -1,54 +1,73 @@
 """CLIP: symmetric InfoNCE whose negatives span the global batch.
 
 Local-loss form: each rank scores its B_local rows against all B_global columns (gathered with
-gradient) and sums cross-entropies over its rows; dividing by B_global and multiplying by the
-world size makes the mean over ranks equal the single-process loss on the global batch, in value
-and (after the usual rank-mean of gradients) in gradient. With M > 2 modalities the loss is the
-mean over all modality pairs.
+gradient), never the full B_global x B_global matrix, and sums cross-entropies over its rows.
+Dividing by the global count and multiplying by the world size makes the mean over ranks equal
+the single-process loss on the global batch, in value and (after the usual rank-mean of
+gradients) in gradient.
+
+Modalities: with M > 2 the loss is the mean over all modality pairs, or over (anchor, other)
+pairs with ``anchor`` set. Missing modalities: for the pair (a, b) only samples holding both take
+part, as rows and as columns; the pair is averaged over them. A pair no sample takes part in is
+left out of the mean. ``logit_bias`` has no effect (softmax is shift-invariant) and is ignored.
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from pretrain.losses.gather import all_gather_with_grad, gather_sizes, is_distributed
+from pretrain.losses.base import LossInputs, modality_pairs, mean_of_terms, prepare, touch
+
+
+def infonce_rows(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    targets: torch.Tensor,
+    col_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sum over rows of -log softmax(scale * rows @ cols.T)[target], columns restricted to col_valid."""
+    logits = scale * rows @ cols.T
+    if col_valid is not None:
+        logits = logits.masked_fill(~col_valid[None, :], float("-inf"))
+    positive = logits.gather(1, targets[:, None]).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - positive).sum()
 
 
 class ClipLoss:
     name = "clip"
+    uses_bias = False
 
-    def __call__(
-        self,
-        features: dict[str, torch.Tensor],
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-        masks: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        if len(features) < 2:
-            raise ValueError(f"clip needs at least 2 modalities, got {sorted(features)}")
-        if masks is not None and not all(bool(m.all()) for m in masks.values()):
-            raise NotImplementedError("clip: missing modalities (masks with False) are not supported yet")
-        names = sorted(features)
-        first = features[names[0]]
-        sizes = gather_sizes(first.shape[0], first.device)
-        rank = dist.get_rank() if is_distributed() else 0
-        world = len(sizes)
-        offset, total = sum(sizes[:rank]), sum(sizes)
-        labels = torch.arange(first.shape[0], device=first.device) + offset
-        gathered = {m: all_gather_with_grad(features[m], sizes) for m in names}
-        out: dict[str, torch.Tensor] = {}
-        pair_losses = []
-        for a, b in itertools.combinations(names, 2):
-            logits_ab = logit_scale * features[a] @ gathered[b].T
-            logits_ba = logit_scale * features[b] @ gathered[a].T
-            local_sum = F.cross_entropy(logits_ab, labels, reduction="sum") + F.cross_entropy(
-                logits_ba, labels, reduction="sum"
-            )
-            pair = local_sum * (world / (2.0 * total))
-            out[f"clip/{a}-{b}"] = pair.detach()
-            pair_losses.append(pair)
-        out["loss"] = torch.stack(pair_losses).mean()
+    def __init__(self, anchor: str | None = None):
+        self.anchor = anchor
+
+    def pair_term(self, inp: LossInputs, a: str, b: str, gathered: dict, scale: torch.Tensor):
+        lay = inp.layout
+        if inp.has_masks:
+            valid = inp.global_masks[a] & inp.global_masks[b]
+            rows = valid[lay.offset : lay.offset + lay.local]
+            col_valid = valid
+        else:
+            valid, rows, col_valid = None, None, None
+        count = int(valid.sum()) if valid is not None else lay.total
+        fa, fb = inp.features[a], inp.features[b]
+        targets = torch.arange(lay.local, device=fa.device) + lay.offset
+        if rows is not None:
+            fa, fb, targets = fa[rows], fb[rows], targets[rows]
+        total = infonce_rows(fa, gathered[b], scale, targets, col_valid) + infonce_rows(
+            fb, gathered[a], scale, targets, col_valid
+        )
+        term = total * (lay.world / (2.0 * max(count, 1))) + touch(gathered[a], gathered[b])
+        return term, count
+
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
+        inp = prepare(self.name, features, masks)
+        pairs = modality_pairs(inp.names, self.anchor, self.name)
+        gathered = {m: inp.gather(m) for m in sorted({m for p in pairs for m in p})}
+        out, terms, counts = {}, [], []
+        for a, b in pairs:
+            term, count = self.pair_term(inp, a, b, gathered, logit_scale)
+            out[f"clip/{a}-{b}"] = term.detach()
+            terms.append(term)
+            counts.append(count)
+        out["loss"] = mean_of_terms(terms, counts)
         return out
