@@ -63,12 +63,22 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     init_temperature: float = 0.07  # logit_scale starts at log(1/T)
+    init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
     max_logit_scale: float = 100.0
 
 
 @dataclass
 class LossConfig:
-    name: Literal["clip"] = "clip"
+    """The objective and its options (an option left unset takes the objective's default; one
+    the named objective does not have is an error). See pretrain/losses/."""
+
+    name: Literal["clip", "clip_lite", "symile", "siglip"] = "clip"
+    anchor: Optional[str] = None  # clip, clip_lite, siglip: pairs (anchor, other) instead of all pairs
+    negative: Optional[Literal["global", "local"]] = None  # clip_lite (default global)
+    negative_sampling: Optional[Literal["n", "n_squared"]] = None  # symile (default n)
+    chunk_size: Optional[int] = None  # symile n_squared: logits per chunk
+    seed: Optional[int] = None  # symile n: permutation seed
+    exchange: Optional[Literal["all_gather", "ring"]] = None  # siglip (default all_gather)
 
 
 @dataclass
@@ -126,6 +136,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
         return _build(tp, value, key)
     if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own message
+            return _convert(value, options[0], key)
         errors = []
         for option in args:
             if option is type(None):
@@ -273,6 +288,12 @@ def validate(cfg: Config) -> None:
     _require(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _require(m.text.width % m.text.heads == 0, "model.text.heads", f"must divide model.text.width ({m.text.width})")
     _require(0 < m.init_temperature, "model.init_temperature", "must be > 0")
+    from pretrain.losses import LossInputError, build_loss
+
+    try:
+        build_loss(to_dict(cfg.loss))
+    except LossInputError as err:
+        raise ConfigError(str(err)) from None
     if cfg.eval.enabled and cfg.data.val.urls:
         _require(len(cfg.eval.classnames) >= 2, "eval.classnames", "needs at least 2 class names for zero-shot")
         for i, tmpl in enumerate(cfg.eval.templates):

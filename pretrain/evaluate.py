@@ -27,7 +27,7 @@ def embed_split(model, cfg: Config, rank: int, world_size: int, device: torch.de
     loader = make_loader(cfg.data.val, cfg.data, cfg.eval.batch_size, rank, world_size, cfg.train.seed, train=False)
     for batch in loader:
         inputs = {m: x.to(device) for m, x in batch.modalities.items()}
-        features, _ = model(inputs)
+        features, *_ = model(inputs)
         for m in feats:
             feats[m].append(features[m].float())
         # -1 marks a batch without class labels; every rank gathers the same tensors (no deadlock)

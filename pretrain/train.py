@@ -84,9 +84,9 @@ def train(cfg: Config) -> dict[str, float]:
     write_rank_record(out, info)
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.context_length)
-    engine, _, scheduler = build_engine(model, cfg.train, world)
     loss_fn = build_loss(to_dict(cfg.loss))
+    model = build_model(cfg.model, cfg.data.context_length, with_bias=loss_fn.uses_bias)
+    engine, _, scheduler = build_engine(model, cfg.train, world)
     loader = make_loader(
         cfg.data.train, cfg.data, cfg.train.micro_batch_size, rank, world, cfg.train.seed, train=True
     )
@@ -112,9 +112,12 @@ def train(cfg: Config) -> dict[str, float]:
         inputs = {m: x.to(info.device) for m, x in batch.modalities.items()}
         if dtype != torch.float32:
             inputs["image"] = inputs["image"].to(dtype)
-        features, logit_scale = engine(inputs)
+        features, logit_scale, logit_bias = engine(inputs)
         features = {m: f.float() for m, f in features.items()}
-        out_loss = loss_fn(features, logit_scale.float())
+        masks = {m: k.to(info.device) for m, k in batch.masks.items()}
+        out_loss = loss_fn(
+            features, logit_scale.float(), None if logit_bias is None else logit_bias.float(), masks=masks, step=step
+        )
         engine.backward(out_loss["loss"])
         engine.step()
         step += 1

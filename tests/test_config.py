@@ -64,3 +64,12 @@ def test_cli_stops_with_clear_message():
     proc = run_cmd([PYTHON, "-m", "pretrain.train", "--config", str(QUICKSTART), "train.steps=many"], timeout=120)
     assert proc.returncode == 2
     assert "config error: train.steps: expected an integer, got 'many'" in proc.stderr
+
+
+def test_loss_options_validated_against_the_named_loss():
+    cfg = load_config(QUICKSTART, ["loss.name=clip_lite", "loss.negative=local"])
+    assert cfg.loss.name == "clip_lite" and cfg.loss.negative == "local"
+    with pytest.raises(ConfigError, match=r"^loss\.negative: not an option of clip \(its options: anchor\)"):
+        load_config(QUICKSTART, ["loss.negative=local"])
+    with pytest.raises(ConfigError, match=r"^loss\.negative_sampling: must be one of 'n', 'n_squared'"):
+        load_config(QUICKSTART, ["loss.name=symile", "loss.negative_sampling=all"])

@@ -78,11 +78,15 @@ def _check_run(out: Path, proc) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_zero2(shards, tmp_path):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_torchrun_two_ranks_zero2(shards, tmp_path, loss):
     out = tmp_path / "run"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "pretrain.train", "--config", str(ROOT / "configs" / "quickstart.yaml"), *_overrides(shards, out)]
+           "-m", "pretrain.train", "--config", str(ROOT / "configs" / "quickstart.yaml"), *_overrides(shards, out),
+           f"loss.name={loss}"]
     _check_run(out, run_cmd(cmd, timeout=600))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(f"{loss}/image-text" in m for m in metrics)
 
 
 @pytest.mark.slow

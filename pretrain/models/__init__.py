@@ -61,7 +61,7 @@ class TextTower(nn.Module):
 class ContrastiveModel(nn.Module):
     """One tower per modality; forward gives L2-normalised features and the logit scale."""
 
-    def __init__(self, cfg: ModelConfig, context_length: int):
+    def __init__(self, cfg: ModelConfig, context_length: int, with_bias: bool = False):
         super().__init__()
         self.towers = nn.ModuleDict(
             {
@@ -72,14 +72,20 @@ class ContrastiveModel(nn.Module):
         # Shape (1,), not a 0-dim tensor: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if with_bias else None
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.towers[modality](x), dim=-1)
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logit_scale, logit_bias): the multiplier (exponentiated, clamped) and the bias or None."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp(), self.logit_bias
+
+    def forward(self, inputs: dict[str, torch.Tensor]):
+        """Features per modality, then the logit scale and bias (see ``scales``)."""
         features = {m: self.encode(m, x) for m, x in inputs.items()}
-        return features, self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return features, *self.scales()
 
 
-def build_model(cfg: ModelConfig, context_length: int) -> ContrastiveModel:
-    return ContrastiveModel(cfg, context_length)
+def build_model(cfg: ModelConfig, context_length: int, with_bias: bool = False) -> ContrastiveModel:
+    return ContrastiveModel(cfg, context_length, with_bias)
