@@ -59,7 +59,16 @@ def gather_sizes(n: int, device: torch.device) -> list[int]:
     return list(batch_layout(n, device).sizes)
 
 
+# torch >= 2.14 names the flat-buffer collectives *_single; older releases *_into_tensor / *_tensor.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather into one flat buffer (rows padded to the longest rank). Backward:
+    reduce-scatter, so each rank receives only the summed gradient of its own rows (half the
+    traffic of an all-reduce of the whole gathered gradient)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         ctx.layout = layout
@@ -68,16 +77,29 @@ class _GatherWithGrad(torch.autograd.Function):
             return x.new_zeros((0, *x.shape[1:]))
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in layout.sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:n] for p, n in zip(parts, layout.sizes)])
+        flat = x.new_empty((layout.world * longest, *x.shape[1:]))
+        _all_gather_flat(flat, padded)
+        if len(set(layout.sizes)) == 1:
+            return flat
+        return torch.cat([flat[r * longest : r * longest + n] for r, n in enumerate(layout.sizes)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layout = ctx.layout
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[layout.offset : layout.offset + layout.local], None
+        longest = max(layout.sizes)
+        if longest == 0:
+            return grad.new_zeros((0, *grad.shape[1:])), None
+        if len(set(layout.sizes)) == 1:
+            flat = grad.contiguous()
+        else:
+            flat = grad.new_zeros((layout.world * longest, *grad.shape[1:]))
+            start = 0
+            for r, n in enumerate(layout.sizes):
+                flat[r * longest : r * longest + n] = grad[start : start + n]
+                start += n
+        mine = grad.new_empty((longest, *grad.shape[1:]))
+        _reduce_scatter_flat(mine, flat, op=dist.ReduceOp.SUM)
+        return mine[: layout.local], None
 
 
 def all_gather_with_grad(x: torch.Tensor, layout: BatchLayout | list[int] | None = None) -> torch.Tensor:
