@@ -18,6 +18,7 @@ class LossInputs:
     names: list[str]  # modality names, sorted
     features: dict[str, torch.Tensor]  # local (B_local, d)
     masks: dict[str, torch.Tensor]  # local bool (B_local,)
+    # Masks are given on every rank or on none (the collectives must match across ranks).
     global_masks: dict[str, torch.Tensor]  # bool (B_global,)
     layout: BatchLayout
     has_masks: bool  # False when every sample has every modality
@@ -64,8 +65,13 @@ def prepare(
             raise LossInputError(f"{loss_name}: mask of {m!r} must be bool ({n},), got {mask.dtype} {tuple(mask.shape)}")
         full[m] = mask.to(device)
     layout = batch_layout(n, device)
-    global_masks = {m: all_gather_nograd(full[m], layout) for m in names}
-    has_masks = not all(bool(g.all()) for g in global_masks.values())
+    if masks:
+        # every modality's mask in one collective
+        packed = all_gather_nograd(torch.stack([full[m] for m in names], 1).to(torch.uint8), layout).bool()
+        global_masks = {m: packed[:, i] for i, m in enumerate(names)}
+    else:
+        global_masks = {m: torch.ones(layout.total, dtype=torch.bool, device=device) for m in names}
+    has_masks = bool(masks) and not all(bool(g.all()) for g in global_masks.values())
     return LossInputs(names, dict(features), full, global_masks, layout, has_masks)
 
 

@@ -14,6 +14,7 @@ left out of the mean. ``logit_bias`` has no effect (softmax is shift-invariant) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pretrain.losses.base import LossInputs, modality_pairs, mean_of_terms, prepare, touch
 
@@ -29,8 +30,7 @@ def infonce_rows(
     logits = scale * rows @ cols.T
     if col_valid is not None:
         logits = logits.masked_fill(~col_valid[None, :], float("-inf"))
-    positive = logits.gather(1, targets[:, None]).squeeze(1)
-    return (torch.logsumexp(logits, dim=1) - positive).sum()
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 class ClipLoss:
@@ -56,7 +56,9 @@ class ClipLoss:
         total = infonce_rows(fa, gathered[b], scale, targets, col_valid) + infonce_rows(
             fb, gathered[a], scale, targets, col_valid
         )
-        term = total * (lay.world / (2.0 * max(count, 1))) + touch(gathered[a], gathered[b])
+        term = total * (lay.world / (2.0 * max(count, 1)))
+        if rows is not None or lay.local == 0:  # this rank may hold no row: keep the gathers in its graph
+            term = term + touch(gathered[a], gathered[b])
         return term, count
 
     def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
