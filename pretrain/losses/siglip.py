@@ -43,6 +43,7 @@ class SigLipLoss:
         inp = prepare(self.name, features, masks)
         lay = inp.layout
         out, terms, counts = {}, [], []
+        gathered: dict[str, torch.Tensor] = {}  # each column modality gathered once
         for a, b in modality_pairs(inp.names, self.anchor, self.name):
             valid = inp.global_masks[a] & inp.global_masks[b]
             count = int(valid.sum())
@@ -50,7 +51,9 @@ class SigLipLoss:
             fa, fb = inp.features[a], inp.features[b]
             local_idx = torch.arange(lay.local, device=fa.device)
             if self.exchange == "all_gather" or lay.world == 1:
-                cols = inp.gather(b)
+                if b not in gathered:
+                    gathered[b] = inp.gather(b)
+                cols = gathered[b]
                 total = _sigmoid_sum(fa, cols, logit_scale, logit_bias, local_idx, local_idx + lay.offset,
                                      row_valid, valid) + touch(cols)
             else:

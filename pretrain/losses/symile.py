@@ -63,12 +63,15 @@ class _CombinationLogSumExp(torch.autograd.Function):
         rows = x.shape[0]
         run_max = x.new_full((rows,), float("-inf"))
         run_sum = x.new_zeros((rows,))
-        for start, stop in _chunks(prefixes, rows, last.shape[0], x.shape[1], chunk_size):
+        d, n_last = x.shape[1], last.shape[0]
+        for start, stop in _chunks(prefixes, rows, n_last, d, chunk_size):
             pp, _ = _prefix_products(prefixes, start, stop, x)
-            logits = (x[None] * pp[:, None]) @ last.T  # (c, rows, N_last)
+            # one GEMM for the whole chunk: (c * rows, d) @ (d, N_last)
+            logits = ((x[None] * pp[:, None]).reshape(-1, d) @ last.T).view(-1, rows, n_last)
             chunk_max = logits.amax(dim=(0, 2))
             new_max = torch.maximum(run_max, chunk_max)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[None, :, None]).sum((0, 2))
+            logits -= new_max[None, :, None]
+            run_sum = run_sum * torch.exp(run_max - new_max) + logits.exp_().sum((0, 2))
             run_max = new_max
         lse = run_max + torch.log(run_sum)
         ctx.chunk_size = chunk_size
@@ -82,13 +85,16 @@ class _CombinationLogSumExp(torch.autograd.Function):
         gx, glast = torch.zeros_like(x), torch.zeros_like(last)
         gprefix = [torch.zeros_like(y) for y in prefixes]
         rows = x.shape[0]
-        for start, stop in _chunks(list(prefixes), rows, last.shape[0], x.shape[1], ctx.chunk_size):
+        d, n_last = x.shape[1], last.shape[0]
+        for start, stop in _chunks(list(prefixes), rows, n_last, d, ctx.chunk_size):
             pp, idx = _prefix_products(list(prefixes), start, stop, x)
-            xpp = x[None] * pp[:, None]  # (c, rows, d)
-            weights = torch.exp(xpp @ last.T - lse[None, :, None]) * grad_lse[None, :, None]
-            w_last = weights @ last  # (c, rows, d)
+            xpp = (x[None] * pp[:, None]).reshape(-1, d)  # (c * rows, d)
+            weights = xpp @ last.T  # (c * rows, N_last): the chunk's logits again
+            weights = weights.view(-1, rows, n_last).sub_(lse[None, :, None]).exp_().mul_(grad_lse[None, :, None])
+            weights = weights.view(-1, n_last)
+            w_last = (weights @ last).view(-1, rows, d)  # (c, rows, d)
             gx += (w_last * pp[:, None]).sum(0)
-            glast += (weights.transpose(1, 2) @ xpp).sum(0)
+            glast += weights.T @ xpp  # sums over the chunk's combinations inside the GEMM
             if prefixes:
                 gpp = (w_last * x[None]).sum(1)  # (c, d)
                 for k, (y, j) in enumerate(zip(prefixes, idx)):
