@@ -25,12 +25,9 @@ import hashlib
 import json
 import math
 import os
-import queue
 import re
 import shutil
-import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -156,6 +153,13 @@ class Plan:
     classes: list
 
 
+class _PlanStop(Exception):
+    """--strict met a bad row while planning; the rows planned before it are checked first."""
+
+    def __init__(self, failure: Failure, planned: list):
+        self.failure, self.planned = failure, planned
+
+
 def _key_of(value, sanitize: bool) -> tuple[str | None, str | None]:
     """(key, None) or (None, reason)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -187,7 +191,7 @@ def _plan(o: BuildOptions, items, fields: list[str], folder: bool, classes: list
 
     def reject(f: Failure) -> None:
         if o.strict:
-            raise StrictFailure(f"--strict: {f.where()}: {f.reason}")
+            raise _PlanStop(f, planned)
         failures.append(f)
 
     for item in items:
@@ -283,7 +287,7 @@ def _group_stem(group: int) -> str:
     return f"g{group:06d}"
 
 
-def run_group(task: tuple, s: Settings, counter=None) -> dict:
+def run_group(task: tuple, s: Settings, tick=None) -> dict:
     """One group of rows -> tar part(s) and a JSON record in the work folder."""
     split, group, rows = task
     folder = Path(s.work) / split
@@ -318,9 +322,8 @@ def run_group(task: tuple, s: Settings, counter=None) -> dict:
                 current.add(block, members)
                 if s.max_shard_bytes is not None and current.samples == 1 and finished_size(len(block)) > s.max_shard_bytes:
                     oversize += 1
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += 1
+            if tick is not None:
+                tick(1)
         if current is not None:
             parts.append(_close_part(current))
             current = None
@@ -338,98 +341,6 @@ def run_group(task: tuple, s: Settings, counter=None) -> dict:
 def _close_part(part: ShardFile) -> dict:
     info = part.close()
     return {"file": part.path.name, **info}
-
-
-class _LocalCounter:
-    """Stands in for a multiprocessing.Value when groups run in this process."""
-
-    class _NoLock:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    def __init__(self):
-        self.value = 0
-        self._lock = self._NoLock()
-
-    def get_lock(self):
-        return self._lock
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: a worker dies with the build process (no orphans after ``kill -9``)."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _worker_main(settings: Settings, tasks, results, counter, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        try:
-            results.put(("ok", run_group(task, settings, counter)))
-        except StrictFailure as err:
-            results.put(("strict", str(err)))
-            return
-        except BaseException:
-            results.put(("error", traceback.format_exc()))
-            return
-
-
-def _run_pool(tasks: list, settings: Settings, workers: int, progress: Progress, done_rows: int) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    task_q, result_q = ctx.Queue(), ctx.Queue()
-    for t in tasks:
-        task_q.put(t)
-    n = min(workers, len(tasks))
-    for _ in range(n):
-        task_q.put(None)
-    procs = [ctx.Process(target=_worker_main, args=(settings, task_q, result_q, counter, os.getpid()), daemon=True)
-             for _ in range(n)]
-    for p in procs:
-        p.start()
-    pending = len(tasks)
-    ok = False
-    try:
-        while pending:
-            try:
-                kind, payload = result_q.get(timeout=0.2)
-            except queue.Empty:
-                progress.update(done_rows + counter.value)
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise BuildError(f"a worker process died (exit code {dead[0].exitcode}); "
-                                     "run the same command again to resume")
-                continue
-            if kind == "strict":
-                raise StrictFailure(payload)
-            if kind == "error":
-                raise BuildError(f"a worker failed:\n{payload}")
-            pending -= 1
-            progress.update(done_rows + counter.value)
-        ok = True
-    finally:
-        for p in procs:
-            if not ok:
-                p.terminate()
-            p.join(timeout=None if ok else 5)
-        task_q.close()
-        result_q.close()
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -527,7 +438,18 @@ def build_shards(
         raise BuildError("--output: must not be the input folder itself (use a new or sub-folder)")
     info: dict = {}
     fields, items = read_input(src, fmt, class_folders=o.class_folders, exclude=out if folder else None, info=info)
-    plan = _plan(o, items, fields, folder, info.get("classes", []))
+    base_dir = o.base_dir if o.base_dir is not None else str(src if folder else src.parent)
+    try:
+        plan = _plan(o, items, fields, folder, info.get("classes", []))
+    except _PlanStop as stop:
+        # Report the first bad input in input order: a row before this one may fail its checks.
+        for row in stop.planned:
+            try:
+                make_members(row.fields, base_dir=base_dir, mapping=o.mapping, folder=folder, processing=o.processing)
+            except SampleFailure as err:
+                f = Failure(row.row, row.loc, err.kind, err.reason, row.key, err.field)
+                raise StrictFailure(f"--strict: {f.where()}: {f.reason}") from None
+        raise StrictFailure(f"--strict: {stop.failure.where()}: {stop.failure.reason}") from None
     options_rec = _options_record(o, src, fmt)
     fingerprint = hashlib.sha256(json.dumps(
         {"format": FORMAT, "options": options_rec, "input": input_fingerprint(src, fmt, out if folder else None)},
@@ -538,14 +460,14 @@ def build_shards(
     work.mkdir(exist_ok=True)
     lock = _lock(work)
     try:
-        index = _build_locked(o, plan, out, work, fingerprint, options_rec, folder, src, fmt, start)
+        index = _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir, start)
         shutil.rmtree(work, ignore_errors=True)
     finally:
         lock.close()
     return index
 
 
-def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, src, fmt, start) -> dict:
+def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir, start) -> dict:
     plan_path = work / "plan.json"
     state = None
     if plan_path.exists():
@@ -572,7 +494,6 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, src, fmt
     for leftover in work.rglob("*.tmp.*"):
         leftover.unlink(missing_ok=True)
 
-    base_dir = o.base_dir if o.base_dir is not None else str(src if folder else src.parent)
     settings = Settings(str(work), base_dir, dict(o.mapping), folder, o.processing, o.max_shard_bytes, o.strict)
     tasks, done_rows, total_rows = [], 0, 0
     groups: dict[str, int] = {}
@@ -591,12 +512,24 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, src, fmt
     progress.update(done_rows, force=True)
     if tasks:
         if o.workers == 1 or len(tasks) == 1:
-            counter = _LocalCounter()
+            done = [done_rows]
+
+            def tick(n: int) -> None:
+                done[0] += n
+                progress.update(done[0])
+
             for t in tasks:
-                run_group(t, settings, counter)
-                progress.update(done_rows + counter.value)
+                run_group(t, settings, tick)
         else:
-            _run_pool(tasks, settings, o.workers, progress, done_rows)
+            from data_tools.workers import Pool
+
+            pool = Pool(min(o.workers, len(tasks)), settings)
+            ok = False
+            try:
+                pool.run(tasks, lambda rows: progress.update(done_rows + rows))
+                ok = True
+            finally:
+                pool.close(kill=not ok)
     progress.update(total_rows, force=True)
     progress.close()
     return _finalize(o, plan, out, work, groups, state, options_rec, start)

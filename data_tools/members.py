@@ -124,7 +124,7 @@ def raw_member(field: str, value, *, base_dir: str, mapping: dict, folder: bool)
         ext = "json"
     else:
         raise SampleFailure("unsupported_value", f"unsupported value type {type(value).__name__}: {value!r:.80}")
-    name = override or (ext if folder else f"{field}.{ext}")
+    name = override or (field if folder else f"{field}.{ext}")
     return name, data, from_file
 
 
@@ -162,7 +162,7 @@ def _check_jpeg(data: bytes) -> None:
                 raise ValueError("JPEG scan without a frame header")
             # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an EOI after the
             # scan header means the compressed data reached its end.
-            if data.find(b"\xff\xd9", i + length) < 0:
+            if not data.endswith(b"\xff\xd9") and data.find(b"\xff\xd9", i + length) < 0:
                 raise ValueError("truncated JPEG (no end-of-image marker after the scan)")
             return
         i += length

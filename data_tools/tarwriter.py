@@ -15,8 +15,8 @@ RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
 END = b"\0" * (2 * BLOCK)
 
 
-def member_header(name: str, size: int) -> bytes:
-    """The USTAR header ``tarfile`` writes for a regular file (raises ValueError if the name does not fit)."""
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The reference: the header ``tarfile`` writes for our members (used to test the fast path)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -24,6 +24,28 @@ def member_header(name: str, size: int) -> bytes:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+# USTAR fields after ``name`` and ``size``: mode 0444, uid 0, gid 0 | size | mtime 0 | checksum |
+# regular file, no link, "ustar\0" "00", empty owner names, empty device fields (as tarfile
+# leaves them for a regular file), no prefix, padding.
+_MID = b"0000444\0" + b"0000000\0" * 2
+_MTIME = b"00000000000\0"
+_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 155 + b"\0" * 12
+_CONST_SUM = sum(_MID) + sum(_MTIME) + sum(_TAIL) + 8 * 32  # the checksum field counts as 8 spaces
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The USTAR header ``tarfile`` writes for a regular file, byte for byte (raises ValueError if
+    the name is longer than 100 bytes or the size does not fit the 11-digit octal field)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes (the USTAR limit)")
+    if size >= 8 ** 11:
+        raise ValueError(f"tar member {name!r} is larger than 8 GiB (the USTAR limit)")
+    size_field = b"%011o\0" % size
+    chksum = _CONST_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw, b"\0" * (100 - len(raw)), _MID, size_field, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
 def check_member_name(name: str) -> None:

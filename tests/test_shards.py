@@ -5,7 +5,7 @@ import pytest
 import webdataset
 
 from data_tools.__main__ import main as cli
-from data_tools.build import BuildError, build_shards
+from data_tools.build import BuildError, StrictFailure, build_shards
 from pretrain.data import SampleDecoder, ShardStream, expand_urls
 from pretrain.tokenizer import ByteTokenizer
 from tests.conftest import make_caption_dataset
@@ -81,29 +81,40 @@ def test_project_pipeline_reads_shards(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "row, words",
+    "row, kind, words",
     [
-        ({"key": "a.b", "caption": "x"}, r"m.jsonl:1: field 'key': 'a.b' must be non-empty without '.'"),
-        ({"key": "a/b", "caption": "x"}, r"m.jsonl:1: field 'key'"),
-        ({"key": "k"}, r"m.jsonl:1: the sample has no fields"),
+        ({"key": "a.b", "caption": "x"}, "bad_key", r"m.jsonl: line 2, field 'key': key 'a.b' contains '.'"),
+        ({"key": "a/b", "caption": "x"}, "bad_key", r"m.jsonl: line 2, field 'key': key 'a/b' contains '/'"),
+        ({"key": "k"}, "missing_value", r"line 2, key 'k', field 'caption': no value for 'caption'"),
     ],
 )
-def test_bad_row_named(tmp_path, row, words):
+def test_bad_row_skipped_and_named(tmp_path, row, kind, words):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps(row) + "\n")
-    with pytest.raises(BuildError, match=words):
-        build_shards(manifest, tmp_path / "out")
+    manifest.write_text(json.dumps({"key": "good", "caption": "fine"}) + "\n" + json.dumps(row) + "\n")
+    index = build_shards(manifest, tmp_path / "out")
+    assert index["total_samples"] == 1 and index["failures"] == {"total": 1, "by_kind": {kind: 1}}
+    (failure,) = [json.loads(l) for l in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert failure["line"] == 2 and failure["kind"] == kind
+    with pytest.raises(StrictFailure, match=words.replace("m.jsonl: ", "")):
+        build_shards(manifest, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict" / "index.json").exists()
 
 
 def test_duplicate_key_and_bad_json_named(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"key": "a", "caption": "x"}\n{"key": "a", "caption": "y"}\n')
-    with pytest.raises(BuildError, match=r"m.jsonl:2: field 'key': duplicate key 'a'"):
-        build_shards(manifest, tmp_path / "out")
+    with pytest.raises(StrictFailure, match=r"line 2, key 'a': duplicate key 'a' \(first at line 1\)"):
+        build_shards(manifest, tmp_path / "out", strict=True)
+    index = build_shards(manifest, tmp_path / "out")
+    assert index["total_samples"] == 1 and index["failures"]["by_kind"] == {"duplicate_key": 1}
     manifest.write_text('{"key": "a", "caption": "x"}\n{not json\n')
-    with pytest.raises(BuildError, match=r"m.jsonl:2: not valid JSON"):
-        build_shards(manifest, tmp_path / "out")
-    assert not (tmp_path / "out" / "index.json").exists()
+    with pytest.raises(StrictFailure, match=r"line 2: not valid JSON"):
+        build_shards(manifest, tmp_path / "out2", strict=True)
+    assert not (tmp_path / "out2" / "index.json").exists()
+    # a first line that is not JSON at all: not a JSONL manifest, stop at once
+    manifest.write_text("key,caption\na,x\n")
+    with pytest.raises(BuildError, match=r"m.jsonl:1: not valid JSON.*is this a JSONL manifest"):
+        build_shards(manifest, tmp_path / "out3")
 
 
 def test_cli_bad_flag_message(tmp_path, capsys):
