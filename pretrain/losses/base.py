@@ -47,9 +47,10 @@ def prepare(
         raise LossInputError(f"{loss_name}: modalities have different batch sizes: {shapes}")
     if len({s[1] for s in shapes.values()}) != 1:
         raise LossInputError(f"{loss_name}: modalities have different feature sizes: {shapes}")
-    for m in names:
-        if not bool(torch.isfinite(features[m]).all()):
-            raise LossInputError(f"{loss_name}: features of {m!r} contain NaN or Inf")
+    finite = torch.stack([torch.isfinite(features[m]).all() for m in names])
+    if not bool(finite.all()):  # one host sync for all modalities
+        bad = [m for m, ok in zip(names, finite.tolist()) if not ok]
+        raise LossInputError(f"{loss_name}: features of {bad[0]!r} contain NaN or Inf")
     n = shapes[names[0]][0]
     device = features[names[0]].device
     masks = dict(masks or {})
