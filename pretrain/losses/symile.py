@@ -67,7 +67,8 @@ class _CombinationLogSumExp(torch.autograd.Function):
         for start, stop in _chunks(prefixes, rows, n_last, d, chunk_size):
             pp, _ = _prefix_products(prefixes, start, stop, x)
             # one GEMM for the whole chunk: (c * rows, d) @ (d, N_last)
-            logits = ((x[None] * pp[:, None]).reshape(-1, d) @ last.T).view(-1, rows, n_last)
+            c = pp.shape[0]
+            logits = ((x[None] * pp[:, None]).reshape(c * rows, d) @ last.T).view(c, rows, n_last)
             chunk_max = logits.amax(dim=(0, 2))
             new_max = torch.maximum(run_max, chunk_max)
             logits -= new_max[None, :, None]
@@ -88,11 +89,12 @@ class _CombinationLogSumExp(torch.autograd.Function):
         d, n_last = x.shape[1], last.shape[0]
         for start, stop in _chunks(list(prefixes), rows, n_last, d, ctx.chunk_size):
             pp, idx = _prefix_products(list(prefixes), start, stop, x)
-            xpp = (x[None] * pp[:, None]).reshape(-1, d)  # (c * rows, d)
+            c = pp.shape[0]
+            xpp = (x[None] * pp[:, None]).reshape(c * rows, d)
             weights = xpp @ last.T  # (c * rows, N_last): the chunk's logits again
-            weights = weights.view(-1, rows, n_last).sub_(lse[None, :, None]).exp_().mul_(grad_lse[None, :, None])
-            weights = weights.view(-1, n_last)
-            w_last = (weights @ last).view(-1, rows, d)  # (c, rows, d)
+            weights = weights.view(c, rows, n_last).sub_(lse[None, :, None]).exp_().mul_(grad_lse[None, :, None])
+            weights = weights.view(c * rows, n_last)
+            w_last = (weights @ last).view(c, rows, d)
             gx += (w_last * pp[:, None]).sum(0)
             glast += weights.T @ xpp  # sums over the chunk's combinations inside the GEMM
             if prefixes:
