@@ -491,8 +491,15 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir
         _write_atomic(plan_path, json.dumps(state))
     # The index is the completion record: gone from here until this build completes.
     (out / "index.json").unlink(missing_ok=True)
+    # Temporary files of a killed run (ours by name: NAME.tmp.PID).
     for leftover in work.rglob("*.tmp.*"):
         leftover.unlink(missing_ok=True)
+    ours = re.compile(rf"(index\.json|failures\.jsonl|sizes\.json|{re.escape(o.prefix)}-\d{{6}}\.tar)\.tmp\.\d+")
+    for folder in {out} | {_split_dir(out, split) for split in plan.splits}:
+        if folder.is_dir():
+            for leftover in folder.iterdir():
+                if ours.fullmatch(leftover.name):
+                    leftover.unlink(missing_ok=True)
 
     settings = Settings(str(work), base_dir, dict(o.mapping), folder, o.processing, o.max_shard_bytes, o.strict)
     tasks, done_rows, total_rows = [], 0, 0

@@ -123,3 +123,27 @@ def test_cli_bad_flag_message(tmp_path, capsys):
     assert "--map: expected FIELD=MEMBER" in capsys.readouterr().err
     assert cli(["build", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "--input: no such file" in capsys.readouterr().err
+
+
+def test_tar_bytes_equal_tarfile_writer(tmp_path):
+    """The builder's tars are byte for byte what ``tarfile`` writes for the same members (sorted,
+    mode 0444, mtime 0, no owner, USTAR), so shards of the demo keep their bytes from release to release."""
+    import io
+
+    manifest = make_caption_dataset(tmp_path / "raw", n=7)
+    index = build_shards(manifest, tmp_path / "s", shard_size=4,
+                         mapping={"image": "png", "caption": "txt", "label": "cls"})
+    rows = _manifest_rows(manifest)
+    for shard, chunk in zip(index["shards"], (rows[:4], rows[4:])):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for r in chunk:
+                members = {"png": (manifest.parent / r["image"]).read_bytes(),
+                           "txt": r["caption"].encode(), "cls": str(r["label"]).encode()}
+                for name in sorted(members):
+                    info = tarfile.TarInfo(f"{r['key']}.{name}")
+                    info.size, info.mtime, info.mode = len(members[name]), 0, 0o444
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(members[name]))
+        assert (tmp_path / "s" / shard["name"]).read_bytes() == buf.getvalue()

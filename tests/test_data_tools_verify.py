@@ -1,0 +1,171 @@
+"""``verify`` and ``stats``, and shards read by this project's pipeline (ours and img2dataset's layout)."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+
+import pytest
+
+from data_tools.__main__ import main as cli
+from data_tools.build import build_shards
+from pretrain.data import SampleDecoder, ShardStream, expand_urls
+from pretrain.tokenizer import ByteTokenizer
+from tests.test_data_tools_build import MAP, caption_rows, jpg_bytes, write_jsonl
+
+
+@pytest.fixture
+def built(tmp_path):
+    rows = caption_rows(tmp_path / "raw", 10)
+    out = tmp_path / "shards"
+    index = build_shards(write_jsonl(tmp_path / "raw" / "m.jsonl", rows), out, shard_size=4, mapping=MAP)
+    return out, index, rows
+
+
+def _verify(capsys, out, *extra):
+    rc = cli(["verify", str(out), *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_verify_clean_build(built, capsys):
+    out, index, _ = built
+    rc, text = _verify(capsys, out)
+    assert rc == 0 and text.startswith(f"OK: {out}: 3 shards, 10 samples") and "cls, png, txt" in text
+    rc, text = _verify(capsys, out, "--decode")
+    assert rc == 0
+
+
+def test_verify_catches_flipped_byte(built, capsys):
+    out, index, _ = built
+    shard = out / index["shards"][1]["name"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF  # inside the first sample's PNG data
+    shard.write_bytes(bytes(data))
+    rc, text = _verify(capsys, out)
+    assert rc == 1 and "FAILED" in text
+    assert "shard-000001.tar: sha256" in text and "does not match index.json" in text
+
+
+def test_verify_catches_truncated_and_missing_shards(built, capsys):
+    out, index, _ = built
+    first = out / index["shards"][0]["name"]
+    first.write_bytes(first.read_bytes()[:3000])
+    (out / index["shards"][2]["name"]).unlink()
+    rc, text = _verify(capsys, out)
+    assert rc == 1
+    assert "shard-000000.tar: 3000 bytes, index.json says" in text
+    assert "shard-000000.tar: does not read as a tar archive" in text or "is truncated" in text
+    assert "shard-000002.tar: missing" in text
+
+
+def test_verify_catches_lost_member_and_stray_shard(built, capsys):
+    """A shard rewritten without one member, its checksum patched into the index: the member check catches it."""
+    out, index, _ = built
+    shard = out / index["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name != "s0001.txt":
+                tar.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    import hashlib
+
+    index["shards"][0]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    index["shards"][0]["bytes"] = len(buf.getvalue())
+    (out / "index.json").write_text(json.dumps(index))
+    (out / "shard-000009.tar").write_bytes(b"")
+    rc, text = _verify(capsys, out)
+    assert rc == 1
+    assert "sample 's0001' lacks required member(s) txt" in text
+    assert "shard-000009.tar: a shard that index.json does not list" in text
+    assert "sha256" not in text
+
+
+def test_verify_without_index(tmp_path, capsys):
+    rc, text = _verify(capsys, tmp_path)
+    assert rc == 1 and "index.json: missing" in text
+
+
+def test_stats_from_index_and_json(built, capsys):
+    out, index, _ = built
+    assert cli(["stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{out}: 10 samples in 3 shards" in text
+    assert re.search(r"^image\s+10\s+100\.0%$", text, re.M) and re.search(r"^label\s+10\s+100\.0%$", text, re.M)
+    assert re.search(r"^shard-000002\.tar\s+2\s", text, re.M)
+    assert cli(["stats", str(out), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["samples"] == 10 and st["members"]["png"] == {"samples": 10, "fraction": 1.0}
+    assert [s["samples"] for s in st["per_shard"]] == [4, 4, 2]
+
+
+# ---------------------------------------------------------------- img2dataset's layout
+
+
+def _img2dataset_shards(folder, n_shards=2, per_shard=5):
+    """Shards as img2dataset writes them: NNNNN.tar with KEY.jpg, KEY.txt, KEY.json (real mtimes and
+    owners, webdataset's TarWriter member order), plus its _stats.json and .parquet beside."""
+    folder.mkdir(parents=True)
+    expected = {}
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                caption = f"a photo number {s * per_shard + i}"
+                meta = {"url": f"http://example.invalid/{key}.jpg", "caption": caption, "key": key,
+                        "status": "success", "width": 24, "height": 20}
+                image = jpg_bytes(s * 100 + i, size=(24, 20))
+                for ext, data in (("jpg", image), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.uname, info.mode = len(data), time.time(), "bigdata", 0o644
+                    tar.addfile(info, io.BytesIO(data))
+                expected[key] = (image, caption)
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+        (folder / f"{s:05d}.parquet").write_bytes(b"PAR1")
+    return expected
+
+
+def test_pipeline_reads_img2dataset_layout(tmp_path, capsys):
+    expected = _img2dataset_shards(tmp_path / "i2d")
+    tok = ByteTokenizer(32)
+    dec = SampleDecoder(12, [0.5] * 3, [0.5] * 3, tok)
+    urls = expand_urls(str(tmp_path / "i2d" / "{00000..00001}.tar"))
+    samples = list(ShardStream(urls, dec, rank=0, world_size=1, repeat=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(expected)
+    for s in samples:
+        image, caption = expected[s["__key__"]]
+        assert s["image"].shape == (3, 12, 12) and "label" not in s
+        assert tok.decode(s["text"]) == caption
+        assert (s["image"] - dec.image(image)).abs().max() == 0  # the pixels are this sample's image
+    # stats reads any shard folder, without an index
+    assert cli(["stats", str(tmp_path / "i2d")]) == 0
+    text = capsys.readouterr().out
+    assert "10 samples in 2 shards" in text and "(from tar headers)" in text
+    assert re.search(r"^json\s+10\s+100\.0%$", text, re.M) and re.search(r"^image\s+10\s+100\.0%$", text, re.M)
+
+
+def test_build_writes_img2dataset_style_members(tmp_path):
+    """--map gives OpenCLIP/img2dataset names (jpg, txt, json); the project's pipeline reads them."""
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(6):
+        (raw / "img").mkdir(parents=True, exist_ok=True)
+        (raw / "img" / f"{i}.jpg").write_bytes(jpg_bytes(i, size=(20, 20)))
+        rows.append({"key": f"{i:09d}", "image": f"img/{i}.jpg", "caption": f"caption {i}",
+                     "meta": {"width": 20, "height": 20}})
+    out = tmp_path / "out"
+    build_shards(write_jsonl(raw / "m.jsonl", rows), out, shard_size=3,
+                 mapping={"image": "jpg", "caption": "txt", "meta": "json"})
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["000000000.jpg", "000000000.json", "000000000.txt",
+                                  "000000001.jpg", "000000001.json", "000000001.txt",
+                                  "000000002.jpg", "000000002.json", "000000002.txt"]
+    tok = ByteTokenizer(32)
+    samples = list(ShardStream(expand_urls(str(out / "shard-{000000..000001}.tar")),
+                               SampleDecoder(8, [0.5] * 3, [0.5] * 3, tok), rank=0, world_size=1, repeat=False))
+    assert [tok.decode(s["text"]) for s in samples] == [r["caption"] for r in rows]
