@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the check that every image and audio member decodes")
     p.add_argument("--full-decode-check", action="store_true",
                    help="decode every image in full (default: a fast structural check: PNG chunk CRCs, "
-                        "JPEG markers through end-of-image; audio is always decoded)")
+                        "JPEG markers through end-of-image; audio is decoded in full by both)")
     r = b.add_argument_group("behaviour")
     r.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")

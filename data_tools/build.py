@@ -74,8 +74,8 @@ class BuildOptions:
 def _validate(o: BuildOptions) -> None:
     if not isinstance(o.shard_size, int) or o.shard_size <= 0:
         raise BuildError(f"--shard-size: must be a positive number of samples, got {o.shard_size}")
-    if o.max_shard_bytes is not None and o.max_shard_bytes <= 0:
-        raise BuildError(f"--max-shard-bytes: must be positive, got {o.max_shard_bytes}")
+    if o.max_shard_bytes is not None and o.max_shard_bytes < 10240:
+        raise BuildError(f"--max-shard-bytes: must be at least 10240 (one tar record), got {o.max_shard_bytes}")
     if not isinstance(o.workers, int) or o.workers < 1:
         raise BuildError(f"--workers: must be at least 1, got {o.workers}")
     if not _NAME_OK.fullmatch(o.prefix or ""):
@@ -495,9 +495,9 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir
     for leftover in work.rglob("*.tmp.*"):
         leftover.unlink(missing_ok=True)
     ours = re.compile(rf"(index\.json|failures\.jsonl|sizes\.json|{re.escape(o.prefix)}-\d{{6}}\.tar)\.tmp\.\d+")
-    for folder in {out} | {_split_dir(out, split) for split in plan.splits}:
-        if folder.is_dir():
-            for leftover in folder.iterdir():
+    for sdir in {out} | {_split_dir(out, split) for split in plan.splits}:
+        if sdir.is_dir():
+            for leftover in sdir.iterdir():
                 if ours.fullmatch(leftover.name):
                     leftover.unlink(missing_ok=True)
 

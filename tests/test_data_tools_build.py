@@ -423,7 +423,7 @@ def test_all_rows_bad_is_an_error(tmp_path):
     [
         (["--shard-size", "0"], "--shard-size: must be a positive number"),
         (["--workers", "0"], "--workers: must be at least 1"),
-        (["--max-shard-bytes", "0"], "--max-shard-bytes: must be positive"),
+        (["--max-shard-bytes", "4K"], "--max-shard-bytes: must be at least 10240 (one tar record), got 4096"),
         (["--prefix", "a/b"], "--prefix:"),
         (["--map", "caption"], "--map: expected FIELD=MEMBER"),
         (["--map", "captoin=txt"], "--map captoin=txt: no field 'captoin' in the input (fields: key, image, caption, label)"),
