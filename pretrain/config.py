@@ -92,9 +92,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    schedule: Literal["cosine", "constant"] = "cosine"  # after linear warmup
+    global_batch_size: int = 0  # if set, must equal micro_batch_size x world size (checked at start)
     log_every: int = 10
-    checkpoint: bool = True  # save a DeepSpeed checkpoint at the end
     log_keys: bool = False  # write the sample keys of every step to output_dir/keys/rank{r}.jsonl
+    checkpoint: bool = True  # save checkpoints (always at the end and on SIGTERM/SIGUSR1)
+    checkpoint_every: int = 0  # also every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: str = "auto"  # auto: newest complete checkpoint in output_dir if any; none; or a folder
+    stop_at_step: int = 0  # end this run early at that step with a checkpoint (schedule unchanged)
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses (steps skipped) before the run stops
 
 
 @dataclass
@@ -275,6 +282,11 @@ def validate(cfg: Config) -> None:
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     _require(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _require(0 <= t.stop_at_step, "train.stop_at_step", f"must be >= 0, got {t.stop_at_step}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    _require(t.global_batch_size >= 0, "train.global_batch_size", f"must be >= 0, got {t.global_batch_size}")
     _require(bool(cfg.data.train.urls), "data.train.urls", "is required (shard paths or brace pattern)")
     for split in ("train", "val"):
         s = getattr(cfg.data, split)

@@ -50,10 +50,12 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at ``total``."""
+def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total`` (or constant)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -92,7 +94,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps)
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.schedule)
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)

@@ -1,7 +1,9 @@
 """The training entry point: ``python -m pretrain.train --config FILE [key=value ...]``.
 
 The same ``main()`` runs under ``python`` (one process), ``torchrun`` and ``accelerate launch``;
-rank and world size come from torch.distributed.
+rank and world size come from torch.distributed. A run resumes from the newest complete
+checkpoint in its output folder (``train.resume: auto``), saves on SIGTERM/SIGUSR1 before it
+exits, and skips (and counts) steps whose loss is not finite.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data import make_loader
 from pretrain.engine import build_engine, init_distributed
@@ -27,9 +31,12 @@ from pretrain.losses import build_loss
 from pretrain.metrics import MetricsWriter
 from pretrain.models import build_model
 
-
 # DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a checkpoint that does not fit, ...)."""
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -46,6 +53,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    names = sorted(values)
+    t = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(names, t.tolist()))
+
+
 def write_rank_record(out: Path, info) -> None:
     """What each rank saw of the job: rank, world size, backend, versions."""
     import deepspeed
@@ -58,57 +74,130 @@ def write_rank_record(out: Path, info) -> None:
         "backend": dist.get_backend(),
         "device": str(info.device),
         "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "python": sys.version.split()[0],
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
     }
     (out / "ranks" / f"rank{info.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    names = sorted(values)
-    t = torch.tensor([values[k] for k in names], dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(names, t.tolist()))
+class StopSignal:
+    """Remembers a SIGTERM/SIGUSR1 (preemption, time limit) so the loop can save and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def _injected_nan(step: int) -> bool:
+    """Test hook: PRETRAIN_FAULT=nan_loss:A-B makes rank 0's loss NaN at steps A..B."""
+    spec = os.environ.get("PRETRAIN_FAULT", "")
+    if not spec.startswith("nan_loss:") or dist.get_rank() != 0:
+        return False
+    lo, _, hi = spec.split(":", 1)[1].partition("-")
+    return int(lo) <= step <= int(hi or lo)
+
+
+def _resolve_resume(cfg: Config, ckpt_dir: Path) -> Path | None:
+    mode = cfg.train.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return checkpoint.latest_complete(ckpt_dir)
+    folder = Path(mode)
+    if not (folder / checkpoint.COMPLETE).is_file():
+        raise ConfigError(f"train.resume: {folder} is not a complete checkpoint folder")
+    return folder
+
+
+def _skip_batches(data_iter, n: int) -> None:
+    for _ in range(n):
+        next(data_iter)
 
 
 def train(cfg: Config) -> dict[str, float]:
     info = init_distributed()
     rank, world = info.rank, info.world_size
+    t = cfg.train
+    if t.global_batch_size and t.global_batch_size != t.micro_batch_size * world:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} asked, but micro_batch_size {t.micro_batch_size} "
+            f"x world size {world} = {t.micro_batch_size * world}"
+        )
     out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
     write_rank_record(out, info)
+    stop = StopSignal()
 
-    seed_everything(cfg.train.seed)
+    seed_everything(t.seed)
     loss_fn = build_loss(to_dict(cfg.loss))
     model = build_model(cfg.model, cfg.data.context_length, with_bias=loss_fn.uses_bias)
-    engine, _, scheduler = build_engine(model, cfg.train, world)
-    loader = make_loader(
-        cfg.data.train, cfg.data, cfg.train.micro_batch_size, rank, world, cfg.train.seed, train=True
-    )
+    engine, _, scheduler = build_engine(model, t, world)
+    loader = make_loader(cfg.data.train, cfg.data, t.micro_batch_size, rank, world, t.seed, train=True)
+    data_iter = iter(loader)
+
+    step, batches_seen = 0, 0
+    resume_from = _resolve_resume(cfg, ckpt_dir)
+    if resume_from is not None:
+        try:
+            step, extra = checkpoint.load(engine, resume_from, rank)
+        except FileNotFoundError as err:
+            raise TrainingError(f"cannot resume from {resume_from}: {err} (was it written by another world size?)")
+        batches_seen = extra["batches_seen"]
+        if hasattr(loader, "load_state_dict") and "loader" in extra:
+            loader.load_state_dict(extra["loader"])
+            data_iter = iter(loader)
+        else:
+            _skip_batches(data_iter, batches_seen)  # the stream is deterministic: replay to the position
     writer = MetricsWriter(out, enabled=rank == 0)
     keys_file = None
-    if cfg.train.log_keys:
+    if t.log_keys:
         (out / "keys").mkdir(parents=True, exist_ok=True)
-        keys_file = open(out / "keys" / f"rank{rank}.jsonl", "w")
+        keys_file = open(out / "keys" / f"rank{rank}.jsonl", "a" if resume_from else "w")
+    end_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
     if rank == 0:
         print(
-            f"[train] world_size={world} micro_batch={cfg.train.micro_batch_size} "
-            f"global_batch={cfg.train.micro_batch_size * world} steps={cfg.train.steps} "
-            f"zero_stage={cfg.train.zero_stage} device={info.device}",
+            f"[train] world_size={world} micro_batch={t.micro_batch_size} global_batch={t.micro_batch_size * world} "
+            f"steps={t.steps} zero_stage={t.zero_stage} precision={t.precision} device={info.device}"
+            + (f" resumed_from={resume_from} at step {step}" if resume_from else ""),
             flush=True,
         )
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    data_iter = iter(loader)
-    step, window_start, window_samples = 0, time.perf_counter(), 0
-    last: dict[str, float] = {}
-    while step < cfg.train.steps:
+    saved = {"step": step if resume_from is not None else -1}
+
+    def save() -> None:
+        if t.checkpoint and saved["step"] != step:
+            saved["step"] = step
+            extra = {"batches_seen": batches_seen}
+            if hasattr(loader, "state_dict"):
+                extra["loader"] = loader.state_dict()
+            folder = checkpoint.save(engine, ckpt_dir, step, rank, extra, t.keep_checkpoints)
+            if rank == 0:
+                print(f"[train] checkpoint: {folder}", flush=True)
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+    window = {"start": time.perf_counter(), "samples": 0, "wait": 0.0, "steps": 0}
+    skipped_total, skipped_run, last = 0, 0, {}
+    stopped_by = None
+    progress = None
+    if rank == 0 and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=end_step, initial=step, desc="train", unit="step")
+    while step < end_step:
+        wait_start = time.perf_counter()
         batch = next(data_iter)
+        window["wait"] += time.perf_counter() - wait_start
+        batches_seen += 1
         inputs = {m: x.to(info.device) for m, x in batch.modalities.items()}
         if dtype != torch.float32:
             inputs["image"] = inputs["image"].to(dtype)
@@ -118,41 +207,81 @@ def train(cfg: Config) -> dict[str, float]:
         out_loss = loss_fn(
             features, logit_scale.float(), None if logit_bias is None else logit_bias.float(), masks=masks, step=step
         )
-        engine.backward(out_loss["loss"])
-        engine.step()
+        loss = out_loss["loss"]
+        if _injected_nan(step + 1):
+            loss = loss * float("nan")
+        # one small collective per step: did any rank get a non-finite loss or a stop signal?
+        flags = torch.tensor(
+            [float(not torch.isfinite(loss.detach()).item()), float(stop.received is not None)], device=info.device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         step += 1
-        window_samples += len(batch) * world
+        if flags[0] > 0:
+            skipped_total += 1
+            skipped_run += 1
+            if rank == 0:
+                print(f"[train] step {step}: non-finite loss, step skipped ({skipped_run} in a row)", flush=True)
+            if skipped_run >= t.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{skipped_run} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
+                    f"{t.max_nonfinite_steps}): lower train.lr, raise model.init_temperature, use fp32, or check the data"
+                )
+            scheduler.step()  # no backward, no update; the schedule stays on the step count
+        else:
+            skipped_run = 0
+            engine.backward(loss)
+            engine.step()
+        window["samples"] += len(batch) * world
+        window["steps"] += 1
         if keys_file is not None:
             keys_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if progress is not None:
+            progress.update(1)
+        if step % t.log_every == 0 or step == end_step:
             values = {k: float(v.detach()) for k, v in out_loss.items()}
+            elapsed = time.perf_counter() - window["start"]
+            values["data_wait_fraction"] = window["wait"] / max(elapsed, 1e-9)
             values = _mean_over_ranks(values)
-            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
             values.update(
                 lr=scheduler.get_last_lr()[0],
                 temperature=1.0 / float(logit_scale.detach()),
-                **{"samples_per_s": window_samples / max(elapsed, 1e-9)},
+                samples_per_s=window["samples"] / max(elapsed, 1e-9),
+                skipped_steps=float(skipped_total),
             )
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            if logit_bias is not None:
+                values["logit_bias"] = float(logit_bias.detach())
             writer.log(step, values)
             last = values
             if rank == 0:
                 print(
-                    f"[train] step {step}/{cfg.train.steps} loss {values['loss']:.4f} "
-                    f"lr {values['lr']:.2e} T {values['temperature']:.4f} "
-                    f"{values['samples_per_s']:.0f} samples/s",
+                    f"[train] step {step}/{t.steps} loss {values['loss']:.4f} lr {values['lr']:.2e} "
+                    f"T {values['temperature']:.4f} {values['samples_per_s']:.0f} samples/s "
+                    f"data wait {100 * values['data_wait_fraction']:.1f}%",
                     flush=True,
                 )
-            window_start, window_samples = time.perf_counter(), 0
+            window = {"start": time.perf_counter(), "samples": 0, "wait": 0.0, "steps": 0}
+        if flags[1] > 0:
+            stopped_by = stop.received or "a signal on another rank"
+            break
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < end_step:
+            save()
+    if progress is not None:
+        progress.close()
     if keys_file is not None:
         keys_file.close()
 
     results: dict[str, float] = {"loss": last.get("loss", float("nan"))}
-    if cfg.train.checkpoint:
-        ckpt_dir = out / "checkpoints"
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    save()
+    if stopped_by is not None:
         if rank == 0:
-            print(f"[train] checkpoint: {ckpt_dir / f'step{step}'}", flush=True)
-    if cfg.eval.enabled and cfg.data.val.urls:
+            print(f"[train] stopped by {stopped_by} at step {step}; resume with the same command", flush=True)
+        writer.close()
+        dist.barrier()
+        return results
+    if cfg.eval.enabled and cfg.data.val.urls and step >= t.steps:
         metrics = evaluate(engine.module, cfg, rank, world, info.device)
         writer.log(step, metrics)
         results.update(metrics)
@@ -189,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)
+    except (ConfigError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as err:
+        print(
+            f"error: out of memory ({err}). Lower train.micro_batch_size, raise train.zero_stage "
+            f"(3 shards the parameters too), or shrink the model.",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

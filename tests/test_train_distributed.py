@@ -68,11 +68,12 @@ def _check_run(out: Path, proc) -> None:
     for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1"):
         assert 0.0 <= evals[0][key] <= 1.0
     # a DeepSpeed checkpoint with model and (ZeRO-2 partitioned) optimizer states of both ranks
-    ckpt = out / "checkpoints" / f"step{STEPS}"
+    ckpt = out / "checkpoints" / f"step{STEPS:06d}"
     files = sorted(p.name for p in ckpt.iterdir())
-    assert "mp_rank_00_model_states.pt" in files, files
+    assert "mp_rank_00_model_states.pt" in files or "zero_pp_rank_0_mp_rank_00_model_states.pt" in files, files
     assert sum("optim_states" in f for f in files) == 2, files
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS}"
+    assert {"COMPLETE", "rank00000.pt", "rank00001.pt"} <= set(files), files
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:06d}"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file()
 
