@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         except BuildError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as err:  # the output folder cannot be written, a disk is full, ...
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted: run the same command again to resume", file=sys.stderr)
             return 130

@@ -35,7 +35,7 @@ from data_tools.errors import BuildError, StrictFailure
 from data_tools.members import AUDIO_FORMATS, IMAGE_FORMATS, Processing, SampleFailure, make_members
 from data_tools.progress import Progress
 from data_tools.sources import Failure, Row, detect_format, input_fingerprint, read_input, sanitize_key
-from data_tools.tarwriter import ShardFile, check_member_name, encode_sample, finished_size
+from data_tools.tarwriter import ShardFile, encode_sample, finished_size
 
 __all__ = ["BuildError", "BuildOptions", "StrictFailure", "build_shards"]
 
@@ -301,12 +301,10 @@ def run_group(task: tuple, s: Settings, tick=None) -> dict:
             try:
                 members = make_members(row.fields, base_dir=s.base_dir, mapping=s.mapping,
                                        folder=s.folder, processing=s.processing)
-                for name in members:
-                    try:
-                        check_member_name(f"{row.key}.{name}")
-                    except ValueError as err:
-                        raise SampleFailure("name_too_long", str(err)) from None
-                block = encode_sample(row.key, members)
+                try:
+                    block = encode_sample(row.key, members)
+                except ValueError as err:  # a name or size beyond what a USTAR header holds
+                    raise SampleFailure("tar_limit", str(err)) from None
             except SampleFailure as err:
                 f = Failure(row.row, row.loc, err.kind, err.reason, row.key, err.field)
                 if s.strict:
@@ -432,6 +430,8 @@ def build_shards(
     src, out = Path(manifest), Path(output)
     if not src.exists():
         raise BuildError(f"--input: no such file or folder: {src}")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--output: {out} exists and is not a folder")
     fmt = detect_format(src, o.input_format)
     folder = fmt == "folder"
     if folder and os.path.realpath(src) == os.path.realpath(out):
@@ -571,7 +571,8 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
                     raise BuildError(f"work file {src} is missing; delete {work} and run the command again")
                 rel = name if split == NO_SPLIT else f"{split}/{name}"
                 shards.append({"name": rel, "split": split, "samples": part["samples"], "bytes": part["bytes"],
-                               "sha256": part["sha256"], "members": part["members"]})
+                               "sha256": part["sha256"], "members": part["members"],
+                               "modalities": part["modalities"]})
 
     failures.sort(key=lambda r: (r["row"], r.get("field") or ""))
     total = sum(s["samples"] for s in shards)

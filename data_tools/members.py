@@ -66,6 +66,25 @@ def last_ext(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower()
 
 
+MODALITIES = ("image", "text", "audio", "label", "json", "other")
+
+
+def modality(member: str) -> str:
+    """A member's modality, from its last extension."""
+    ext = last_ext(member)
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TEXT_EXTS:
+        return "text"
+    if ext == "cls":
+        return "label"
+    if ext == "json":
+        return "json"
+    return "other"
+
+
 def _replace_ext(name: str, ext: str) -> str:
     head, dot, _ = name.rpartition(".")
     return f"{head}.{ext}" if dot else ext

@@ -10,6 +10,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from data_tools.members import MODALITIES, modality
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
 END = b"\0" * (2 * BLOCK)
@@ -48,12 +50,6 @@ def member_header(name: str, size: int) -> bytes:
     return b"".join((raw, b"\0" * (100 - len(raw)), _MID, size_field, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
-def check_member_name(name: str) -> None:
-    """ValueError unless ``name`` fits a USTAR header without a directory prefix."""
-    if len(name.encode("utf-8", "surrogateescape")) > 100:
-        raise ValueError(f"tar member name {name!r} is longer than 100 bytes (the USTAR limit)")
-
-
 def encode_sample(key: str, members: dict[str, bytes]) -> bytes:
     """A sample's members (sorted by name, so they are adjacent and ordered) as tar blocks."""
     parts = []
@@ -84,14 +80,19 @@ class ShardFile:
         self.payload = 0
         self.samples = 0
         self.members: dict[str, int] = {}
+        self.modalities: dict[str, int] = {}
 
     def add(self, block: bytes, member_names) -> None:
         self._f.write(block)
         self._h.update(block)
         self.payload += len(block)
         self.samples += 1
+        kinds = set()
         for name in member_names:
             self.members[name] = self.members.get(name, 0) + 1
+            kinds.add(modality(name))
+        for kind in kinds:
+            self.modalities[kind] = self.modalities.get(kind, 0) + 1
 
     def close(self) -> dict:
         n = self.payload + len(END)
@@ -105,6 +106,7 @@ class ShardFile:
             "bytes": self.payload + len(tail),
             "sha256": self._h.hexdigest(),
             "members": dict(sorted(self.members.items())),
+            "modalities": {m: self.modalities[m] for m in MODALITIES if m in self.modalities},
         }
 
     def abandon(self) -> None:

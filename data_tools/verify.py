@@ -7,26 +7,9 @@ import re
 import tarfile
 from pathlib import Path
 
-from data_tools.members import AUDIO_EXTS, IMAGE_EXTS, SampleFailure, check_audio, check_image, last_ext
+from data_tools.members import (AUDIO_EXTS, IMAGE_EXTS, MODALITIES, SampleFailure, check_audio, check_image,
+                                last_ext, modality)
 from data_tools.progress import human_bytes, table
-
-MODALITIES = ("image", "text", "audio", "label", "json", "other")
-
-
-def modality(member: str) -> str:
-    ext = last_ext(member)
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in ("txt", "text"):
-        return "text"
-    if ext == "cls":
-        return "label"
-    if ext == "json":
-        return "json"
-    return "other"
-
 
 class _HashingReader:
     """A read-only file wrapper that hashes everything read through it."""
@@ -178,6 +161,10 @@ def stats(folder: str | Path) -> dict:
         for s in index["shards"]:
             shards.append({"name": s["name"], "split": s.get("split"), "samples": s["samples"], "bytes": s["bytes"],
                            "members": s.get("members", {})})
+            if "modalities" in s:
+                modal_counts = modal_counts if modal_counts is not None else {m: 0 for m in MODALITIES}
+                for m, c in s["modalities"].items():
+                    modal_counts[m] = modal_counts.get(m, 0) + c
         failures = index.get("failures")
     else:
         source = "tar headers"
@@ -207,8 +194,8 @@ def stats(folder: str | Path) -> dict:
         for m, c in s["members"].items():
             members[m] = members.get(m, 0) + c
     if modal_counts is None:
-        # From member counts a modality's presence is at least its most common member's count;
-        # exact when each sample has at most one member per modality (the usual layout).
+        # An index without per-shard modality counts: a modality's presence is at least its most
+        # common member's count, exact when each sample has at most one member per modality.
         modal_counts = {m: 0 for m in MODALITIES}
         for m, c in members.items():
             mod = modality(m)

@@ -499,3 +499,11 @@ def test_rebuild_replaces_and_removes_stale_shards(tmp_path):
     fresh = build_shards(m, tmp_path / "fresh", shard_size=5, mapping=MAP)
     assert all_files(out) == {k.replace(str(tmp_path / "fresh"), str(out)): v for k, v in all_files(tmp_path / "fresh").items()}
     assert fresh["shards"] == index["shards"]
+
+
+def test_key_too_long_for_a_tar_header(tmp_path):
+    m = write_jsonl(tmp_path / "m.jsonl", [{"key": "k" * 120, "caption": "x"}, {"key": "ok", "caption": "y"}])
+    index = build_shards(m, tmp_path / "o", mapping={"caption": "txt"})
+    assert index["total_samples"] == 1
+    (f,) = failures(tmp_path / "o")
+    assert f["kind"] == "tar_limit" and "longer than 100 bytes" in f["reason"]

@@ -169,3 +169,17 @@ def test_build_writes_img2dataset_style_members(tmp_path):
     samples = list(ShardStream(expand_urls(str(out / "shard-{000000..000001}.tar")),
                                SampleDecoder(8, [0.5] * 3, [0.5] * 3, tok), rank=0, world_size=1, repeat=False))
     assert [tok.decode(s["text"]) for s in samples] == [r["caption"] for r in rows]
+
+
+def test_stats_partial_modalities(tmp_path, capsys):
+    from tests.test_data_tools_build import wav_bytes, write
+
+    write(tmp_path / "a.wav", wav_bytes())
+    rows = [{"key": "a", "caption": "x", "audio": "a.wav", "extra": "more words"},
+            {"key": "b", "caption": "y"}, {"key": "c", "caption": "z"}]
+    build_shards(write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "o", optional=("audio", "extra"))
+    assert cli(["stats", str(tmp_path / "o"), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["modalities"]["audio"] == {"samples": 1, "fraction": 1 / 3}
+    assert st["modalities"]["text"]["samples"] == 3  # caption.txt and extra.txt: counted once per sample
+    assert st["members"]["extra.txt"]["samples"] == 1
