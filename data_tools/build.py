@@ -495,7 +495,7 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir
     for leftover in work.rglob("*.tmp.*"):
         leftover.unlink(missing_ok=True)
     ours = re.compile(rf"(index\.json|failures\.jsonl|sizes\.json|{re.escape(o.prefix)}-\d{{6}}\.tar)\.tmp\.\d+")
-    for sdir in {out} | {_split_dir(out, split) for split in plan.splits}:
+    for sdir in {out} | {_split_dir(out, split, o) for split in plan.splits}:
         if sdir.is_dir():
             for leftover in sdir.iterdir():
                 if ours.fullmatch(leftover.name):
@@ -546,15 +546,16 @@ def _group_done(work: Path, split: str, group: int) -> bool:
     return (work / split / f"{_group_stem(group)}.json").exists()
 
 
-def _split_dir(out: Path, split: str) -> Path:
-    return out if split == NO_SPLIT else out / split
+def _split_dir(out: Path, split: str, o: BuildOptions) -> Path:
+    """Shards of a build without splits lie in the output folder itself; else one folder per split."""
+    return out / split if (o.split_column or o.split_ratios) else out
 
 
 def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
     shards, failures = [], [f.record() for f in plan.failures]
     oversize = 0
     for split, n_groups in groups.items():
-        sdir = _split_dir(out, split)
+        sdir = _split_dir(out, split, o)
         sdir.mkdir(parents=True, exist_ok=True)
         number = 0
         for g in range(n_groups):
@@ -569,7 +570,7 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
                     os.replace(src, dst)
                 elif not (dst.exists() and dst.stat().st_size == part["bytes"] and _sha256_file(dst) == part["sha256"]):
                     raise BuildError(f"work file {src} is missing; delete {work} and run the command again")
-                rel = name if split == NO_SPLIT else f"{split}/{name}"
+                rel = str(dst.relative_to(out))
                 shards.append({"name": rel, "split": split, "samples": part["samples"], "bytes": part["bytes"],
                                "sha256": part["sha256"], "members": part["members"],
                                "modalities": part["modalities"]})
@@ -581,9 +582,9 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
     stale = set(state.get("previous_shards", []))
     shard_re = re.compile(rf"{re.escape(o.prefix)}-\d{{6}}\.tar")
     for split in groups:
-        sdir = _split_dir(out, split)
+        sdir = _split_dir(out, split, o)
         for p in sdir.iterdir():
-            rel = p.name if split == NO_SPLIT else f"{split}/{p.name}"
+            rel = str(p.relative_to(out))
             if shard_re.fullmatch(p.name) or (p.name.startswith(f"{o.prefix}-") and ".tar.tmp." in p.name):
                 stale.add(rel)
     for rel in sorted(stale - keep):
@@ -607,7 +608,7 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
     splits = {}
     for split in groups:
         mine = [s for s in shards if s["split"] == split]
-        sdir_rel = "" if split == NO_SPLIT else f"{split}/"
+        sdir_rel = "" if _split_dir(out, split, o) == out else f"{split}/"
         splits[split] = {
             "shards": len(mine),
             "samples": sum(s["samples"] for s in mine),
@@ -615,7 +616,7 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
             "pattern": sdir_rel + _pattern(o.prefix, len(mine)) if mine else None,
         }
         sizes = {s["name"].rsplit("/", 1)[-1]: s["samples"] for s in mine}
-        _write_atomic(_split_dir(out, split) / "sizes.json", json.dumps(sizes, indent=1) + "\n")
+        _write_atomic(_split_dir(out, split, o) / "sizes.json", json.dumps(sizes, indent=1) + "\n")
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
     index = {
         "format": FORMAT,

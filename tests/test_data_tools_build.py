@@ -507,3 +507,11 @@ def test_key_too_long_for_a_tar_header(tmp_path):
     assert index["total_samples"] == 1
     (f,) = failures(tmp_path / "o")
     assert f["kind"] == "tar_limit" and "longer than 100 bytes" in f["reason"]
+
+
+def test_split_named_all_gets_its_own_folder(tmp_path):
+    m = write_jsonl(tmp_path / "m.jsonl", [{"key": "a", "caption": "x", "part": "all"},
+                                           {"key": "b", "caption": "y", "part": "rest"}])
+    index = build_shards(m, tmp_path / "o", split_column="part")
+    assert [s["name"] for s in index["shards"]] == ["all/shard-000000.tar", "rest/shard-000000.tar"]
+    assert not list((tmp_path / "o").glob("*.tar"))
