@@ -1,0 +1,116 @@
+"""Export trained towers for inference without DeepSpeed, and embed raw inputs with them.
+
+    python -m pretrain.export --checkpoint RUN/checkpoints/step000200 --output exported/
+
+writes ``model.safetensors`` (full fp32 weights; ZeRO-partitioned states consolidated) and
+``config.yaml`` (the run's resolved config). Then::
+
+    from pretrain.export import Embedder
+    emb = Embedder.load("exported/")
+    emb.embed_texts(["a handwritten seven"])       # (1, embed_dim), L2-normalised
+    emb.embed_images(["digit.png"])                 # paths, bytes or PIL images
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from pretrain.config import Config, config_from_dict, to_dict
+from pretrain.models import ContrastiveModel, build_model
+from pretrain.tokenizer import ByteTokenizer
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint folder, whatever its ZeRO stage."""
+    folder = Path(folder)
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO stage 1-3: consolidate the partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def _run_config(folder: Path) -> Config:
+    cfg_path = folder.parent.parent / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no config.yaml in the run folder {folder.parent.parent}")
+    return config_from_dict(yaml.safe_load(cfg_path.read_text()))
+
+
+def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder, output = Path(checkpoint_folder), Path(output)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no such folder: {folder}")
+    cfg = _run_config(folder)
+    state = consolidated_state_dict(folder)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(output / "model.safetensors"))
+    (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return output
+
+
+class Embedder:
+    """A trained model in eval mode with decoders for raw inputs."""
+
+    def __init__(self, model: ContrastiveModel, cfg: Config, device: str | torch.device = "cpu"):
+        from pretrain.data import SampleDecoder
+
+        self.model, self.cfg, self.device = model.to(device).eval(), cfg, torch.device(device)
+        self.tokenizer = ByteTokenizer(cfg.data.context_length)
+        self._decoder = SampleDecoder(cfg.data.image_size, cfg.data.image_mean, cfg.data.image_std, self.tokenizer)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "Embedder":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+        state = load_file(str(folder / "model.safetensors"))
+        model = build_model(cfg.model, cfg.data.context_length, with_bias="logit_bias" in state)
+        model.load_state_dict(state, strict=True)
+        return cls(model, cfg, device)
+
+    def _image_bytes(self, item) -> bytes:
+        if isinstance(item, (bytes, bytearray)):
+            return bytes(item)
+        if isinstance(item, (str, Path)):
+            return Path(item).read_bytes()
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")  # a PIL image
+        return buf.getvalue()
+
+    @torch.no_grad()
+    def embed_images(self, images: list) -> torch.Tensor:
+        x = torch.stack([self._decoder.image(self._image_bytes(i)) for i in images]).to(self.device)
+        return self.model.encode("image", x)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode("text", self.tokenizer(texts).to(self.device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder: RUN/checkpoints/stepNNNNNN")
+    parser.add_argument("--output", required=True, help="folder for model.safetensors and config.yaml")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.output)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Training robustness on real processes: exact resume, preemption signals, a kill during a save,
+non-finite losses, every ZeRO stage, bf16, and export for inference."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain.checkpoint import COMPLETE
+from tests.conftest import ROOT
+from tests.train_helpers import QUICKSTART, losses, make_shards, ok, single, tiny_overrides, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("robust"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runA") / "run"
+    ok(torchrun(tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true"]))
+    return out
+
+
+def _keys(out, rank):
+    rows = [json.loads(line) for line in (out / "keys" / f"rank{rank}.jsonl").read_text().splitlines()]
+    return {r["step"]: r["keys"] for r in rows}
+
+
+def test_resume_reproduces_the_uninterrupted_run(shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true"]
+    first = ok(torchrun(args + ["train.stop_at_step=3"]))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
+    assert "eval" not in "".join(l for l in first.splitlines() if l.startswith("[eval]"))
+    second = ok(torchrun(args))
+    assert "at step 3" in second
+    want, got = losses(uninterrupted), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert math.isclose(got[step], want[step], rel_tol=1e-5, abs_tol=1e-6), (step, got[step], want[step])
+    for rank in range(2):  # the data stream continued where it stopped
+        assert _keys(out, rank) == _keys(uninterrupted, rank)
+
+
+def test_periodic_checkpoints_keep_the_newest(uninterrupted):
+    ckpts = uninterrupted / "checkpoints"
+    kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    assert kept == ["step000004", "step000006"]  # keep_checkpoints=2 of step 2, 4, 6
+    assert all((ckpts / k / COMPLETE).is_file() for k in kept)
+
+
+def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
+    from pretrain.export import Embedder, export
+    from pretrain.models import build_model
+
+    exported = export(uninterrupted / "checkpoints" / "step000006", tmp_path / "exported")
+    emb = Embedder.load(exported)
+    # the same weights read the other way: DeepSpeed's own model-states file (ZeRO-2 keeps them whole)
+    states = torch.load(uninterrupted / "checkpoints" / "step000006" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    ref = build_model(emb.cfg.model, emb.cfg.data.context_length)
+    ref.load_state_dict(states["module"])
+    ref.eval()
+    images = sorted((shards.parent / "val" / "images").glob("*.png"))[:5]
+    assert len(images) == 5
+    texts = ["class number 1", "class number 3"]
+    with torch.no_grad():
+        want_img = ref.encode("image", torch.stack([emb._decoder.image(p.read_bytes()) for p in images]))
+        want_txt = ref.encode("text", emb.tokenizer(texts))
+    torch.testing.assert_close(emb.embed_images(images), want_img, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(emb.embed_texts(texts), want_txt, rtol=1e-5, atol=1e-6)
+    # the CLI writes the same files
+    proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint",
+                           str(uninterrupted / "checkpoints" / "step000006"), "--output", str(tmp_path / "cli")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
+
+
+def test_sigterm_saves_and_the_run_resumes(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", "-m", "pretrain.train", "--config", str(QUICKSTART),
+           *tiny_overrides(shards, out, steps=10_000), "eval.enabled=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[train] step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines[-20:])
+    rest = proc.communicate(timeout=300)[0]
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-4000:]
+    assert "stopped by SIGTERM" in output
+    stopped = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
+    assert 3 <= stopped < 10_000
+    again = ok(single(tiny_overrides(shards, out, steps=stopped + 1) + ["eval.enabled=false"]))
+    assert f"at step {stopped}" in again and f"step {stopped + 1}/{stopped + 1}" in again
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "eval.enabled=false"]
+    crashed = single(args, env={"PRETRAIN_FAULT": "crash_in_save:4"})
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step000002"
+    assert (ckpts / "step000004").is_dir() and not (ckpts / "step000004" / COMPLETE).exists()
+    resumed = ok(single(args))
+    assert "at step 2" in resumed
+    assert (ckpts / "latest").read_text().strip() == "step000006"
+    assert (ckpts / "step000004" / COMPLETE).is_file()
+
+
+def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path):
+    out = tmp_path / "run"
+    # NaN on rank 0 only at steps 2-3: both ranks must skip together
+    proc = torchrun(tiny_overrides(shards, out, steps=5) + ["eval.enabled=false"], env={"PRETRAIN_FAULT": "nan_loss:2-3"})
+    text = ok(proc)
+    assert text.count("non-finite loss, step skipped") == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 5 and rows[-1]["skipped_steps"] == 2.0
+    assert math.isfinite(rows[-1]["loss"])
+
+
+def test_too_many_nonfinite_losses_stop_the_run(shards, tmp_path):
+    proc = single(tiny_overrides(shards, tmp_path / "run", steps=20) + ["train.max_nonfinite_steps=3"],
+                  env={"PRETRAIN_FAULT": "nan_loss:2-99"})
+    assert proc.returncode == 1
+    assert "3 consecutive steps with a non-finite loss (train.max_nonfinite_steps=3)" in proc.stderr
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (3, "fp32")])
+def test_zero_stages_and_precisions_train(shards, tmp_path, stage, precision):
+    out = tmp_path / "run"
+    text = ok(torchrun(tiny_overrides(shards, out, steps=3) + [f"train.zero_stage={stage}",
+                                                                f"train.precision={precision}", "eval.enabled=false"]))
+    assert f"zero_stage={stage} precision={precision}" in text
+    values = losses(out)
+    assert sorted(values) == [1, 2, 3] and all(math.isfinite(v) for v in values.values())
+    folder = out / "checkpoints" / "step000003"
+    assert (folder / COMPLETE).is_file()
+    if stage == 3:  # partitioned parameters are consolidated on export
+        from pretrain.export import Embedder, export
+
+        emb = Embedder.load(export(folder, tmp_path / "exported"))
+        e = emb.embed_texts(["class number 2"])
+        assert e.shape == (1, 16) and torch.isfinite(e).all()
