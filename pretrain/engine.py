@@ -99,4 +99,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
+    if cfg.precision != "fp32":
+        # DeepSpeed casts parameters only; floating buffers (BatchNorm statistics) must follow, or
+        # normalisation layers meet bf16/fp16 inputs and weights beside fp32 statistics.
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(dtype)
     return engine, optimizer, scheduler
