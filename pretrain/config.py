@@ -27,20 +27,56 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    """One weighted source of shards (``data.train.sources[i]``)."""
+
+    urls: Union[str, list[str]] = ""  # brace pattern(s), a list of shard paths/URLs (pipe:, http(s), s3 via fsspec)
+    weight: float = 1.0  # resampled mode: share of the samples drawn from this source
+    samples: Optional[int] = None  # explicit sample count of these shards (else from index.json / sizes.json)
+    index: Optional[str] = None  # an index.json (data_tools) or sizes.json (OpenCLIP) listing the shards' counts
+
+
+@dataclass
 class SplitConfig:
-    urls: Union[str, list[str]] = ""  # brace pattern(s) or list of shard paths/URLs
-    shuffle_buffer: int = 0  # sample shuffle buffer (0: keep shard order)
+    urls: Union[str, list[str]] = ""  # brace pattern(s) or list of shard paths/URLs (one source)
+    samples: Optional[int] = None  # with urls: explicit sample count (else from index.json / sizes.json)
+    index: Optional[str] = None  # with urls: where the counts are (default: beside local shards)
+    sources: list[SourceConfig] = field(default_factory=list)  # several sources instead of urls
+    mode: Literal["epoch", "resampled"] = "epoch"  # training: each sample once per epoch, or shards drawn by weight
+    shuffle_buffer: int = 0  # samples permuted together (a window; 0 or 1: keep shard order)
     workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class ModalityConfig:
+    """One modality of a sample (``data.modalities.<name>``): the decoder that makes its tensor."""
+
+    decoder: Optional[str] = None  # a registered decoder name; default: the modality's name
+    members: list[str] = field(default_factory=list)  # tar member extensions read, by preference (default: the decoder's)
+    required: bool = True  # absent: drop the sample (required) or a placeholder with mask False
+    options: dict[str, Any] = field(default_factory=dict)  # the decoder's options
+
+
+def _default_modalities() -> dict[str, ModalityConfig]:
+    return {"image": ModalityConfig(decoder="image"), "text": ModalityConfig(decoder="text")}
 
 
 @dataclass
 class DataConfig:
     train: SplitConfig = field(default_factory=lambda: SplitConfig(shuffle_buffer=1000))
     val: SplitConfig = field(default_factory=SplitConfig)
+    modalities: dict[str, ModalityConfig] = field(default_factory=_default_modalities)
+    labels: Optional[ModalityConfig] = field(
+        default_factory=lambda: ModalityConfig(decoder="class_label", required=False)
+    )  # class labels (Batch.labels, -1 where absent) for evaluation; null: none
     image_size: int = 32  # images are resized to image_size x image_size RGB
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     context_length: int = 32  # text tokens per sample (byte tokenizer, with BOS/EOS)
+    imports: list[str] = field(default_factory=list)  # modules that register more decoders
+    max_member_bytes: int = 256 * 2**20  # larger tar members are skipped and counted
+    max_consecutive_bad: int = 1000  # stop with an error after this many dropped samples in a row (0: never)
+    bad_log_per_minute: int = 10  # log lines about bad samples, per process (the rest are only counted)
 
 
 @dataclass
@@ -272,6 +308,47 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _validate_split(s: SplitConfig, key: str, training: bool) -> None:
+    _require(s.workers >= 0, f"{key}.workers", f"must be >= 0, got {s.workers}")
+    _require(s.shuffle_buffer >= 0, f"{key}.shuffle_buffer", f"must be >= 0, got {s.shuffle_buffer}")
+    _require(training or s.mode == "epoch", f"{key}.mode", "evaluation reads each sample once (mode: epoch)")
+    if s.sources:
+        _require(not s.urls, f"{key}.urls", f"give either {key}.urls or {key}.sources, not both")
+        for name in ("samples", "index"):
+            _require(getattr(s, name) is None, f"{key}.{name}", f"goes with {key}.urls; set it per source in {key}.sources")
+        _require(training, f"{key}.sources", f"evaluation reads one list of shards: give {key}.urls (a list joins several)")
+    for i, src in enumerate(s.sources):
+        _require(bool(src.urls), f"{key}.sources[{i}].urls", "is required (shard paths or brace pattern)")
+        _require(src.weight > 0, f"{key}.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        _require(s.mode == "resampled" or src.weight == 1.0, f"{key}.sources[{i}].weight",
+                 "weights apply in mode: resampled (epoch mode reads every sample once per epoch)")
+    for i, src in enumerate([s] + list(s.sources)):
+        where = key if i == 0 else f"{key}.sources[{i - 1}]"
+        _require(src.samples is None or src.samples > 0, f"{where}.samples", f"must be > 0, got {src.samples}")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _require(bool(d.train.urls) or bool(d.train.sources), "data.train.urls",
+             "is required (shard paths or brace pattern), or data.train.sources")
+    _validate_split(d.train, "data.train", training=True)
+    _validate_split(d.val, "data.val", training=False)
+    _require(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    _require(d.context_length >= 4, "data.context_length", f"must be >= 4, got {d.context_length}")
+    for name in ("image_mean", "image_std"):
+        _require(len(getattr(d, name)) == 3, f"data.{name}", "must have 3 values (RGB)")
+    _require(bool(d.modalities), "data.modalities", "needs at least one modality")
+    _require(d.max_member_bytes > 0, "data.max_member_bytes", f"must be > 0, got {d.max_member_bytes}")
+    _require(d.max_consecutive_bad >= 0, "data.max_consecutive_bad", f"must be >= 0, got {d.max_consecutive_bad}")
+    _require(d.bad_log_per_minute >= 0, "data.bad_log_per_minute", f"must be >= 0, got {d.bad_log_per_minute}")
+    for name in d.modalities:
+        _require(name.isidentifier() and not name.startswith("_"), f"data.modalities.{name}",
+                 "a modality name must be an identifier (letters, digits, _) not starting with _")
+    from pretrain.data.pipeline import build_modalities
+
+    build_modalities(d, train=True)  # decoder names, options and members, each error naming its key
+    build_modalities(d, train=False)
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields that types alone cannot express."""
     t = cfg.train
@@ -287,15 +364,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.stop_at_step, "train.stop_at_step", f"must be >= 0, got {t.stop_at_step}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.global_batch_size >= 0, "train.global_batch_size", f"must be >= 0, got {t.global_batch_size}")
-    _require(bool(cfg.data.train.urls), "data.train.urls", "is required (shard paths or brace pattern)")
-    for split in ("train", "val"):
-        s = getattr(cfg.data, split)
-        _require(s.workers >= 0, f"data.{split}.workers", f"must be >= 0, got {s.workers}")
-        _require(s.shuffle_buffer >= 0, f"data.{split}.shuffle_buffer", f"must be >= 0, got {s.shuffle_buffer}")
-    _require(cfg.data.image_size >= 8, "data.image_size", f"must be >= 8, got {cfg.data.image_size}")
-    _require(cfg.data.context_length >= 4, "data.context_length", f"must be >= 4, got {cfg.data.context_length}")
-    for name in ("image_mean", "image_std"):
-        _require(len(getattr(cfg.data, name)) == 3, f"data.{name}", "must have 3 values (RGB)")
+    _validate_data(cfg.data)
     m = cfg.model
     _require(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _require(m.text.width % m.text.heads == 0, "model.text.heads", f"must divide model.text.width ({m.text.width})")

@@ -1,27 +1,63 @@
-"""Shard URLs -> decoded samples -> ``Batch`` for one rank (and its loader workers).
+"""Shard URLs -> decoded samples -> ``Batch`` for one rank, with an exact, saveable position.
 
-Shards are split across ranks x loader workers, so every sample of an epoch goes to exactly one
-(rank, worker). Training streams epoch after epoch, reshuffling shard order and samples with
-generators seeded from (seed, epoch, rank, worker); evaluation reads one pass in shard order.
-Only members named by the decoders are read from a tar: nothing is ever unpickled.
+How a rank's stream is made
+---------------------------
+Each rank runs ``W = max(1, data.<split>.workers)`` streams (DataLoader worker processes); stream
+``w`` of rank ``r`` is *slot* ``r * W + w`` of ``world_size * W`` slots. Per slot and epoch:
+
+1. A shard plan. Epoch mode: the split's shard list is shuffled by (seed, epoch), the same on
+   every rank, and slot ``s`` takes shards ``s, s + slots, ...``, so every sample of an epoch goes
+   to exactly one slot. With fewer shards than slots, shards are split inside: the ``k`` slots
+   that share a shard each keep every ``k``-th sample of it (each reads the whole shard; no slot is
+   left without data and nothing hangs). Resampled mode: each slot draws ``ceil(shards / slots)``
+   shards per (nominal) epoch with replacement, seeded by (seed, epoch, rank, worker): a source
+   with probability proportional to ``weight / mean samples per shard`` (so the *samples* follow
+   the weights), then a shard of it uniformly.
+2. Raw samples are read in order from the plan (``tarstream``: safe, nothing unpickled) and
+   permuted in windows of ``shuffle_buffer`` samples by a generator seeded from (seed, epoch,
+   rank, worker, window). A window (rather than webdataset's reservoir buffer) keeps the stream's
+   position a handful of integers, which is what makes an exact resume cheap.
+3. Samples are decoded per modality (``decoders``) as they leave the window, and batched in the
+   worker. Decoder randomness (augmentation, caption choice, audio crop) is seeded per batch from
+   (seed, rank, worker, batch number). Bad samples are dropped (or masked) and counted by reason.
+
+The loader's position
+---------------------
+Every batch travels with the state of its slot *after* that batch: (epoch, window, where the
+window starts in the plan, how many of its samples were passed on, batches made, counters). The
+``Loader`` keeps the state of the last batch it handed out per slot and which worker comes next
+(the DataLoader takes batches from its workers in turn). ``Loader.state_dict()`` returns that as
+plain JSON-compatible data; ``load_state_dict()`` on a loader built with the same config, rank,
+world size and workers makes the next ``iter()`` continue exactly where the saved one stopped:
+each worker re-reads at most its current window from the shard where it starts (without
+decoding what was already passed on), and worker roles are rotated so the batch order continues.
 """
 from __future__ import annotations
 
-import io
+import copy
+import hashlib
+import importlib
 import itertools
+import json
+import logging
+import math
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import braceexpand
+import numpy as np
 import torch
-import webdataset
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.config import DataConfig, SplitConfig
-from pretrain.tokenizer import ByteTokenizer
+from pretrain.config import ConfigError, DataConfig, SplitConfig
+from pretrain.data.decoders import DecodeError, Modality, build_modality
+from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, expand_urls, resolve_split
+from pretrain.data.tarstream import RawSample, iter_shard
 
+log = logging.getLogger("pretrain.data")
+
+STATE_FORMAT = "pretrain.data.loader/1"
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 TEXT_MEMBERS = ("txt",)
 LABEL_MEMBERS = ("cls",)
@@ -34,129 +70,510 @@ class Batch:
     modalities: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
     keys: list[str]
-    labels: Optional[torch.Tensor] = None  # class labels where samples carry a .cls member
+    labels: Optional[torch.Tensor] = None  # class labels (-1 where a sample has none), None if no sample has one
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace-expands a pattern, or each entry of a list, into shard URLs."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    out: list[str] = []
-    for pattern in patterns:
-        out.extend(braceexpand.braceexpand(pattern))
-    return out
-
-
-@dataclass
-class SampleDecoder:
-    """Raw tar members -> tensors. Image: RGB, resized, normalised. Text: byte tokens."""
-
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    tokenizer: ByteTokenizer
-    wanted: tuple[str, ...] = field(default=IMAGE_MEMBERS + TEXT_MEMBERS + LABEL_MEMBERS)
-
-    def image(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-            pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        x = pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def __call__(self, sample: dict) -> dict:
-        image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
-        text = next((sample[m] for m in TEXT_MEMBERS if m in sample), None)
-        if image is None or text is None:
-            missing = "image" if image is None else "text"
-            raise KeyError(f"sample {sample.get('__key__')!r} has no {missing} member")
-        out = {
-            "__key__": sample["__key__"],
-            "image": self.image(image),
-            "text": self.tokenizer.encode(text.decode("utf-8")),
-        }
-        label = next((sample[m] for m in LABEL_MEMBERS if m in sample), None)
-        if label is not None:
-            out["label"] = int(label.decode("utf-8").strip())
-        return out
-
-    def keep_member(self, fname: str) -> bool:
-        return fname.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.wanted
-
-
-def collate(samples: list[dict]) -> Batch:
-    mods = {m: torch.stack([s[m] for s in samples]) for m in ("image", "text")}
-    masks = {m: torch.ones(len(samples), dtype=torch.bool) for m in mods}
+def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
+    """Decoded sample dicts (``__key__``, one tensor per modality, optional ``__masks__`` and
+    ``__label__``/``label``) -> ``Batch``."""
+    if names is None:
+        names = [k for k in samples[0] if not k.startswith("__") and k != "label"]
+    mods = {m: torch.stack([s[m] for s in samples]) for m in names}
+    masks = {m: torch.tensor([s.get("__masks__", {}).get(m, True) for s in samples], dtype=torch.bool) for m in names}
     labels = None
-    if all("label" in s for s in samples):
-        labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    raw = [s.get("__label__", s.get("label", -1)) for s in samples]
+    if any(v >= 0 for v in raw):
+        labels = torch.tensor(raw, dtype=torch.long)
     return Batch(mods, masks, [s["__key__"] for s in samples], labels)
 
 
-class ShardStream(IterableDataset):
-    """Decoded samples of the shards that belong to this rank and loader worker."""
+# ------------------------------------------------------------------------------ bad-data events
 
-    def __init__(
-        self,
-        urls: list[str],
-        decoder: SampleDecoder,
-        rank: int,
-        world_size: int,
-        seed: int = 0,
-        shuffle_buffer: int = 0,
-        repeat: bool = True,
-    ):
-        if not urls:
-            raise ValueError("no shard URLs given")
-        self.urls = urls
-        self.decoder = decoder
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle_buffer, self.repeat = seed, shuffle_buffer, repeat
 
-    def _my_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        shards = list(self.urls)
-        if self.repeat:
-            random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        return shards[slot::slots]
+class BadDataLog:
+    """Logs bad-data events at a bounded rate per process: ``per_minute`` lines a minute, then a
+    count of the suppressed ones."""
 
-    def _samples(self, shards: list[str]) -> Iterator[dict]:
-        for url in shards:
-            raw = webdataset.tarfile_samples([{"url": url}], select_files=self.decoder.keep_member)
-            for sample in raw:
-                yield self.decoder(sample)
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self.window_start = time.monotonic()
+        self.in_window = 0
+        self.suppressed = 0
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
+    def __call__(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= 60.0:
+            if self.suppressed:
+                log.warning("[data] %d more bad-data messages suppressed in the last minute (still counted)", self.suppressed)
+            self.window_start, self.in_window, self.suppressed = now, 0, 0
+        if self.in_window < self.per_minute:
+            self.in_window += 1
+            log.warning("[data] skipped (%s): %s", reason, detail)
+        else:
+            self.suppressed += 1
+
+
+class _Events:
+    """Counts events into a slot's counters; silent while a window is being re-read on resume
+    (its events are already in the restored counters)."""
+
+    def __init__(self, counters: dict[str, int], logger: BadDataLog):
+        self.counters, self.logger, self.replay = counters, logger, False
+
+    def __call__(self, reason: str, detail: str, index: int = 0) -> None:
+        if self.replay:
             return
-        buf: list[dict] = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+        self.logger(reason, detail)
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        slots = self.world_size * num_workers
-        if self.repeat and len(self.urls) < slots:
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {num_workers} loader "
-                f"workers = {slots} streams: build more, smaller shards or lower data.*.workers"
+
+# ---------------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class StreamSpec:
+    """Everything a slot needs to make its raw sample stream (picklable, sent to workers)."""
+
+    shards: list[ShardRef]
+    sources: list[SourceInfo]
+    mode: str = "epoch"  # epoch | resampled
+    shuffle: bool = True
+    window: int = 0  # shuffle window in samples (<= 1: shard order)
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epochs: Optional[int] = None  # None: forever
+    max_member_bytes: int = 256 * 2**20
+
+
+def new_slot_state() -> dict:
+    return {"epoch": 0, "window": 0, "shard": 0, "offset": 0, "emitted": 0, "batches": 0, "dropped": 0, "counters": {}}
+
+
+def _copy_state(st: dict) -> dict:
+    out = dict(st)
+    out["counters"] = dict(st["counters"])
+    return out
+
+
+def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
+    """This slot's shards for an epoch: (shard index, stride k, phase j) -- keep sample i of the
+    shard when i % k == j."""
+    n = len(spec.shards)
+    slots = spec.world_size * num_workers
+    slot = spec.rank * num_workers + worker
+    if spec.mode == "resampled":
+        rng = random.Random(f"{spec.seed}-draws-{epoch}-{spec.rank}-{worker}")
+        weights = [s.weight / max(s.mean_shard_samples, 1e-9) if s.samples else s.weight for s in spec.sources]
+        cum = list(itertools.accumulate(weights))
+        plan = []
+        for _ in range(max(1, math.ceil(n / slots))):
+            src = spec.sources[min(len(cum) - 1, _bisect(cum, rng.random() * cum[-1]))]
+            plan.append((src.first + rng.randrange(src.count), 1, 0))
+        return plan
+    order = list(range(n))
+    if spec.shuffle:
+        random.Random(f"{spec.seed}-shards-{epoch}").shuffle(order)
+    if n >= slots:
+        return [(order[i], 1, 0) for i in range(slot, n, slots)]
+    i = slot % n  # fewer shards than slots: split inside the shard
+    return [(order[i], len(range(i, slots, n)), slot // n)]
+
+
+def _bisect(cum: list[float], x: float) -> int:
+    lo, hi = 0, len(cum)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cum[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, wanted: Optional[frozenset[str]],
+                 events: _Events) -> Iterator[RawSample]:
+    """Raw samples of one slot from position ``st`` on; ``st`` is updated as samples are passed on
+    (after sample i of a window, ``st['emitted'] == i + 1``)."""
+    empty_epochs = 0
+    while spec.epochs is None or st["epoch"] < spec.epochs:
+        plan = slot_plan(spec, st["epoch"], worker, num_workers)
+        pos = [st["shard"], st["offset"]]
+        reader = _read_plan(spec, plan, pos, wanted, events)
+        got = 0
+        while True:
+            events.replay = st["emitted"] > 0  # this window was read (and its events counted) before
+            window = list(itertools.islice(reader, max(1, spec.window)))
+            events.replay = False
+            if not window:
+                break
+            got += len(window)
+            order = list(range(len(window)))
+            if spec.shuffle and spec.window > 1:
+                random.Random(f"{spec.seed}-window-{st['epoch']}-{spec.rank}-{worker}-{st['window']}").shuffle(order)
+            for i in range(st["emitted"], len(window)):
+                raw = window[order[i]]
+                window[order[i]] = None  # type: ignore[call-overload]
+                st["emitted"] = i + 1
+                yield raw
+            st["window"] += 1
+            st["shard"], st["offset"] = pos
+            st["emitted"] = 0
+        reader.close()
+        st["epoch"] += 1
+        st["window"] = st["shard"] = st["offset"] = st["emitted"] = 0
+        empty_epochs = empty_epochs + 1 if got == 0 else 0
+        if spec.epochs is None and empty_epochs >= 3:
+            raise RuntimeError(
+                f"rank {spec.rank} worker {worker}: no samples read in {empty_epochs} epochs in a row from "
+                f"{len(spec.shards)} shards (empty or unreadable shards? counts so far: {st['counters']})"
             )
-        epochs = itertools.count() if self.repeat else [0]
-        for epoch in epochs:
-            rng = random.Random(f"{self.seed}-samples-{epoch}-{self.rank}-{worker}")
-            yield from self._shuffled(self._samples(self._my_shards(epoch, worker, num_workers)), rng)
+
+
+def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) -> Iterator[RawSample]:
+    while pos[0] < len(plan):
+        shard, k, j = plan[pos[0]]
+        start = pos[1]
+
+        def select(i: int, k=k, j=j, start=start) -> bool:
+            return i % k == j and i // k >= start
+
+        for raw in iter_shard(spec.shards[shard].url, wanted, select, events, spec.max_member_bytes):
+            pos[1] = raw.index // k + 1
+            yield raw
+        pos[0] += 1
+        pos[1] = 0
+
+
+# --------------------------------------------------------------------------------- decoding
+
+
+def import_plugins(data: DataConfig) -> None:
+    for i, name in enumerate(data.imports):
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - named in the message
+            raise ConfigError(f"data.imports[{i}]: cannot import {name!r}: {type(err).__name__}: {err}") from None
+
+
+def build_modalities(data: DataConfig, train: bool) -> tuple[list[Modality], Optional[Modality]]:
+    """The configured modalities (and the label decoder), each error naming its config key."""
+    import_plugins(data)
+    mods = [build_modality(name, m, data, train, f"data.modalities.{name}") for name, m in data.modalities.items()]
+    label = None
+    if data.labels is not None:
+        label = build_modality("labels", data.labels, data, train, "data.labels")
+    return mods, label
+
+
+class _GlobalRng:
+    """For decoders that draw from the global generators (timm's augmentations): seeded per batch.
+    In a worker process the globals are simply seeded; in the main process (workers: 0) they are
+    swapped in and out around each sample, so the training loop's generators are untouched."""
+
+    def __init__(self, in_worker: bool):
+        self.in_worker = in_worker
+        self.own: Optional[tuple] = None
+        self.seed = 0
+
+    def start_batch(self, seed: int) -> None:
+        if self.in_worker:
+            self._seed(seed)
+        else:
+            self.own, self.seed = None, seed
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+
+    @staticmethod
+    def _get() -> tuple:
+        return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+    @staticmethod
+    def _set(state: tuple) -> None:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+    def __enter__(self):
+        if not self.in_worker:
+            self.saved = self._get()
+            if self.own is None:
+                self._seed(self.seed)
+            else:
+                self._set(self.own)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.in_worker:
+            self.own = self._get()
+            self._set(self.saved)
+
+
+class SampleDecoding:
+    """A raw sample -> decoded dict (or None when dropped), counting every problem."""
+
+    def __init__(self, modalities: list[Modality], label: Optional[Modality]):
+        self.modalities, self.label = modalities, label
+        self.names = [m.name for m in modalities]
+        every = list(modalities) + ([label] if label is not None else [])
+        self.wanted = frozenset(e for m in every for e in m.members)
+        self.uses_global_rng = any(m.decoder.uses_global_rng for m in every)
+        self.placeholders = {m.name: (m.decoder.placeholder() if not m.required else None) for m in every}
+        self.shapes = {m.name: m.decoder.output_shape for m in every}
+
+    def _one(self, m: Modality, raw: RawSample, rng: random.Random, events: _Events):
+        """(tensor or None, present)."""
+        ext = next((e for e in m.members if e in raw.members), None)
+        if ext is None:
+            if m.required:
+                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member")
+            return None, False
+        try:
+            x = m.decoder.decode(raw.members[ext], ext, rng)
+            want = self.shapes[m.name]
+            if want is None:
+                self.shapes[m.name] = want = tuple(x.shape)
+            if tuple(x.shape) != tuple(want):
+                raise DecodeError("wrong_shape", f"decoded shape {tuple(x.shape)}, expected {tuple(want)}")
+            return x, True
+        except DecodeError as err:
+            reason, detail = err.reason, err.detail
+        except Exception as err:  # noqa: BLE001 - a decoder bug or an unforeseen format problem
+            reason, detail = f"{m.decoder_name}_decoder_error", f"{type(err).__name__}: {err}"
+        events(reason, f"{raw.url}: sample {raw.key!r} ({m.name}, .{ext}): {detail}")
+        return None, False
+
+    def __call__(self, raw: RawSample, rng: random.Random, events: _Events) -> Optional[dict]:
+        out: dict[str, Any] = {"__key__": raw.key}
+        masks: dict[str, bool] = {}
+        for m in self.modalities:
+            x, ok = self._one(m, raw, rng, events)
+            if not ok:
+                if m.required:
+                    return None
+                x = self.placeholders[m.name]
+            out[m.name], masks[m.name] = x, ok
+        if self.label is not None:
+            y, ok = self._one(self.label, raw, rng, events)
+            if not ok and self.label.required:
+                return None
+            out["__label__"] = int(y) if ok else -1
+        out["__masks__"] = masks
+        return out
+
+
+class BatchStream(IterableDataset):
+    """Batches of one rank, each with the slot that made it and that slot's state after it."""
+
+    def __init__(self, spec: StreamSpec, decoding: SampleDecoding, batch_size: int, num_workers: int,
+                 max_consecutive_bad: int = 1000, bad_log_per_minute: int = 10):
+        self.spec, self.decoding, self.batch_size = spec, decoding, batch_size
+        self.num_workers = max(1, num_workers)
+        self.max_consecutive_bad = max_consecutive_bad
+        self.bad_log_per_minute = bad_log_per_minute
+        self.start_states: list[Optional[dict]] = [None] * self.num_workers
+        self.rotation = 0
+
+    def _worker(self) -> tuple[int, bool]:
+        info = get_worker_info()
+        n = info.num_workers if info is not None else 1
+        if n != self.num_workers:
+            raise RuntimeError(f"BatchStream built for {self.num_workers} workers runs under {n}")
+        return ((info.id if info is not None else 0) + self.rotation) % n, info is not None
+
+    def __iter__(self) -> Iterator[tuple[Batch, int, dict]]:
+        worker, in_worker = self._worker()
+        start = self.start_states[worker]
+        st = _copy_state(start) if start is not None else new_slot_state()
+        events = _Events(st["counters"], BadDataLog(self.bad_log_per_minute))
+        grng = _GlobalRng(in_worker) if self.decoding.uses_global_rng else None
+        batch: list[dict] = []
+        rng: Optional[random.Random] = None
+        bad_run = 0
+        for raw in slot_samples(self.spec, st, worker, self.num_workers, self.decoding.wanted, events):
+            if rng is None:
+                rng = random.Random(f"{self.spec.seed}-decode-{self.spec.rank}-{worker}-{st['batches']}")
+                if grng is not None:
+                    grng.start_batch(rng.getrandbits(63))
+            if grng is not None:
+                with grng:
+                    sample = self.decoding(raw, rng, events)
+            else:
+                sample = self.decoding(raw, rng, events)
+            if sample is None:
+                st["dropped"] += 1
+                bad_run += 1
+                if self.max_consecutive_bad and bad_run >= self.max_consecutive_bad:
+                    raise RuntimeError(
+                        f"rank {self.spec.rank} worker {worker}: {bad_run} samples in a row dropped "
+                        f"(data.max_consecutive_bad={self.max_consecutive_bad}); the data or a decoder is "
+                        f"broken. Counts: {json.dumps(st['counters'], sort_keys=True)}"
+                    )
+                continue
+            bad_run = 0
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                st["batches"] += 1
+                yield collate(batch, self.decoding.names), worker, _copy_state(st)
+                batch, rng = [], None
+        if batch:
+            st["batches"] += 1
+            yield collate(batch, self.decoding.names), worker, _copy_state(st)
+
+
+def _identity(x):
+    return x
+
+
+class Loader:
+    """What ``make_loader`` returns: iterate it for ``Batch`` objects; save and restore its
+    position with ``state_dict()`` / ``load_state_dict()``.
+
+    - ``iter(loader)`` starts (worker processes and all) from the current position: the start, a
+      restored state, or just after the last batch handed out (a finite loader that ran to its end
+      starts a new pass). Only one iteration is live at a time: a new ``iter()`` or
+      ``load_state_dict()`` ends the previous one.
+    - ``state_dict()``: JSON-compatible; the position after the last batch handed out, per rank
+      (save one per rank). ``load_state_dict(state)`` checks that it belongs to this rank, world
+      size, worker count, batch size, seed, mode, shuffle window and shard list, and raises
+      ``ValueError`` naming the difference otherwise.
+    - ``metrics(all_ranks=False)``: bad-data counts (``data/skipped/<reason>``,
+      ``data/dropped_samples``); with ``all_ranks=True`` summed over the process group (a
+      collective: call it on every rank).
+    """
+
+    def __init__(self, dataset: BatchStream, num_workers: int, sources: SplitSources, key: str,
+                 prefetch_factor: int = 2):
+        self.dataset, self.num_workers, self.sources, self.key = dataset, num_workers, sources, key
+        self.prefetch_factor = prefetch_factor
+        self._slots = dataset.num_workers
+        self._states: list[Optional[dict]] = [None] * self._slots
+        self._next = 0
+        self._batches = 0
+        self._active: Optional[Iterator[Batch]] = None
+        spec = dataset.spec
+        self._fingerprint = hashlib.sha256(json.dumps(sources.fingerprint()).encode()).hexdigest()
+        self.epoch_samples = sources.total_samples
+        self.batches_per_epoch = (
+            None if sources.total_samples is None else sources.total_samples // (spec.world_size * dataset.batch_size)
+        )
+
+    # -- iteration
+    def __iter__(self) -> Iterator[Batch]:
+        self.close()
+        self._active = self._generate()
+        return self._active
+
+    def _generate(self) -> Iterator[Batch]:
+        ds = copy.copy(self.dataset)
+        ds.start_states = [None if s is None else _copy_state(s) for s in self._states]
+        ds.rotation = self._next
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        # its own generator: the DataLoader draws a base seed per iteration (unused here), which
+        # would otherwise move the training process's global generator at every resume
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                        generator=torch.Generator().manual_seed(0), **kwargs)
+        it = iter(dl)
+        try:
+            for batch, worker, state in it:
+                self._states[worker] = state
+                self._next = (worker + 1) % self._slots
+                self._batches += 1
+                yield batch
+            # a finite stream ran to its end: the next iteration is a new pass from the start
+            self._states, self._next, self._batches = [None] * self._slots, 0, 0
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
+
+    # -- position
+    def _identity_fields(self) -> dict:
+        spec = self.dataset.spec
+        return {
+            "rank": spec.rank,
+            "world_size": spec.world_size,
+            "num_workers": self._slots,
+            "batch_size": self.dataset.batch_size,
+            "seed": spec.seed,
+            "mode": spec.mode,
+            "shuffle_buffer": spec.window if spec.shuffle else 0,
+            "shards": self._fingerprint,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            **self._identity_fields(),
+            "batches": self._batches,
+            "next_worker": self._next,
+            "workers": [_copy_state(s) if s is not None else new_slot_state() for s in self._states],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a data loader state (format {state.get('format') if isinstance(state, dict) else None!r})")
+        mine = self._identity_fields()
+        for k, v in mine.items():
+            if state.get(k) != v:
+                what = "the shard list or source weights differ" if k == "shards" else f"saved {state.get(k)!r}, now {v!r}"
+                raise ValueError(f"{self.key}: cannot resume the data position: {k} changed ({what})")
+        workers = state["workers"]
+        if len(workers) != self._slots:
+            raise ValueError(f"{self.key}: saved state has {len(workers)} worker states, loader has {self._slots}")
+        self.close()
+        self._states = [_copy_state(w) for w in workers]
+        self._next = int(state["next_worker"])
+        self._batches = int(state["batches"])
+
+    # -- counters
+    def counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self._states:
+            if s is None:
+                continue
+            for k, v in s["counters"].items():
+                total[k] = total.get(k, 0) + v
+            total["dropped_samples"] = total.get("dropped_samples", 0) + s["dropped"]
+        return total
+
+    def metrics(self, all_ranks: bool = False) -> dict[str, float]:
+        counts = self.counters()
+        if all_ranks:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                gathered: list = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, counts)
+                counts = {}
+                for c in gathered:
+                    for k, v in c.items():
+                        counts[k] = counts.get(k, 0) + v
+        out = {f"data/skipped/{k}": float(v) for k, v in sorted(counts.items()) if k != "dropped_samples"}
+        out["data/dropped_samples"] = float(counts.get("dropped_samples", 0))
+        return out
+
+    def describe(self) -> str:
+        spec = self.dataset.spec
+        per = f", {self.batches_per_epoch} batches per rank per epoch" if self.batches_per_epoch is not None else ""
+        return (f"{self.key}: {len(spec.shards)} shards, {self.epoch_samples if self.epoch_samples is not None else '?'} "
+                f"samples per epoch ({self.sources.describe()}); mode {spec.mode}; "
+                f"{spec.world_size} ranks x {self._slots} streams{per}")
 
 
 def make_loader(
@@ -167,13 +584,94 @@ def make_loader(
     world_size: int,
     seed: int,
     train: bool,
-) -> DataLoader:
-    decoder = SampleDecoder(data.image_size, data.image_mean, data.image_std, ByteTokenizer(data.context_length))
-    stream = ShardStream(
-        expand_urls(split.urls), decoder, rank, world_size, seed=seed,
-        shuffle_buffer=split.shuffle_buffer if train else 0, repeat=train,
+    *,
+    epochs: Optional[int] = None,
+) -> Loader:
+    """The loader of one rank. Training: endless (epoch after epoch, or resampled), shuffled,
+    sample counts required. Evaluation (``train=False``): one pass in shard order, the last batch
+    may be short. ``epochs`` overrides the number of passes (None: endless when training)."""
+    key = "data.train" if train else "data.val"
+    modalities, label = build_modalities(data, train)
+    sources = resolve_split(split, key, need_counts=train)
+    spec = StreamSpec(
+        shards=sources.shards,
+        sources=sources.sources,
+        mode=split.mode if train else "epoch",
+        shuffle=train,
+        window=split.shuffle_buffer if train else 0,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        epochs=epochs if epochs is not None else (None if train else 1),
+        max_member_bytes=data.max_member_bytes,
     )
-    return DataLoader(
-        stream, batch_size=batch_size, collate_fn=collate, num_workers=split.workers,
-        drop_last=train, persistent_workers=split.workers > 0 and train,
-    )
+    stream = BatchStream(spec, SampleDecoding(modalities, label), batch_size, split.workers,
+                         data.max_consecutive_bad, data.bad_log_per_minute)
+    return Loader(stream, split.workers, sources, key)
+
+
+# ---------------------------------------------------------------------- the earlier, simple API
+
+
+class SampleDecoder:
+    """Raw tar members -> tensors for image+text samples (the first API; kept for callers that
+    decode samples or single images themselves, e.g. ``pretrain.export``). Images go through the
+    ``image`` decoder's evaluation transform, text through the byte tokenizer."""
+
+    def __init__(self, image_size: int, mean: list[float], std: list[float], tokenizer,
+                 wanted: tuple[str, ...] = IMAGE_MEMBERS + TEXT_MEMBERS + LABEL_MEMBERS):
+        from pretrain.config import ModalityConfig
+
+        data = DataConfig(image_size=image_size, image_mean=list(mean), image_std=list(std),
+                          context_length=tokenizer.context_length)
+        self._image = build_modality("image", ModalityConfig(decoder="image"), data, False, "image").decoder
+        self.tokenizer = tokenizer
+        self.wanted = tuple(wanted)
+
+    def image(self, data: bytes) -> torch.Tensor:
+        return self._image.decode(data, "png", random.Random(0))
+
+    def __call__(self, sample: dict) -> dict:
+        image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
+        text = next((sample[m] for m in TEXT_MEMBERS if m in sample), None)
+        if image is None or text is None:
+            missing = "image" if image is None else "text"
+            raise KeyError(f"sample {sample.get('__key__')!r} has no {missing} member")
+        out = {"__key__": sample["__key__"], "image": self.image(image), "text": self.tokenizer.encode(text.decode("utf-8"))}
+        label = next((sample[m] for m in LABEL_MEMBERS if m in sample), None)
+        if label is not None:
+            out["label"] = int(label.decode("utf-8").strip())
+        return out
+
+    def keep_member(self, fname: str) -> bool:
+        return fname.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.wanted
+
+
+class ShardStream(IterableDataset):
+    """Decoded sample dicts of the shards that belong to this rank and loader worker (the first
+    API, built on the same shard plans and safe tar reading; bad samples are skipped and counted
+    in ``self.counters`` of the process that iterates)."""
+
+    def __init__(self, urls: list[str] | str, decoder: Callable[[dict], dict], rank: int, world_size: int,
+                 seed: int = 0, shuffle_buffer: int = 0, repeat: bool = True):
+        shard_urls = expand_urls(urls)
+        if not shard_urls:
+            raise ValueError("no shard URLs given")
+        self.spec = StreamSpec([ShardRef(u, 0, None) for u in shard_urls],
+                               [SourceInfo("urls", 1.0, 0, len(shard_urls), None, "unknown")],
+                               mode="epoch", shuffle=repeat, window=shuffle_buffer if repeat else 0, seed=seed,
+                               rank=rank, world_size=world_size, epochs=None if repeat else 1)
+        self.decoder = decoder
+        self.counters: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        st = new_slot_state()
+        events = _Events(self.counters, BadDataLog(10))
+        wanted = getattr(self.decoder, "wanted", None)
+        for raw in slot_samples(self.spec, st, worker, n, frozenset(wanted) if wanted else None, events):
+            try:
+                yield self.decoder({"__key__": raw.key, **raw.members})
+            except Exception as err:  # noqa: BLE001 - counted, logged, skipped
+                events("decode_error", f"{raw.url}: sample {raw.key!r}: {type(err).__name__}: {err}")

@@ -1,0 +1,561 @@
+"""Decoders: the bytes of one tar member -> one tensor, registered by name.
+
+The config names a decoder per modality (``data.modalities.<name>.decoder``) with its options
+(``data.modalities.<name>.options``); a new one is a class registered under a new name, in any
+module listed in ``data.imports`` (the pipeline is not touched)::
+
+    from dataclasses import dataclass
+    from pretrain.data import Decoder, DecodeError, register_decoder
+
+    @register_decoder("points")
+    class PointsDecoder(Decoder):
+        members = ("xyz",)                     # tar member extensions it reads, by preference
+
+        @dataclass
+        class Options:                         # its options, type-checked like every config key
+            n: int = 1024
+
+        def __init__(self, options, ctx):
+            super().__init__(options, ctx)
+            self.output_shape = (options.n, 3)  # fixed: batches stack it; placeholders use it
+
+        def decode(self, data: bytes, ext: str, rng) -> torch.Tensor:
+            ...                                 # raise DecodeError("bad_points", "why") on bad data
+
+A decoder raises ``DecodeError(reason, detail)`` for bad data: the sample is skipped (or, for an
+optional modality, masked) and counted under ``reason``. ``rng`` is a ``random.Random`` seeded from
+(seed, rank, worker, batch): use it, not the global generators, for per-sample randomness (a
+decoder that must use the global ones, like timm's augmentations, sets ``uses_global_rng``).
+
+Built in: ``image`` (PIL + timm transforms), ``text`` (byte tokenizer, caption choice), ``audio``
+(soundfile WAV/FLAC, soxr resampling, optional log-mel), ``npy`` (arrays, never pickled), ``json``
+(numeric fields of a JSON object), ``class_label`` (``.cls``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
+
+import numpy as np
+import torch
+
+from pretrain.config import ConfigError, DataConfig, ModalityConfig, _build
+from pretrain.data.tarstream import is_refused
+
+
+class DecodeError(Exception):
+    """Bad data in one member: the sample is skipped (or masked) and counted under ``reason``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class DecoderContext:
+    modality: str
+    train: bool
+    data: DataConfig
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+class Decoder:
+    """Base class; see the module docstring."""
+
+    members: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = _NoOptions
+    uses_global_rng: bool = False
+
+    def __init__(self, options: Any, ctx: DecoderContext):
+        self.options, self.ctx = options, ctx
+        self.output_shape: Optional[tuple[int, ...]] = None
+        self.dtype: torch.dtype = torch.float32
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        raise NotImplementedError
+
+    def placeholder(self) -> torch.Tensor:
+        """What an absent optional modality holds (its mask is False)."""
+        if self.output_shape is None:
+            raise ConfigError(
+                f"data.modalities.{self.ctx.modality}: decoder has no fixed output shape, so the modality "
+                f"cannot be optional (set required: true)"
+            )
+        return torch.zeros(self.output_shape, dtype=self.dtype)
+
+
+_DECODERS: dict[str, type[Decoder]] = {}
+
+
+def register_decoder(name: str, cls: Optional[type[Decoder]] = None, *, replace: bool = False):
+    """Registers a ``Decoder`` subclass under ``name``; usable as a decorator."""
+
+    def add(c: type[Decoder]) -> type[Decoder]:
+        if not (isinstance(c, type) and issubclass(c, Decoder)):
+            raise TypeError(f"register_decoder({name!r}): {c!r} is not a Decoder subclass")
+        if name in _DECODERS and _DECODERS[name] is not c and not replace:
+            raise ValueError(f"decoder {name!r} is already registered ({_DECODERS[name].__qualname__}); pass replace=True")
+        for ext in c.members:
+            if is_refused(ext):
+                raise ValueError(f"decoder {name!r}: member {ext!r} is a pickle/torch format and is always refused")
+        _DECODERS[name] = c
+        return c
+
+    return add(cls) if cls is not None else add
+
+
+def decoder_names() -> list[str]:
+    return sorted(_DECODERS)
+
+
+def get_decoder_class(name: str, key: str) -> type[Decoder]:
+    if name not in _DECODERS:
+        raise ConfigError(
+            f"{key}: unknown decoder {name!r} (registered: {', '.join(decoder_names())}; "
+            f"a module that registers more can be listed in data.imports)"
+        )
+    return _DECODERS[name]
+
+
+@dataclass
+class Modality:
+    """A configured modality: its decoder, the members it reads and whether it is required."""
+
+    name: str
+    decoder: Decoder
+    members: tuple[str, ...]
+    required: bool
+    decoder_name: str
+
+
+def build_modality(name: str, cfg: ModalityConfig, data: DataConfig, train: bool, key: str) -> Modality:
+    dname = cfg.decoder or name
+    cls = get_decoder_class(dname, f"{key}.decoder")
+    options = _build(cls.Options, dict(cfg.options or {}), f"{key}.options")
+    members = tuple(m.lower() for m in (cfg.members if cfg.members else cls.members))
+    if not members:
+        raise ConfigError(f"{key}.members: decoder {dname!r} has no default members; list the tar member extensions")
+    for i, m in enumerate(members):
+        if is_refused(m):
+            raise ConfigError(f"{key}.members[{i}]: {m!r} is a pickle/torch format; such members are always refused")
+    decoder = cls(options, DecoderContext(name, train, data))
+    if not cfg.required:
+        decoder.placeholder()  # raises a clear error when it cannot have one
+    return Modality(name, decoder, members, cfg.required, dname)
+
+
+# ---------------------------------------------------------------------------------------- image
+
+
+_AUGMENT_KEYS = {
+    "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
+    "gaussian_blur_prob", "auto_augment", "re_prob", "re_mode", "re_count", "train_crop_mode",
+}
+
+
+@register_decoder("image")
+class ImageDecoder(Decoder):
+    """PNG/JPEG/WebP -> float (3, size, size), normalised. Evaluation (and training without
+    ``augment``): timm's eval transform (resize the short side, crop ``crop_pct``, ``crop_mode``).
+    Training with ``augment`` (a dict of timm ``create_transform`` training options such as
+    ``scale``, ``ratio``, ``hflip``, ``color_jitter``, ``auto_augment``; ``{}`` = timm's defaults):
+    timm's training transform."""
+
+    members = ("png", "jpg", "jpeg", "webp")
+
+    @dataclass
+    class Options:
+        size: Optional[int] = None  # default: data.image_size
+        mean: Optional[list[float]] = None  # default: data.image_mean
+        std: Optional[list[float]] = None  # default: data.image_std
+        interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
+        crop_pct: float = 1.0
+        crop_mode: Literal["center", "squash", "border"] = "center"
+        augment: Optional[dict[str, Any]] = None
+        max_pixels: int = 89_478_485  # PIL's decompression-bomb limit
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        from timm.data import create_transform
+
+        key = f"data.modalities.{ctx.modality}.options"
+        self.size = options.size or ctx.data.image_size
+        mean = tuple(options.mean or ctx.data.image_mean)
+        std = tuple(options.std or ctx.data.image_std)
+        if self.size < 1:
+            raise ConfigError(f"{key}.size: must be >= 1, got {self.size}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError(f"{key}.mean/std: need 3 values (RGB)")
+        if not 0 < options.crop_pct <= 1:
+            raise ConfigError(f"{key}.crop_pct: must be in (0, 1], got {options.crop_pct}")
+        common = dict(input_size=(3, self.size, self.size), interpolation=options.interpolation, mean=mean, std=std)
+        self.augmenting = ctx.train and options.augment is not None
+        if self.augmenting:
+            aug = dict(options.augment)
+            for k in aug:
+                if k not in _AUGMENT_KEYS:
+                    raise ConfigError(f"{key}.augment.{k}: not a timm training option (options: {', '.join(sorted(_AUGMENT_KEYS))})")
+            for k in ("scale", "ratio"):
+                if k in aug:
+                    aug[k] = tuple(aug[k])
+            try:
+                self.transform = create_transform(is_training=True, **common, **aug)
+            except Exception as err:  # noqa: BLE001 - timm's own message names the problem
+                raise ConfigError(f"{key}.augment: {err}") from None
+        else:
+            self.transform = create_transform(
+                is_training=False, crop_pct=options.crop_pct, crop_mode=options.crop_mode, **common
+            )
+        self.uses_global_rng = self.augmenting
+        self.max_pixels = options.max_pixels
+        self.output_shape = (3, self.size, self.size)
+
+    def open(self, data: bytes):
+        from PIL import Image
+
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > self.max_pixels:
+                raise DecodeError("image_too_large", f"{img.width}x{img.height} pixels")
+            return img.convert("RGB")  # decodes in full: a truncated file fails here
+        except DecodeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds
+            raise DecodeError("undecodable_image", f"{type(err).__name__}: {err}") from None
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        return self.transform(self.open(data))
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+@register_decoder("text")
+class TextDecoder(Decoder):
+    """UTF-8 caption(s) -> byte-token ids (data.context_length,), truncated and padded.
+
+    ``txt``: one caption (with ``split_lines``, one per non-empty line); ``json``: a string, a list
+    of strings, or an object whose first present ``fields`` entry holds one of those. With several
+    captions, ``captions: auto`` picks one at random in training (seeded) and the first in
+    evaluation; ``random`` / ``first`` force either."""
+
+    members = ("txt", "json")
+
+    @dataclass
+    class Options:
+        captions: Literal["auto", "random", "first"] = "auto"
+        split_lines: bool = False
+        fields: list[str] = field(default_factory=lambda: ["captions", "caption", "text"])
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        from pretrain.tokenizer import ByteTokenizer
+
+        self.tokenizer = ByteTokenizer(ctx.data.context_length)
+        self.random_choice = options.captions == "random" or (options.captions == "auto" and ctx.train)
+        self.output_shape = (ctx.data.context_length,)
+        self.dtype = torch.long
+
+    def captions(self, data: bytes, ext: str) -> list[str]:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DecodeError("bad_utf8", str(err)) from None
+        if ext.rsplit(".", 1)[-1] == "json":
+            try:
+                doc = json.loads(text)
+            except ValueError as err:
+                raise DecodeError("bad_json", str(err)) from None
+            if isinstance(doc, dict):
+                doc = next((doc[f] for f in self.options.fields if f in doc), None)
+                if doc is None:
+                    raise DecodeError("missing_field", f"none of {self.options.fields} in the JSON object")
+            items = [doc] if isinstance(doc, str) else doc
+            if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+                raise DecodeError("bad_json", "captions must be a string or a list of strings")
+            caps = items
+        elif self.options.split_lines:
+            caps = text.splitlines()
+        else:
+            caps = [text]
+        caps = [c.strip() for c in caps if c.strip()]
+        if not caps:
+            raise DecodeError("empty_text", "no caption")
+        return caps
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        caps = self.captions(data, ext)
+        caption = caps[rng.randrange(len(caps))] if self.random_choice and len(caps) > 1 else caps[0]
+        return self.tokenizer.encode(caption)
+
+    def placeholder(self) -> torch.Tensor:
+        return torch.full(self.output_shape, self.tokenizer.pad_id, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------- audio
+
+
+def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+    """(n_mels, n_freqs) triangular filters on the HTK mel scale (no area normalisation)."""
+
+    def hz_to_mel(f):
+        return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+    def mel_to_hz(m):
+        return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_freqs)
+    edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None, :] - lower) / np.maximum(center - lower, 1e-12)
+    down = (upper - freqs[None, :]) / np.maximum(upper - center, 1e-12)
+    return torch.from_numpy(np.maximum(0.0, np.minimum(up, down))).float()
+
+
+@register_decoder("audio")
+class AudioDecoder(Decoder):
+    """WAV/FLAC (soundfile) -> mono float waveform at ``sample_rate`` (soxr), cropped or
+    zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
+    from ``torch.stft`` (Hann window, centred frames): (n_mels, 1 + samples // hop_length).
+    Crop: ``auto`` is random in training (seeded) and the start in evaluation."""
+
+    members = ("flac", "wav")
+
+    @dataclass
+    class Options:
+        sample_rate: int = 16000
+        seconds: float = 1.0
+        crop: Literal["auto", "random", "start", "center"] = "auto"
+        features: Literal["waveform", "log_mel"] = "waveform"
+        n_fft: int = 400
+        hop_length: int = 160
+        win_length: Optional[int] = None
+        n_mels: int = 64
+        f_min: float = 0.0
+        f_max: Optional[float] = None
+        log_floor: float = 1e-6
+        max_seconds: float = 3600.0  # longer files are refused (audio_too_long)
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        key = f"data.modalities.{ctx.modality}.options"
+        o = options
+        if o.sample_rate <= 0:
+            raise ConfigError(f"{key}.sample_rate: must be > 0, got {o.sample_rate}")
+        if o.seconds <= 0:
+            raise ConfigError(f"{key}.seconds: must be > 0, got {o.seconds}")
+        self.length = int(round(o.seconds * o.sample_rate))
+        self.crop = o.crop if o.crop != "auto" else ("random" if ctx.train else "start")
+        if o.features == "log_mel":
+            win = o.win_length or o.n_fft
+            if not (0 < win <= o.n_fft and o.hop_length > 0 and o.n_mels > 0):
+                raise ConfigError(f"{key}: need 0 < win_length <= n_fft, hop_length > 0, n_mels > 0")
+            f_max = o.f_max if o.f_max is not None else o.sample_rate / 2
+            if not 0 <= o.f_min < f_max <= o.sample_rate / 2:
+                raise ConfigError(f"{key}.f_min/f_max: need 0 <= f_min < f_max <= sample_rate / 2")
+            self.window = torch.hann_window(win)
+            self.fbank = mel_filterbank(o.n_fft // 2 + 1, o.sample_rate, o.n_mels, o.f_min, f_max)
+            self.output_shape = (o.n_mels, 1 + self.length // o.hop_length)
+        else:
+            self.output_shape = (self.length,)
+
+    def waveform(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        import soundfile as sf
+
+        o = self.options
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                sr, frames = f.samplerate, f.frames
+                if frames <= 0 or sr <= 0:
+                    raise DecodeError("undecodable_audio", "no audio frames")
+                if frames / sr > o.max_seconds:
+                    raise DecodeError("audio_too_long", f"{frames / sr:.0f} s > max_seconds {o.max_seconds:g}")
+                # crop in the file's own rate first (a little margin for the resampler), then exactly
+                need = int(math.ceil(o.seconds * sr)) + (32 if sr != o.sample_rate else 0)
+                start = 0
+                if frames > need:
+                    if self.crop == "random":
+                        start = rng.randrange(frames - need + 1)
+                    elif self.crop == "center":
+                        start = (frames - need) // 2
+                f.seek(start)
+                x = f.read(min(need, frames - start), dtype="float32", always_2d=True)
+        except DecodeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - libsndfile errors, bad headers
+            raise DecodeError("undecodable_audio", f"{type(err).__name__}: {err}") from None
+        if x.shape[0] == 0:
+            raise DecodeError("undecodable_audio", "no audio frames")
+        x = x.mean(axis=1)
+        if not np.isfinite(x).all():
+            raise DecodeError("undecodable_audio", "non-finite samples")
+        if sr != o.sample_rate:
+            import soxr
+
+            x = soxr.resample(x, sr, o.sample_rate)
+        wave = torch.from_numpy(np.ascontiguousarray(x[: self.length], dtype=np.float32))
+        if wave.shape[0] < self.length:
+            wave = torch.nn.functional.pad(wave, (0, self.length - wave.shape[0]))
+        return wave
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        spec = torch.stft(wave, n_fft=o.n_fft, hop_length=o.hop_length, win_length=self.window.shape[0],
+                          window=self.window, center=True, pad_mode="reflect" if wave.shape[0] > o.n_fft // 2 else "constant",
+                          return_complex=True)
+        power = spec.real.square() + spec.imag.square()
+        return torch.log(self.fbank @ power + o.log_floor)
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        wave = self.waveform(data, rng)
+        return self.log_mel(wave) if self.options.features == "log_mel" else wave
+
+    def placeholder(self) -> torch.Tensor:
+        if self.options.features == "log_mel":
+            return torch.full(self.output_shape, math.log(self.options.log_floor))
+        return torch.zeros(self.output_shape)
+
+
+# ------------------------------------------------------------------------------- vectors, tables
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "int64": torch.long, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
+
+
+@register_decoder("npy")
+class NpyDecoder(Decoder):
+    """``.npy`` -> a tensor of exactly ``shape`` and ``dtype``. Loaded with ``allow_pickle=False``;
+    an object array (which would need unpickling) is refused (``pickled_npy``); another shape is
+    ``wrong_shape``."""
+
+    members = ("npy",)
+
+    @dataclass
+    class Options:
+        shape: list[int] = field(default_factory=list)
+        dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool"] = "float32"
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        key = f"data.modalities.{ctx.modality}.options.shape"
+        if not options.shape or any(d <= 0 for d in options.shape):
+            raise ConfigError(f"{key}: the array shape is required (positive sizes, e.g. [512]); batches stack it")
+        self.output_shape = tuple(options.shape)
+        self.dtype = _DTYPES[options.dtype]
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        buf = io.BytesIO(data)
+        try:
+            version = np.lib.format.read_magic(buf)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+        except Exception as err:  # noqa: BLE001 - bad magic or header
+            raise DecodeError("bad_npy", f"{type(err).__name__}: {err}") from None
+        if dtype.hasobject:
+            raise DecodeError("pickled_npy", "object arrays would need unpickling; refused")
+        if tuple(shape) != self.output_shape:
+            raise DecodeError("wrong_shape", f"shape {tuple(shape)}, expected {self.output_shape}")
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - truncated data, bad dtype
+            raise DecodeError("bad_npy", f"{type(err).__name__}: {err}") from None
+        if arr.dtype.kind not in "biuf":
+            raise DecodeError("bad_npy", f"dtype {arr.dtype} is not numeric")
+        return torch.from_numpy(np.array(arr, copy=True)).to(self.dtype)
+
+
+@register_decoder("json")
+class JsonFieldsDecoder(Decoder):
+    """Numeric ``fields`` of a JSON object -> a float vector: each field a number or a (nested)
+    list of numbers, flattened and concatenated; the total length must be ``size`` (default: one
+    per field). Missing field: ``missing_field``; not numeric: ``bad_value``; other length:
+    ``wrong_shape``."""
+
+    members = ("json",)
+
+    @dataclass
+    class Options:
+        fields: list[str] = field(default_factory=list)
+        size: Optional[int] = None
+        dtype: Literal["float32", "float16", "bfloat16", "int64"] = "float32"
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        if not options.fields:
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.fields: list the JSON fields to read")
+        self.output_shape = (options.size or len(options.fields),)
+        self.dtype = _DTYPES[options.dtype]
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DecodeError("bad_utf8", str(err)) from None
+        except ValueError as err:
+            raise DecodeError("bad_json", str(err)) from None
+        if not isinstance(doc, dict):
+            raise DecodeError("bad_json", "not a JSON object")
+        values: list[float] = []
+        for name in self.options.fields:
+            if name not in doc:
+                raise DecodeError("missing_field", f"no field {name!r}")
+            _flatten(doc[name], values, name)
+        if len(values) != self.output_shape[0]:
+            raise DecodeError("wrong_shape", f"{len(values)} values, expected {self.output_shape[0]}")
+        return torch.tensor(values, dtype=torch.float64).to(self.dtype)
+
+
+def _flatten(v: Any, out: list[float], name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float, list)):
+        raise DecodeError("bad_value", f"field {name!r} holds {type(v).__name__}, not numbers")
+    if isinstance(v, list):
+        for item in v:
+            _flatten(item, out, name)
+    elif not math.isfinite(v):
+        raise DecodeError("bad_value", f"field {name!r} is not finite")
+    else:
+        out.append(float(v))
+
+
+# --------------------------------------------------------------------------------------- labels
+
+
+@register_decoder("class_label")
+class ClassLabelDecoder(Decoder):
+    """``.cls``: a non-negative integer in ASCII -> long scalar; below ``num_classes`` if given."""
+
+    members = ("cls",)
+
+    @dataclass
+    class Options:
+        num_classes: Optional[int] = None
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        self.output_shape = ()
+        self.dtype = torch.long
+
+    def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
+        try:
+            text = data.decode("ascii").strip()
+            value = int(text)
+        except (UnicodeDecodeError, ValueError):
+            raise DecodeError("bad_label", f"{data[:20]!r} is not an integer") from None
+        n = self.options.num_classes
+        if value < 0 or (n is not None and value >= n):
+            raise DecodeError("bad_label", f"label {value} outside [0, {n if n is not None else 'inf'})")
+        return torch.tensor(value, dtype=torch.long)
+
+    def placeholder(self) -> torch.Tensor:
+        return torch.tensor(-1, dtype=torch.long)
