@@ -70,7 +70,7 @@ class Batch:
     modalities: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
     keys: list[str]
-    labels: Optional[torch.Tensor] = None  # class labels (-1 where a sample has none), None if no sample has one
+    labels: Optional[torch.Tensor] = None  # class labels, -1 where a sample has none; None without data.labels
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -84,9 +84,8 @@ def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
     mods = {m: torch.stack([s[m] for s in samples]) for m in names}
     masks = {m: torch.tensor([s.get("__masks__", {}).get(m, True) for s in samples], dtype=torch.bool) for m in names}
     labels = None
-    raw = [s.get("__label__", s.get("label", -1)) for s in samples]
-    if any(v >= 0 for v in raw):
-        labels = torch.tensor(raw, dtype=torch.long)
+    if any("__label__" in s or "label" in s for s in samples):
+        labels = torch.tensor([s.get("__label__", s.get("label", -1)) for s in samples], dtype=torch.long)
     return Batch(mods, masks, [s["__key__"] for s in samples], labels)
 
 
@@ -370,7 +369,8 @@ class SampleDecoding:
 
 
 class BatchStream(IterableDataset):
-    """Batches of one rank, each with the slot that made it and that slot's state after it."""
+    """Batches of one rank, each with the slot that made it and that slot's state after it; a
+    finite stream ends with ``(None, slot, final state)``."""
 
     def __init__(self, spec: StreamSpec, decoding: SampleDecoding, batch_size: int, num_workers: int,
                  max_consecutive_bad: int = 1000, bad_log_per_minute: int = 10):
@@ -426,6 +426,7 @@ class BatchStream(IterableDataset):
         if batch:
             st["batches"] += 1
             yield collate(batch, self.decoding.names), worker, _copy_state(st)
+        yield None, worker, _copy_state(st)  # the end: counts of what came after the last batch
 
 
 def _identity(x):
@@ -458,6 +459,7 @@ class Loader:
         self._next = 0
         self._batches = 0
         self._active: Optional[Iterator[Batch]] = None
+        self._exhausted = False
         spec = dataset.spec
         self._fingerprint = hashlib.sha256(json.dumps(sources.fingerprint()).encode()).hexdigest()
         self.epoch_samples = sources.total_samples
@@ -468,6 +470,8 @@ class Loader:
     # -- iteration
     def __iter__(self) -> Iterator[Batch]:
         self.close()
+        if self._exhausted:
+            self._states, self._next, self._batches, self._exhausted = [None] * self._slots, 0, 0, False
         self._active = self._generate()
         return self._active
 
@@ -486,11 +490,12 @@ class Loader:
         try:
             for batch, worker, state in it:
                 self._states[worker] = state
+                if batch is None:  # a finite stream's last word: its final counts
+                    continue
                 self._next = (worker + 1) % self._slots
                 self._batches += 1
                 yield batch
-            # a finite stream ran to its end: the next iteration is a new pass from the start
-            self._states, self._next, self._batches = [None] * self._slots, 0, 0
+            self._exhausted = True  # a finite stream ran to its end: the next iter() is a new pass
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
@@ -540,6 +545,7 @@ class Loader:
         self._states = [_copy_state(w) for w in workers]
         self._next = int(state["next_worker"])
         self._batches = int(state["batches"])
+        self._exhausted = False
 
     # -- counters
     def counters(self) -> dict[str, int]:

@@ -11,7 +11,8 @@ and member names never reach the filesystem. Refused, counted and skipped:
 - ``non_file_member``: a symlink, hard link, device or FIFO (never followed);
 - ``oversize_member``: a member larger than ``max_member_bytes``;
 - ``corrupt_tar``: a broken or truncated archive (the rest of the shard is skipped; the sample
-  being read when it broke is dropped); ``unreadable_shard``: the shard cannot be opened.
+  being read when it broke is dropped); ``unreadable_shard``: the shard cannot be opened or is
+  empty (a missing file, a failed ``pipe:`` command or download).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def iter_shard(
         failed = True
         at = max(index, 0)
         if select(at):
-            reason = "unreadable_shard" if index < 0 else "corrupt_tar"
+            empty = index < 0 and isinstance(err, tarfile.ReadError) and "empty file" in str(err)
+            reason = "unreadable_shard" if empty else "corrupt_tar"
             report(reason, f"{url}: {type(err).__name__}: {err} (after {max(index, 0)} samples; rest of shard skipped)", at)
     finally:
         try:
