@@ -253,6 +253,7 @@ def train(cfg: Config) -> dict[str, float]:
                 values["grad_norm"] = float(grad_norm)
             if logit_bias is not None:
                 values["logit_bias"] = float(logit_bias.detach())
+            values.update(loader.metrics(all_ranks=True))  # bad-data counts by reason, summed over ranks (collective)
             writer.log(step, values)
             last = values
             if rank == 0:
