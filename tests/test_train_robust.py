@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import COMPLETE
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, run_cmd
 from tests.train_helpers import QUICKSTART, losses, make_shards, ok, single, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,54 @@ def uninterrupted(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runA") / "run"
     ok(torchrun(tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true"]))
     return out
+
+
+def test_two_rank_run_records(uninterrupted):
+    """Both ranks were one job of world size 2; they saw different samples; outputs are complete."""
+    out = uninterrupted
+    records = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 and r["backend"] == "gloo" for r in records)
+    assert records[0]["pid"] != records[1]["pid"]
+    seen = []
+    for r in range(2):
+        keys = _keys(out, r)
+        assert sorted(keys) == list(range(1, 7)) and all(len(k) == 6 for k in keys.values())
+        # one epoch is 48 samples: 4 steps x 6 per rank; shard order reshuffles after it
+        seen.append({k for step, step_keys in keys.items() if step <= 4 for k in step_keys})
+    assert len(seen[0]) == len(seen[1]) == 24 and not (seen[0] & seen[1])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 7))
+    for m in steps:
+        assert math.isfinite(m["loss"]) and 0.0 <= m["data_wait_fraction"] <= 1.0
+        assert {"lr", "temperature", "samples_per_s", "grad_norm", "skipped_steps", "clip/image-text"} <= set(m)
+    evals = [m for m in metrics if "eval/zeroshot_top1" in m]
+    assert len(evals) == 1 and evals[0]["eval/samples"] == 12
+    for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1"):
+        assert 0.0 <= evals[0][key] <= 1.0
+    files = {p.name for p in (out / "checkpoints" / "step000006").iterdir()}
+    assert {"mp_rank_00_model_states.pt", "COMPLETE", "rank00000.pt", "rank00001.pt"} <= files, files
+    assert sum("optim_states" in f for f in files) == 2, files  # ZeRO-2: one optimizer partition per rank
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file()
+
+
+def test_accelerate_launch_matches_torchrun(shards, uninterrupted, tmp_path):
+    """The same config and seed under `accelerate launch` gives the torchrun run's losses and eval."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), f"--main_process_port={free_port()}",
+           "-m", "pretrain.train", "--config", str(QUICKSTART),
+           *tiny_overrides(shards, out, steps=6), "train.checkpoint_every=2", "train.log_keys=true"]
+    ok(run_cmd(cmd, timeout=600))
+    assert [json.loads((out / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in range(2)] == [2, 2]
+    want, got = losses(uninterrupted), losses(out)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert math.isclose(got[step], want[step], rel_tol=1e-6), (step, got[step], want[step])
+    ev = lambda d: json.loads((d / "eval.json").read_text())["eval/zeroshot_top1"]
+    assert ev(out) == ev(uninterrupted)
 
 
 def _keys(out, rank):
@@ -140,12 +188,14 @@ def test_too_many_nonfinite_losses_stop_the_run(shards, tmp_path):
     assert "3 consecutive steps with a non-finite loss (train.max_nonfinite_steps=3)" in proc.stderr
 
 
-@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (3, "fp32")])
-def test_zero_stages_and_precisions_train(shards, tmp_path, stage, precision):
+@pytest.mark.parametrize("stage, precision, loss", [(0, "fp32", "siglip"), (1, "bf16", "clip_lite"), (3, "fp32", "symile")])
+def test_zero_stages_precisions_and_objectives_train(shards, tmp_path, stage, precision, loss):
     out = tmp_path / "run"
-    text = ok(torchrun(tiny_overrides(shards, out, steps=3) + [f"train.zero_stage={stage}",
-                                                                f"train.precision={precision}", "eval.enabled=false"]))
+    text = ok(torchrun(tiny_overrides(shards, out, steps=3) + [f"train.zero_stage={stage}", f"train.precision={precision}",
+                                                                f"loss.name={loss}", "eval.enabled=false"]))
     assert f"zero_stage={stage} precision={precision}" in text
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith(f"{loss}/") for r in rows for k in r)  # the objective's own terms were logged
     values = losses(out)
     assert sorted(values) == [1, 2, 3] and all(math.isfinite(v) for v in values.values())
     folder = out / "checkpoints" / "step000003"
