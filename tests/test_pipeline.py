@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import math
+import shutil
 import signal
 import tarfile
 import threading
@@ -373,33 +374,42 @@ def test_counts_from_index_sizes_or_explicit_and_a_clear_error(tmp_path):
         loader(data_config({"urls": urls + [str(tmp_path / "missing.tar")], "samples": 9}))
 
 
-def test_urls_by_pipe_file_http_and_fsspec(tmp_path, shards):
+def _keys_for(urls, **extra):
+    return flat(take(iter(loader(data_config({"urls": urls, "shuffle_buffer": 0, "samples": 36, **extra}))), 12))
+
+
+def test_urls_by_pipe_file_and_fsspec(shards):
     import fsspec
 
-    d0 = data_config({"urls": shards, "shuffle_buffer": 0})
-    want = flat(take(iter(loader(d0)), 12))
-    folder = Path(shards[0]).parent
-
-    def keys_for(urls, **extra):
-        return flat(take(iter(loader(data_config({"urls": urls, "shuffle_buffer": 0, "samples": 36, **extra}))), 12))
-
-    assert keys_for([f"pipe:cat {u}" for u in shards]) == want
-    assert keys_for([f"file://{u}" for u in shards]) == want
+    want = flat(take(iter(loader(data_config({"urls": shards, "shuffle_buffer": 0}))), 12))
+    assert _keys_for([f"pipe:cat {u}" for u in shards]) == want
+    assert _keys_for([f"file://{u}" for u in shards]) == want
     mem = fsspec.filesystem("memory")
     for u in shards:
         mem.pipe(f"/pipeline-test/{Path(u).name}", Path(u).read_bytes())
-    assert keys_for([f"memory://pipeline-test/{Path(u).name}" for u in shards]) == want
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    assert _keys_for([f"memory://pipeline-test/{Path(u).name}" for u in shards]) == want
+    assert _keys_for("::".join(shards)) == want  # OpenCLIP's way of joining patterns
+
+
+def test_urls_by_http(shards):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: webdataset opens http(s) URLs through curl")
+    want = flat(take(iter(loader(data_config({"urls": shards, "shuffle_buffer": 0}))), 12))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(Path(shards[0]).parent))
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         pattern = base + "/s-{000000..000006}.tar"
-        assert keys_for(pattern) == want
-        # counts through the same URL kinds: the index beside the shards on the server
-        d = data_config({"urls": pattern, "index": base + "/index.json"})
-        assert loader(d).epoch_samples == 36
+        assert _keys_for(pattern) == want
+        # counts through the same kind of URL: the index beside the shards on the server
+        assert loader(data_config({"urls": pattern, "index": base + "/index.json"})).epoch_samples == 36
+        # a missing shard is counted (unreadable), the others are read
+        d = data_config({"urls": [base + "/nope.tar"] + shards, "samples": 36, "shuffle_buffer": 0})
+        l = loader(d, epochs=1)
+        assert sorted(flat(b.keys for b in l)) == sorted(all_keys())
+        assert l.metrics()["data/skipped/unreadable_shard"] == 1
     finally:
         server.shutdown()
 

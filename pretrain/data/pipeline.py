@@ -166,7 +166,11 @@ def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> li
     slot = spec.rank * num_workers + worker
     if spec.mode == "resampled":
         rng = random.Random(f"{spec.seed}-draws-{epoch}-{spec.rank}-{worker}")
-        weights = [s.weight / max(s.mean_shard_samples, 1e-9) if s.samples else s.weight for s in spec.sources]
+        # weight per shard draw: the source's weight / its mean samples per shard (0 for an empty source)
+        weights = [s.weight if s.samples is None else (s.weight / s.mean_shard_samples if s.samples else 0.0)
+                   for s in spec.sources]
+        if not any(weights):
+            raise RuntimeError("resampled mode: every source has 0 samples")
         cum = list(itertools.accumulate(weights))
         plan = []
         for _ in range(max(1, math.ceil(n / slots))):
@@ -332,7 +336,9 @@ class SampleDecoding:
         ext = next((e for e in m.members if e in raw.members), None)
         if ext is None:
             if m.required:
-                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member")
+                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member "
+                                            f"(it has: {', '.join(raw.seen) or 'nothing'}; a modality reads the "
+                                            f"members listed in data.modalities.{m.name}.members)")
             return None, False
         try:
             x = m.decoder.decode(raw.members[ext], ext, rng)

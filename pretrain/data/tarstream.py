@@ -51,6 +51,7 @@ class RawSample:
     members: dict[str, bytes]  # extension -> bytes (only the wanted ones)
     url: str
     index: int  # position of the sample in its shard
+    seen: tuple[str, ...] = ()  # every member extension of the sample (for messages)
 
 
 Report = Callable[[str, str, int], None]  # (reason, detail, sample index it belongs to)
@@ -74,6 +75,7 @@ def iter_shard(
     index = -1
     key: Optional[str] = None
     members: dict[str, bytes] = {}
+    seen: list[str] = []
     selected = False
     failed = False
     try:
@@ -93,11 +95,12 @@ def iter_shard(
                 mkey, ext = parsed
                 if mkey != key:
                     if key is not None and selected:
-                        yield RawSample(key, members, url, index)
+                        yield RawSample(key, members, url, index, tuple(seen))
                     index += 1
-                    key, members, selected = mkey, {}, select(index)
+                    key, members, selected, seen = mkey, {}, select(index), []
                 if not selected:
                     continue
+                seen.append(ext)
                 if not info.isreg():
                     report("non_file_member", f"{url}: {name!r} is a link or special file", index)
                     continue
@@ -115,7 +118,7 @@ def iter_shard(
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f is not None else b""
             if key is not None and selected:
-                yield RawSample(key, members, url, index)
+                yield RawSample(key, members, url, index, tuple(seen))
     except Exception as err:  # noqa: BLE001 - tarfile, zlib, OS and pipe errors alike
         failed = True
         at = max(index, 0)
