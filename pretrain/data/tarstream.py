@@ -123,8 +123,9 @@ def iter_shard(
         failed = True
         at = max(index, 0)
         if select(at):
-            empty = index < 0 and isinstance(err, tarfile.ReadError) and "empty file" in str(err)
-            reason = "unreadable_shard" if empty else "corrupt_tar"
+            # nothing came (a failed download or pipe command, an empty file): unreadable; else corrupt
+            unread = index < 0 and (not isinstance(err, tarfile.TarError) or "empty file" in str(err))
+            reason = "unreadable_shard" if unread else "corrupt_tar"
             report(reason, f"{url}: {type(err).__name__}: {err} (after {max(index, 0)} samples; rest of shard skipped)", at)
     finally:
         try:
