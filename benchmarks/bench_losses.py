@@ -8,7 +8,7 @@ Peak memory is the rise of the process's resident high-water mark (VmHWM, reset 
 it counts what the step allocates. The script re-executes itself with a fixed glibc mmap threshold
 (MALLOC_MMAP_THRESHOLD_=65536) and trims the heap before each step, so freed tensors go back to the
 OS and one implementation's freed pages cannot hide the next one's peak. Implementations alternate
-within each repetition; medians.
+within each repetition, and which goes first alternates between repetitions; medians.
 Prints a Markdown table.
 """
 from __future__ import annotations
@@ -91,8 +91,9 @@ def _clip_worker(rank, world, port, sizes, dim, reps, out_path):
         results = {"ours": [], "open_clip": []}
         for which in results:  # warm-up
             step(which)
-        for _ in range(reps):
-            for which in results:
+        for rep in range(reps):
+            order = list(results) if rep % 2 == 0 else list(results)[::-1]  # who goes first alternates
+            for which in order:
                 results[which].append(measure(lambda: step(which)))
         med = {k: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
                for k, vals in results.items()}
