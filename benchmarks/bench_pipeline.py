@@ -123,7 +123,7 @@ def throughput(samples: int, repeats: int) -> list[dict]:
     return rows
 
 
-def demo_wait(steps: int) -> dict:
+def demo_wait(steps: int, workers: int | None = None) -> dict:
     py = sys.executable
     shards = ROOT / "data" / "demo" / "shards"
     if not (shards / "train" / "index.json").is_file() or not (shards / "val" / "index.json").is_file():
@@ -137,6 +137,8 @@ def demo_wait(steps: int) -> dict:
         cmd = [str(Path(py).parent / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
                "-m", "pretrain.train", "--config", "configs/quickstart.yaml", f"output_dir={out}",
                f"train.steps={steps}", "eval.enabled=false", "train.checkpoint=false", "train.log_every=25"]
+        if workers is not None:
+            cmd.append(f"data.train.workers={workers}")
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wall = time.perf_counter() - start
@@ -145,10 +147,10 @@ def demo_wait(steps: int) -> dict:
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait_fraction"] for r in rows if "data_wait_fraction" in r]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
-    result = {"steps": steps, "windows": waits, "mean_all": statistics.mean(waits),
+    result = {"steps": steps, "workers": workers, "windows": waits, "mean_all": statistics.mean(waits),
               "mean_after_first": statistics.mean(waits[1:]) if len(waits) > 1 else waits[0],
               "samples_per_s": statistics.median(rates), "wall_s": wall}
-    print(f"demo training, {steps} steps: data wait {100 * result['mean_all']:.2f}% of step time "
+    print(f"demo training, {steps} steps, data.train.workers={'config' if workers is None else workers}: data wait {100 * result['mean_all']:.2f}% of step time "
           f"(windows: {', '.join(f'{100 * w:.1f}%' for w in waits)}); {result['samples_per_s']:.0f} samples/s",
           flush=True)
     return result

@@ -194,3 +194,59 @@ def test_refused_formats_cannot_be_asked_for():
     for ext in ("pth", "pickle", "PYD", "weights.pt"):
         with pytest.raises(ConfigError, match=r"members\[0\]: .* always refused"):
             data_config(modalities={"text": {"decoder": "text", "members": [ext]}})
+
+
+# ---------------------------------------------------------------------------------- tar formats
+
+
+def _tar_bytes(fmt, members: list[tuple[str, bytes]], mode="w") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode, format=fmt) as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [(tarfile.USTAR_FORMAT, "w"), (tarfile.GNU_FORMAT, "w"),
+                                       (tarfile.PAX_FORMAT, "w"), (tarfile.PAX_FORMAT, "w:gz"),
+                                       (tarfile.GNU_FORMAT, "w:bz2"), (tarfile.USTAR_FORMAT, "w:xz")])
+def test_tar_formats_read_like_tarfile_does(tmp_path, fmt, mode):
+    from pretrain.data import iter_shard
+
+    long_dir = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, GNU long name or pax path
+    members = [("a.txt", b"alpha"), ("a.cls", b"1"), (f"{long_dir}/b.txt", b"beta" * 300),
+               ("caf\u00e9.txt", "\u00e9t\u00e9".encode()), ("c.txt", b""), ("c.json", b"{}")]
+    if fmt == tarfile.USTAR_FORMAT:
+        members = [m for m in members if "\u00e9" not in m[0]]
+    path = tmp_path / "f.tar"
+    path.write_bytes(_tar_bytes(fmt, members, mode))
+    events = []
+    got = [(s.key, s.members) for s in iter_shard(str(path), None, lambda i: True, lambda *a: events.append(a), 1 << 20)]
+    with tarfile.open(path) as tar:  # the reference: tarfile's own reading, grouped by key
+        want: list[tuple[str, dict]] = []
+        for info in tar:
+            key, ext = info.name.split("/")[-1].split(".", 1)
+            key = info.name[: len(info.name) - len(ext) - 1]
+            if not want or want[-1][0] != key:
+                want.append((key, {}))
+            want[-1][1][ext] = tar.extractfile(info).read()
+    assert got == want and not events
+
+
+def test_broken_tar_headers_are_corrupt_not_fatal(tmp_path):
+    from pretrain.data import iter_shard
+
+    good = _tar_bytes(tarfile.USTAR_FORMAT, [("a.txt", b"x" * 700), ("b.txt", b"y"), ("c.txt", b"z")])
+    cases = {
+        "checksum": good[:148] + b"0000000\0" + good[156:],  # first header's checksum wrong
+        "cut_header": good[: 512 * 5 + 100],  # third header cut short: a is whole, b may not be
+        "cut_data": good[: 512 + 300],  # first member's data cut short
+        "huge_size": good[:124] + b"77777777777\0" + good[136:1024],  # 8 GiB declared, then EOF
+    }
+    for name, data in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        events = []
+        keys = [s.key for s in iter_shard(str(tmp_path / f"{name}.tar"), None, lambda i: True,
+                                           lambda *a: events.append(a), 1 << 20)]
+        assert [e[0] for e in events] == ["corrupt_tar"], (name, events)
+        assert keys == ([] if name != "cut_header" else ["a"]), (name, keys)

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
-import torch
+import numpy.random  # noqa: F401 - imported before workers fork: DataLoader workers seed it, and a
+import torch  # first import inside a forked child can trip over an import lock held at fork time
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import ConfigError, DataConfig, SplitConfig

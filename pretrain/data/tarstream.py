@@ -16,7 +16,6 @@ and member names never reach the filesystem. Refused, counted and skipped:
 """
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -57,6 +56,168 @@ class RawSample:
 Report = Callable[[str, str, int], None]  # (reason, detail, sample index it belongs to)
 
 
+class TarFormatError(Exception):
+    """A broken archive: bad header checksum, truncated data, an unparseable extended header."""
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_META_LIMIT = 1 << 20  # GNU long names and pax headers larger than this are not believed
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+FILE, DIR, OTHER = 0, 1, 2  # member kinds: regular file; directory; link, device, FIFO, sparse
+
+
+class _Prefixed:
+    """A read-only stream: some bytes already read, then the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if 0 <= n <= len(self.head):
+                out, self.head = self.head[:n], self.head[n:]
+                return out
+            out, self.head = self.head, b""
+            return out + (self.raw.read(n - len(out)) if n >= 0 else self.raw.read())
+        return self.raw.read(n)
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        if field[0] != 0x80:
+            raise TarFormatError("negative or oversized base-256 number")
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarFormatError(f"bad number field {field!r}") from None
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    want = _number(hdr[148:156])
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
+    if want == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in hdr[:148] + hdr[156:]) + 8 * 32
+    return want == signed
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            raise TarFormatError("bad pax record")
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise TarFormatError("bad pax record length") from None
+        if length <= 0 or pos + length > len(data):
+            raise TarFormatError("bad pax record length")
+        key, eq, value = data[sp + 1:pos + length - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError("bad pax record")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+class TarMembers:
+    """The members of a tar stream, strictly parsed (ustar, GNU long names, pax headers; gzip,
+    bz2 or xz compressed). Iterate for (name, kind, size, linkname); ``data()`` reads the current
+    member's bytes, otherwise they are skipped. Nothing touches the filesystem."""
+
+    def __init__(self, raw):
+        head = raw.read(_BLOCK)
+        self.empty = not head
+        for magic, kind in _COMPRESSED:
+            if head.startswith(magic):
+                import bz2
+                import gzip
+                import lzma
+
+                src = _Prefixed(head, raw)
+                self.f = (gzip.GzipFile(fileobj=src, mode="rb") if kind == "gzip"
+                          else bz2.BZ2File(src, mode="rb") if kind == "bz2" else lzma.LZMAFile(src, mode="rb"))
+                break
+        else:
+            self.f = _Prefixed(head, raw)
+        self.pending = 0
+        self.size = 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        while len(data) < n:
+            more = self.f.read(n - len(data))
+            if not more:
+                raise TarFormatError(f"truncated: {len(data)} of {n} bytes")
+            data += more
+        return data
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            chunk = self.f.read(min(n, 1 << 20))
+            if not chunk:
+                raise TarFormatError("truncated inside a member")
+            n -= len(chunk)
+
+    def data(self) -> bytes:
+        out = self._read(self.size)
+        self.pending -= self.size
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, int, int, str]]:
+        long_name: Optional[str] = None
+        pax: dict[str, str] = {}
+        while True:
+            if self.pending:
+                self._skip(self.pending)
+                self.pending = 0
+            hdr = self.f.read(_BLOCK)
+            while 0 < len(hdr) < _BLOCK:
+                more = self.f.read(_BLOCK - len(hdr))
+                if not more:
+                    raise TarFormatError("truncated header")
+                hdr += more
+            if not hdr or hdr == _ZERO_BLOCK:
+                return  # end of archive (a missing end block is tolerated, like tarfile does)
+            if not _checksum_ok(hdr):
+                raise TarFormatError("bad header checksum")
+            size = _number(hdr[124:136])
+            flag = hdr[156:157]
+            padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+            if flag in (b"L", b"K", b"x", b"g"):
+                if size > _META_LIMIT:
+                    raise TarFormatError(f"extended header of {size} bytes")
+                meta = self._read(padded)[:size]
+                if flag == b"L":
+                    long_name = meta.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif flag == b"x":
+                    pax = _pax(meta)
+                continue
+            name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if hdr[257:263] == b"ustar\x00":  # POSIX: a prefix holds the leading directories
+                prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if prefix:
+                    name = f"{prefix}/{name}"
+            name = pax.get("path", long_name or name)
+            link = pax.get("linkpath", hdr[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise TarFormatError("bad pax size") from None
+                padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+            long_name, pax = None, {}
+            kind = FILE if flag in (b"0", b"\0", b"7") else DIR if flag == b"5" else OTHER
+            # links and devices carry no data in the archive (a hard link's size is its target's)
+            self.size = size if kind == FILE else 0
+            self.pending = padded if kind != OTHER or flag == b"S" else 0
+            yield name, kind, self.size, link
+
+
 def iter_shard(
     url: str,
     wanted: Optional[frozenset[str]],
@@ -79,52 +240,56 @@ def iter_shard(
     selected = False
     failed = False
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                tar.members = []  # stream mode would keep every header otherwise
-                name = info.name
-                if info.isdir():
-                    continue
-                if is_unsafe_name(name):
-                    if selected or (key is None and select(index + 1)):
-                        report("unsafe_member_name", f"{url}: member {name!r}", max(index, 0))
-                    continue
-                parsed = split_member_name(name)
-                if parsed is None:
-                    continue
-                mkey, ext = parsed
-                if mkey != key:
-                    if key is not None and selected:
-                        yield RawSample(key, members, url, index, tuple(seen))
-                    index += 1
-                    key, members, selected, seen = mkey, {}, select(index), []
-                if not selected:
-                    continue
-                seen.append(ext)
-                if not info.isreg():
-                    report("non_file_member", f"{url}: {name!r} is a link or special file", index)
-                    continue
-                if is_refused(ext):
-                    report("refused_member", f"{url}: {name!r} (pickle/torch members are never loaded)", index)
-                    continue
-                if wanted is not None and ext not in wanted:
-                    continue
-                if info.size > max_member_bytes:
-                    report("oversize_member", f"{url}: {name!r} has {info.size} bytes (limit {max_member_bytes})", index)
-                    continue
-                if ext in members:
-                    report("duplicate_member", f"{url}: {name!r} appears twice in sample {mkey!r}", index)
-                    continue
-                f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
-            if key is not None and selected:
-                yield RawSample(key, members, url, index, tuple(seen))
-    except Exception as err:  # noqa: BLE001 - tarfile, zlib, OS and pipe errors alike
+        tar = TarMembers(stream)
+        if tar.empty:
+            failed = True
+            if select(0):
+                report("unreadable_shard", f"{url}: empty (a failed download or command?)", 0)
+            return
+        for name, kind, size, _link in tar:
+            if kind == DIR:
+                continue
+            if is_unsafe_name(name):
+                if selected or (key is None and select(index + 1)):
+                    report("unsafe_member_name", f"{url}: member {name!r}", max(index, 0))
+                continue
+            parsed = split_member_name(name)
+            if parsed is None:
+                continue
+            mkey, ext = parsed
+            if mkey != key:
+                if key is not None and selected:
+                    yield RawSample(key, members, url, index, tuple(seen))
+                index += 1
+                key, members, selected, seen = mkey, {}, select(index), []
+            if not selected:
+                continue
+            seen.append(ext)
+            if kind != FILE:
+                report("non_file_member", f"{url}: {name!r} is a link or special file", index)
+                continue
+            if is_refused(ext):
+                report("refused_member", f"{url}: {name!r} (pickle/torch members are never loaded)", index)
+                continue
+            if wanted is not None and ext not in wanted:
+                continue
+            if size > max_member_bytes:
+                report("oversize_member", f"{url}: {name!r} has {size} bytes (limit {max_member_bytes})", index)
+                continue
+            if ext in members:
+                report("duplicate_member", f"{url}: {name!r} appears twice in sample {mkey!r}", index)
+                continue
+            members[ext] = tar.data()
+        if key is not None and selected:
+            yield RawSample(key, members, url, index, tuple(seen))
+    except Exception as err:  # noqa: BLE001 - format, decompression, OS and pipe errors alike
         failed = True
         at = max(index, 0)
         if select(at):
-            # nothing came (a failed download or pipe command, an empty file): unreadable; else corrupt
-            unread = index < 0 and (not isinstance(err, tarfile.TarError) or "empty file" in str(err))
+            # nothing came (a failed download or pipe command): unreadable; otherwise corrupt
+            unread = index < 0 and not isinstance(err, (TarFormatError, EOFError, OSError))
+            unread = unread or (index < 0 and isinstance(err, OSError) and not isinstance(err, EOFError)
+                                and "exit" in str(err))
             reason = "unreadable_shard" if unread else "corrupt_tar"
             report(reason, f"{url}: {type(err).__name__}: {err} (after {max(index, 0)} samples; rest of shard skipped)", at)
     finally:
