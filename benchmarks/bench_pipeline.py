@@ -19,9 +19,10 @@ share of step time the demo training waits for data.
    Each figure is the median of ``--repeats`` passes (variants interleaved; the page cache is warm),
    timed from ``iter()`` to the last batch, worker start-up included.
 
-2. Demo training (``configs/quickstart.yaml``: 2 processes, ZeRO-2, micro-batch 64, decoding in
-   the training processes as ``data.train.workers: 0``), ``--train-steps`` steps without eval or
-   checkpoint; ``data_wait_fraction`` (time in ``next(loader)`` / wall time, mean over ranks) per
+2. Demo training (``configs/quickstart.yaml``: 2 processes, ZeRO-2, micro-batch 64), ``--train-steps``
+   steps without eval or checkpoint, twice: as the recipe is (``data.train.workers: 1``, decoding
+   in a DataLoader worker per rank) and with ``data.train.workers=0`` (decoding inside the training
+   processes); ``data_wait_fraction`` (time in ``next(loader)`` / wall time, mean over ranks) per
    logged window, from ``metrics.jsonl``. Needs the demo shards (``make demo-data``; built here if
    missing).
 """
@@ -169,7 +170,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['workers']} | {r['webdataset']:.0f} | {r['pretrain.data']:.0f} | {r['ratio']:.2f}x |")
-    demo = demo_wait(args.train_steps) if args.train_steps > 0 else None
+    # the recipe as it is (data.train.workers: 1), then with decoding inside the training processes
+    demo = [demo_wait(args.train_steps, w) for w in (None, 0)] if args.train_steps > 0 else None
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": rows, "demo": demo}, indent=1) + "\n")
 
