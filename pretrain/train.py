@@ -115,11 +115,6 @@ def _resolve_resume(cfg: Config, ckpt_dir: Path) -> Path | None:
     return folder
 
 
-def _skip_batches(data_iter, n: int) -> None:
-    for _ in range(n):
-        next(data_iter)
-
-
 def train(cfg: Config) -> dict[str, float]:
     info = init_distributed()
     rank, world = info.rank, info.world_size
@@ -145,19 +140,15 @@ def train(cfg: Config) -> dict[str, float]:
     loader = make_loader(cfg.data.train, cfg.data, t.micro_batch_size, rank, world, t.seed, train=True)
     data_iter = iter(loader)
 
-    step, batches_seen = 0, 0
+    step = 0
     resume_from = _resolve_resume(cfg, ckpt_dir)
     if resume_from is not None:
         try:
             step, extra = checkpoint.load(engine, resume_from, rank)
         except FileNotFoundError as err:
             raise TrainingError(f"cannot resume from {resume_from}: {err} (was it written by another world size?)")
-        batches_seen = extra["batches_seen"]
-        if hasattr(loader, "load_state_dict") and "loader" in extra:
-            loader.load_state_dict(extra["loader"])
-            data_iter = iter(loader)
-        else:
-            _skip_batches(data_iter, batches_seen)  # the stream is deterministic: replay to the position
+        loader.load_state_dict(extra["loader"])  # the data stream continues where it stopped
+        data_iter = iter(loader)
     writer = MetricsWriter(out, enabled=rank == 0)
     keys_file = None
     if t.log_keys:
@@ -177,10 +168,7 @@ def train(cfg: Config) -> dict[str, float]:
     def save() -> None:
         if t.checkpoint and saved["step"] != step:
             saved["step"] = step
-            extra = {"batches_seen": batches_seen}
-            if hasattr(loader, "state_dict"):
-                extra["loader"] = loader.state_dict()
-            folder = checkpoint.save(engine, ckpt_dir, step, rank, extra, t.keep_checkpoints)
+            folder = checkpoint.save(engine, ckpt_dir, step, rank, {"loader": loader.state_dict()}, t.keep_checkpoints)
             if rank == 0:
                 print(f"[train] checkpoint: {folder}", flush=True)
 
@@ -197,7 +185,6 @@ def train(cfg: Config) -> dict[str, float]:
         wait_start = time.perf_counter()
         batch = next(data_iter)
         window["wait"] += time.perf_counter() - wait_start
-        batches_seen += 1
         inputs = {m: x.to(info.device) for m, x in batch.modalities.items()}
         if dtype != torch.float32:
             inputs["image"] = inputs["image"].to(dtype)

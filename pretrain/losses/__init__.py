@@ -17,7 +17,7 @@ from pretrain.losses.accumulate import accumulate_step
 from pretrain.losses.base import LossInputError
 from pretrain.losses.clip import ClipLoss
 from pretrain.losses.clip_lite import ClipLiteLoss
-from pretrain.losses.gather import all_gather_with_grad, batch_layout, gather_sizes, ring_shift
+from pretrain.losses.gather import all_gather_with_grad, batch_layout, ring_shift
 from pretrain.losses.siglip import SigLipLoss
 from pretrain.losses.symile import SymileLoss
 
@@ -43,5 +43,5 @@ def build_loss(options: dict):
 
 __all__ = [
     "LOSSES", "LossInputError", "accumulate_step", "all_gather_with_grad", "batch_layout",
-    "build_loss", "gather_sizes", "loss_options", "ring_shift",
+    "build_loss", "loss_options", "ring_shift",
 ]

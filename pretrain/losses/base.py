@@ -17,7 +17,6 @@ class LossInputError(ValueError):
 class LossInputs:
     names: list[str]  # modality names, sorted
     features: dict[str, torch.Tensor]  # local (B_local, d)
-    masks: dict[str, torch.Tensor]  # local bool (B_local,)
     # Masks are given on every rank or on none (the collectives must match across ranks).
     global_masks: dict[str, torch.Tensor]  # bool (B_global,)
     layout: BatchLayout
@@ -73,7 +72,7 @@ def prepare(
     else:
         global_masks = {m: torch.ones(layout.total, dtype=torch.bool, device=device) for m in names}
     has_masks = bool(masks) and not all(bool(g.all()) for g in global_masks.values())
-    return LossInputs(names, dict(features), full, global_masks, layout, has_masks)
+    return LossInputs(names, dict(features), global_masks, layout, has_masks)
 
 
 def modality_pairs(names: list[str], anchor: str | None, loss_name: str) -> list[tuple[str, str]]:

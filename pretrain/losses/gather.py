@@ -55,10 +55,6 @@ def batch_layout(n: int, device: torch.device) -> BatchLayout:
     return BatchLayout(dist.get_rank(), tuple(int(s.item()) for s in sizes))
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    return list(batch_layout(n, device).sizes)
-
-
 # torch >= 2.14 names the flat-buffer collectives *_single; older releases *_into_tensor / *_tensor.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
