@@ -80,27 +80,31 @@ class DataConfig:
 
 
 @dataclass
-class ImageTowerConfig:
-    name: str = "resnet10t"  # any timm model name; random init (pretrained weights: later issue)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+class TowerConfig:
+    """One modality's encoder (``model.towers.<modality>``; the name matches data.modalities)."""
+
+    type: str = ""  # required: a registered backbone: timm, text_transformer, hf_text, audio_cnn, hf_audio, mlp
+    options: dict[str, Any] = field(default_factory=dict)  # the backbone's options (see pretrain/models/towers.py)
+    head: Literal["linear", "mlp"] = "linear"  # projection to model.embed_dim
+    freeze: Literal["none", "backbone", "all"] = "none"  # lock the backbone (LiT) or the whole tower
+    missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
+    grad_checkpointing: bool = False  # recompute backbone activations in backward
 
 
-@dataclass
-class TextTowerConfig:
-    width: int = 128
-    layers: int = 2
-    heads: int = 4
-    pooling: Literal["cls", "mean"] = "cls"
+def _default_towers() -> dict[str, TowerConfig]:
+    return {
+        "image": TowerConfig(type="timm", options={"name": "resnet10t"}),
+        "text": TowerConfig(type="text_transformer", options={"width": 128, "layers": 2, "heads": 4}),
+    }
 
 
 @dataclass
 class ModelConfig:
     embed_dim: int = 64
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    towers: dict[str, TowerConfig] = field(default_factory=_default_towers)  # one per data modality
     init_temperature: float = 0.07  # logit_scale starts at log(1/T)
     init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
-    max_logit_scale: float = 100.0
+    max_logit_scale: float = 100.0  # the temperature clamp: 1/T never exceeds this
 
 
 @dataclass
@@ -349,6 +353,19 @@ def _validate_data(d: DataConfig) -> None:
     build_modalities(d, train=False)
 
 
+def _validate_towers(m: ModelConfig, d: DataConfig) -> None:
+    """Tower types and option names (the models themselves are built, and checked further, at start)."""
+    from pretrain.models.towers import get_tower_class
+
+    for name, tower in m.towers.items():
+        key = f"model.towers.{name}"
+        _require(name in d.modalities, key, f"no such modality in data.modalities ({', '.join(d.modalities)})")
+        cls = get_tower_class(tower.type, f"{key}.type")
+        _build(cls.Options, dict(tower.options or {}), f"{key}.options")
+    for name in d.modalities:
+        _require(name in m.towers, f"model.towers.{name}", f"data.modalities has {name!r}: configure a tower for it")
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields that types alone cannot express."""
     t = cfg.train
@@ -367,7 +384,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     m = cfg.model
     _require(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
-    _require(m.text.width % m.text.heads == 0, "model.text.heads", f"must divide model.text.width ({m.text.width})")
+    _validate_towers(m, cfg.data)
     _require(0 < m.init_temperature, "model.init_temperature", "must be > 0")
     from pretrain.losses import LossInputError, build_loss
 

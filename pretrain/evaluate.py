@@ -33,7 +33,7 @@ def embed_split(model, cfg: Config, rank: int, world_size: int, device: torch.de
         # -1 marks a batch without class labels; every rank gathers the same tensors (no deadlock)
         labels.append(batch.labels if batch.labels is not None else torch.full((len(batch),), -1))
     # gathered on the device (NCCL needs it), then brought to the CPU
-    dim = model.towers["image"].proj.out_features
+    dim = model.embed_dim
     local = {m: torch.cat(v) if v else torch.zeros(0, dim, device=device) for m, v in feats.items()}
     local_labels = (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)).to(device)
     gathered = {m: all_gather_with_grad(x).cpu() for m, x in local.items()}

@@ -9,11 +9,13 @@ writes ``model.safetensors`` (full fp32 weights; ZeRO-partitioned states consoli
     emb = Embedder.load("exported/")
     emb.embed_texts(["a handwritten seven"])       # (1, embed_dim), L2-normalised
     emb.embed_images(["digit.png"])                 # paths, bytes or PIL images
+    emb.embed("audio", ["clip.flac"])               # any modality, decoded as in training
 """
 from __future__ import annotations
 
 import argparse
 import io
+import random
 import sys
 from pathlib import Path
 
@@ -22,7 +24,6 @@ import yaml
 
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.models import ContrastiveModel, build_model
-from pretrain.tokenizer import ByteTokenizer
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,14 +59,14 @@ def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
 
 
 class Embedder:
-    """A trained model in eval mode with decoders for raw inputs."""
+    """A trained model in eval mode with each modality's decoder, for raw inputs."""
 
     def __init__(self, model: ContrastiveModel, cfg: Config, device: str | torch.device = "cpu"):
-        from pretrain.data import SampleDecoder
+        from pretrain.data import build_modalities
 
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, torch.device(device)
-        self.tokenizer = ByteTokenizer(cfg.data.context_length)
-        self._decoder = SampleDecoder(cfg.data.image_size, cfg.data.image_mean, cfg.data.image_std, self.tokenizer)
+        modalities, _ = build_modalities(cfg.data, train=False)
+        self.decoders = {m.name: m for m in modalities}
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "Embedder":
@@ -74,27 +75,51 @@ class Embedder:
         folder = Path(folder)
         cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
         state = load_file(str(folder / "model.safetensors"))
-        model = build_model(cfg.model, cfg.data.context_length, with_bias="logit_bias" in state)
+        model = build_model(cfg.model, cfg.data, with_bias="logit_bias" in state)
         model.load_state_dict(state, strict=True)
         return cls(model, cfg, device)
 
-    def _image_bytes(self, item) -> bytes:
+    @property
+    def tokenizer(self):
+        text = next((m for m in self.decoders.values() if hasattr(m.decoder, "tokenizer")), None)
+        if text is None:
+            raise KeyError("no text modality in this model")
+        return text.decoder.tokenizer
+
+    @staticmethod
+    def _bytes(item) -> bytes:
         if isinstance(item, (bytes, bytearray)):
             return bytes(item)
         if isinstance(item, (str, Path)):
             return Path(item).read_bytes()
-        buf = io.BytesIO()
-        item.save(buf, format="PNG")  # a PIL image
-        return buf.getvalue()
+        if hasattr(item, "save"):  # a PIL image
+            buf = io.BytesIO()
+            item.save(buf, format="PNG")
+            return buf.getvalue()
+        raise TypeError(f"cannot read {type(item).__name__}: give bytes, a path or a PIL image")
 
     @torch.no_grad()
-    def embed_images(self, images: list) -> torch.Tensor:
-        x = torch.stack([self._decoder.image(self._image_bytes(i)) for i in images]).to(self.device)
-        return self.model.encode("image", x)
+    def embed(self, modality: str, items: list, ext: str | None = None) -> torch.Tensor:
+        """Embeds raw items of one modality (file paths, bytes, or PIL images): each is decoded as
+        the tar member ``ext`` would be (default: from a path's suffix, else the decoder's first
+        member type). Returns (len(items), embed_dim), L2-normalised."""
+        if modality not in self.decoders:
+            raise KeyError(f"no modality {modality!r}; this model has {sorted(self.decoders)}")
+        mod = self.decoders[modality]
+        rng = random.Random(0)
+        rows = []
+        for item in items:
+            kind = ext or (Path(item).suffix.lstrip(".") if isinstance(item, (str, Path)) else mod.members[0])
+            rows.append(mod.decoder.decode(self._bytes(item), kind, rng))
+        x = torch.stack(rows).to(self.device)
+        return self.model.encode(modality, x)
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode("text", self.tokenizer(texts).to(self.device))
+    def embed_texts(self, texts: list[str], modality: str = "text") -> torch.Tensor:
+        return self.embed(modality, [t.encode("utf-8") for t in texts], ext="txt")
+
+    def embed_images(self, images: list, modality: str = "image") -> torch.Tensor:
+        return self.embed(modality, images, ext="png")
 
 
 def main(argv: list[str] | None = None) -> int:

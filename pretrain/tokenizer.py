@@ -29,3 +29,35 @@ class ByteTokenizer:
     def decode(self, ids: torch.Tensor) -> str:
         data = bytes(int(i) - _OFFSET for i in ids.tolist() if int(i) >= _OFFSET)
         return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer from a local folder, with the ByteTokenizer's interface: ``encode``
+    gives (context_length,) ids, truncated and right-padded; ``pad_id``; ``vocab_size``."""
+
+    def __init__(self, folder: str, context_length: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if self.tok.pad_token_id is None:  # GPT-style vocabularies: pad with the end token
+            self.tok.pad_token = self.tok.eos_token
+        self.context_length = context_length
+        self.pad_id = int(self.tok.pad_token_id)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> torch.Tensor:
+        ids = self.tok(text, truncation=True, max_length=self.context_length, padding="max_length")["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack([self.encode(t) for t in texts])
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tok.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def make_tokenizer(spec: str, context_length: int):
+    """``byte`` (offline, no vocabulary) or a local folder holding a transformers tokenizer."""
+    if spec == "byte":
+        return ByteTokenizer(context_length)
+    return HFTokenizer(spec, context_length)

@@ -135,7 +135,7 @@ def train(cfg: Config) -> dict[str, float]:
 
     seed_everything(t.seed)
     loss_fn = build_loss(to_dict(cfg.loss))
-    model = build_model(cfg.model, cfg.data.context_length, with_bias=loss_fn.uses_bias)
+    model = build_model(cfg.model, cfg.data, with_bias=loss_fn.uses_bias)
     engine, _, scheduler = build_engine(model, t, world)
     loader = make_loader(cfg.data.train, cfg.data, t.micro_batch_size, rank, world, t.seed, train=True)
     data_iter = iter(loader)
@@ -186,13 +186,14 @@ def train(cfg: Config) -> dict[str, float]:
         batch = next(data_iter)
         window["wait"] += time.perf_counter() - wait_start
         inputs = {m: x.to(info.device) for m, x in batch.modalities.items()}
-        if dtype != torch.float32:
-            inputs["image"] = inputs["image"].to(dtype)
-        features, logit_scale, logit_bias = engine(inputs)
-        features = {m: f.float() for m, f in features.items()}
+        if dtype != torch.float32:  # floating inputs follow the parameters; token ids stay integers
+            inputs = {m: x.to(dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         masks = {m: k.to(info.device) for m, k in batch.masks.items()}
+        features, logit_scale, logit_bias = engine(inputs, masks)
+        features = {m: f.float() for m, f in features.items()}
         out_loss = loss_fn(
-            features, logit_scale.float(), None if logit_bias is None else logit_bias.float(), masks=masks, step=step
+            features, logit_scale.float(), None if logit_bias is None else logit_bias.float(),
+            masks=model.loss_masks(masks), step=step,
         )
         loss = out_loss["loss"]
         if _injected_nan(step + 1):

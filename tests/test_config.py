@@ -20,7 +20,8 @@ def test_quickstart_loads_with_overrides():
     [
         ("train.stepz=5", "train.stepz"),
         ("bogus=1", "bogus"),
-        ("model.text.depth=3", "model.text.depth"),
+        ("model.towers.text.options.depth=3", "model.towers.text.options.depth"),
+        ("model.towers.text.colour=red", "model.towers.text.colour"),
     ],
 )
 def test_unknown_key_is_named(override, key):

@@ -240,7 +240,8 @@ class ImageDecoder(Decoder):
 
 @register_decoder("text")
 class TextDecoder(Decoder):
-    """UTF-8 caption(s) -> byte-token ids (data.context_length,), truncated and padded.
+    """UTF-8 caption(s) -> token ids (data.context_length,), truncated and padded: the byte tokenizer,
+    or (``tokenizer: FOLDER``) a transformers tokenizer saved in a local folder.
 
     ``txt``: one caption (with ``split_lines``, one per non-empty line); ``json``: a string, a list
     of strings, or an object whose first present ``fields`` entry holds one of those. With several
@@ -254,12 +255,22 @@ class TextDecoder(Decoder):
         captions: Literal["auto", "random", "first"] = "auto"
         split_lines: bool = False
         fields: list[str] = field(default_factory=lambda: ["captions", "caption", "text"])
+        tokenizer: str = "byte"  # byte, or a local folder with a transformers tokenizer (the text tower's)
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
-        from pretrain.tokenizer import ByteTokenizer
+        from pathlib import Path
 
-        self.tokenizer = ByteTokenizer(ctx.data.context_length)
+        from pretrain.tokenizer import make_tokenizer
+
+        if options.tokenizer != "byte" and not Path(options.tokenizer).is_dir():
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: 'byte' or a local tokenizer "
+                              f"folder; no such folder: {options.tokenizer}")
+        try:
+            self.tokenizer = make_tokenizer(options.tokenizer, ctx.data.context_length)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: cannot load {options.tokenizer}: "
+                              f"{err}") from None
         self.random_choice = options.captions == "random" or (options.captions == "auto" and ctx.train)
         self.output_shape = (ctx.data.context_length,)
         self.dtype = torch.long

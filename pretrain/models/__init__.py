@@ -1,91 +1,145 @@
-"""Encoder towers (one per modality), projection heads and the multi-tower contrastive model."""
+"""Encoder towers (one per modality), projection heads and the multi-tower contrastive model.
+
+``model.towers.<modality>`` in the config names a backbone type (``pretrain.models.towers``) and
+its options; every tower gets the same wrapping (``EncoderTower``):
+
+    backbone (B, width) [+ missing/present embedding] -> head (linear or MLP) -> (B, embed_dim)
+
+- ``freeze``: ``backbone`` locks the backbone (LiT: a pretrained image tower, trained head and
+  text tower), ``all`` locks the head too; locked parts stay in eval mode (no BatchNorm updates).
+- ``missing: indicator`` (Symile's recipe for optional modalities): the decoder's placeholder goes
+  through the backbone and a learned embedding for "missing" or "present" is added to its output,
+  so every sample takes part in the loss; ``missing: mask`` (default) leaves absent rows out of
+  the loss instead.
+- ``grad_checkpointing``: recompute the backbone's activations in backward (less memory).
+
+``ContrastiveModel.forward`` returns L2-normalised features per modality, the logit scale
+(exp of a learned log-scale of shape (1,), clamped at ``max_logit_scale``) and the bias or None.
+"""
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ModelConfig, TextTowerConfig
-from pretrain.tokenizer import ByteTokenizer
+from pretrain.config import ConfigError, ModelConfig, TowerConfig
+from pretrain.models.towers import (
+    Backbone,
+    TowerContext,
+    get_tower_class,
+    load_weights_file,
+    register_tower,
+    tower_names,
+)
 
 
-class ImageTower(nn.Module):
-    """A timm backbone (random init, classifier removed) and a linear projection."""
-
-    def __init__(self, name: str, embed_dim: int, kwargs: dict | None = None):
+class EncoderTower(nn.Module):
+    def __init__(self, cfg: TowerConfig, embed_dim: int, ctx: TowerContext):
         super().__init__()
-        import timm
+        from pretrain.config import _build
 
-        self.backbone = timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {}))
-        self.proj = nn.Linear(self.backbone.num_features, embed_dim, bias=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(images))
-
-
-class TextTower(nn.Module):
-    """A BERT-style transformer from transformers, built from a config (random init)."""
-
-    def __init__(self, cfg: TextTowerConfig, embed_dim: int, vocab_size: int, context_length: int):
-        super().__init__()
-        from transformers import BertConfig, BertModel
-
-        hf_cfg = BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=cfg.width,
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            intermediate_size=4 * cfg.width,
-            max_position_embeddings=context_length,
-            pad_token_id=ByteTokenizer.pad_id,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
-        self.pooling = cfg.pooling
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        attn = (ids != ByteTokenizer.pad_id).long()
-        hidden = self.encoder(input_ids=ids, attention_mask=attn).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
+        cls = get_tower_class(cfg.type, f"{ctx.key}.type")
+        options = _build(cls.Options, dict(cfg.options or {}), f"{ctx.key}.options")
+        self.backbone: Backbone = cls(options, ctx)
+        width = self.backbone.width
+        self.missing_embedding = nn.Parameter(torch.zeros(2, width)) if cfg.missing == "indicator" else None
+        if cfg.head == "linear":
+            self.head = nn.Linear(width, embed_dim, bias=False)
         else:
-            w = attn.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return self.proj(pooled)
+            self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.freeze = cfg.freeze
+        locked = [self.backbone] + ([self.head] if cfg.freeze == "all" else [])
+        if cfg.freeze != "none":
+            for module in locked:
+                module.requires_grad_(False)
+        self._locked = locked if cfg.freeze != "none" else []
+
+    @property
+    def uses_indicator(self) -> bool:
+        return self.missing_embedding is not None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._locked:  # frozen parts keep their statistics
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.backbone(x)
+        if self.missing_embedding is not None:
+            if present is None:
+                present = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+            h = h + self.missing_embedding.to(h.dtype)[present.long()]
+        return self.head(h)
 
 
 class ContrastiveModel(nn.Module):
-    """One tower per modality; forward gives L2-normalised features and the logit scale."""
+    """One tower per modality; forward gives L2-normalised features and the logit scale/bias."""
 
-    def __init__(self, cfg: ModelConfig, context_length: int, with_bias: bool = False):
+    def __init__(self, cfg: ModelConfig, contexts: dict[str, TowerContext], with_bias: bool = False):
         super().__init__()
+        self.embed_dim = cfg.embed_dim
         self.towers = nn.ModuleDict(
-            {
-                "image": ImageTower(cfg.image.name, cfg.embed_dim, cfg.image.kwargs),
-                "text": TextTower(cfg.text, cfg.embed_dim, ByteTokenizer.vocab_size, context_length),
-            }
+            {m: EncoderTower(cfg.towers[m], cfg.embed_dim, ctx) for m, ctx in contexts.items()}
         )
         # Shape (1,), not a 0-dim tensor: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
         self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if with_bias else None
 
-    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.towers[modality](x), dim=-1)
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+    def encode(self, modality: str, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.normalize(self.towers[modality](x, present), dim=-1)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logit_scale, logit_bias): the multiplier (exponentiated, clamped) and the bias or None."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp(), self.logit_bias
 
-    def forward(self, inputs: dict[str, torch.Tensor]):
+    def loss_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks the loss should see: towers with a missingness indicator encode absent
+        samples themselves, so their rows all take part."""
+        return {m: k for m, k in masks.items() if m in self.towers and not self.towers[m].uses_indicator}
+
+    def forward(self, inputs: dict[str, torch.Tensor], masks: Optional[dict[str, torch.Tensor]] = None):
         """Features per modality, then the logit scale and bias (see ``scales``)."""
-        features = {m: self.encode(m, x) for m, x in inputs.items()}
+        masks = masks or {}
+        features = {m: self.encode(m, x, masks.get(m)) for m, x in inputs.items()}
         return features, *self.scales()
 
 
-def build_model(cfg: ModelConfig, context_length: int, with_bias: bool = False) -> ContrastiveModel:
-    return ContrastiveModel(cfg, context_length, with_bias)
+def tower_contexts(modalities: list) -> dict[str, TowerContext]:
+    """What each tower learns of its modality's data: the decoded shape, dtype and decoder."""
+    return {
+        m.name: TowerContext(m.name, f"model.towers.{m.name}", getattr(m.decoder, "output_shape", None),
+                             getattr(m.decoder, "dtype", torch.float32), m.decoder)
+        for m in modalities
+    }
+
+
+def build_model(cfg: ModelConfig, data: Any, with_bias: bool = False) -> ContrastiveModel:
+    """The model for ``data`` (a DataConfig): one tower per configured modality."""
+    from pretrain.data import build_modalities
+
+    modalities, _ = build_modalities(data, train=True)
+    names = [m.name for m in modalities]
+    for m in names:
+        if m not in cfg.towers:
+            raise ConfigError(f"model.towers.{m}: data.modalities has {m!r} but no tower is configured for it")
+    for m in cfg.towers:
+        if m not in names:
+            raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(names)})")
+    return ContrastiveModel(cfg, tower_contexts(modalities), with_bias)
+
+
+__all__ = [
+    "Backbone", "ContrastiveModel", "EncoderTower", "TowerContext", "build_model", "load_weights_file",
+    "register_tower", "tower_contexts", "tower_names",
+]
