@@ -146,10 +146,91 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation (``pretrain.evaluation``; ``python -m pretrain.eval``). ``tasks`` unset
+    runs every task that applies: zero-shot with class names, retrieval, Symile retrieval with 3+
+    modalities; the linear probe only when listed."""
+
+    @dataclass
+    class ZeroShot:
+        text: str = "text"  # the modality whose tower (and decoder's tokenizer) encodes the prompts
+        modalities: Optional[list[str]] = None  # modalities classified (None: every other one)
+
+    @dataclass
+    class Retrieval:
+        pairs: Optional[list[list[str]]] = None  # [query, candidate] modality pairs (None: every ordered pair)
+        class_aware: bool = True  # also count a hit by class where labels exist (eval/retrieval_class/...)
+
+    @dataclass
+    class Symile:
+        targets: Optional[list[str]] = None  # modalities retrieved given all the others (None: each)
+        scoring: list[Literal["mip", "pairwise"]] = field(default_factory=lambda: ["mip"])  # multilinear / sum of dots
+        candidates: int = 0  # 0: the whole split; k > 0: 1 positive + k negatives per query (seeded)
+        distinct: bool = False  # candidates: the distinct inputs of the target (e.g. all 2^d XOR vectors)
+        seed: int = 0  # negatives' seed
+
+    @dataclass
+    class LinearProbe:
+        modalities: Optional[list[str]] = None  # features probed (None: every modality)
+        split: SplitConfig = field(default_factory=SplitConfig)  # training features (urls unset: data.train)
+        max_train_samples: int = 0  # cap on the training samples embedded (0: the whole split, once)
+        l2: float = 1e-3  # L2 penalty on the weights (standardised features)
+        max_iter: int = 100  # L-BFGS iterations
+
     enabled: bool = True
+    every: int = 0  # also evaluate every N training steps (0: only at the end)
     batch_size: int = 128
+    tasks: Optional[list[Literal["zeroshot", "retrieval", "symile", "linear_probe"]]] = None  # None: all that apply
     classnames: list[str] = field(default_factory=list)  # index = label in the .cls member
     templates: list[str] = field(default_factory=lambda: ["{}"])  # zero-shot prompt templates
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@k reported
+    chunk_size: int = 4096  # scores are computed in blocks of chunk_size x chunk_size (memory bound)
+    plots: bool = True  # PNGs under output_dir/eval/plots (recall vs step, a similarity matrix)
+    zeroshot: ZeroShot = field(default_factory=ZeroShot)
+    retrieval: Retrieval = field(default_factory=Retrieval)
+    symile: Symile = field(default_factory=Symile)
+    linear_probe: LinearProbe = field(default_factory=LinearProbe)
+
+    def check(self, data: DataConfig) -> None:
+        """Cross-field checks (called by ``validate``), each error naming its key."""
+        names = list(data.modalities)
+
+        def known(key: str, value: str) -> None:
+            _require(value in names, key, f"no such modality in data.modalities ({', '.join(names)})")
+
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.chunk_size > 0, "eval.chunk_size", f"must be > 0, got {self.chunk_size}")
+        _require(bool(self.recall_at) and all(k > 0 for k in self.recall_at), "eval.recall_at",
+                 f"must be positive integers, got {self.recall_at}")
+        for i, tmpl in enumerate(self.templates):
+            _require("{}" in tmpl, f"eval.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
+        tasks = self.tasks if self.tasks is not None else []
+        if "zeroshot" in tasks or (self.tasks is None and self.classnames):
+            _require(len(self.classnames) >= 2, "eval.classnames", "needs at least 2 class names for zero-shot")
+            known("eval.zeroshot.text", self.zeroshot.text)
+            _require(data.labels is not None, "data.labels", "zero-shot needs class labels (a class_label decoder)")
+        for i, m in enumerate(self.zeroshot.modalities or []):
+            known(f"eval.zeroshot.modalities[{i}]", m)
+        for i, pair in enumerate(self.retrieval.pairs or []):
+            _require(len(pair) == 2 and pair[0] != pair[1], f"eval.retrieval.pairs[{i}]",
+                     f"a pair is [query, candidate] of two different modalities, got {pair}")
+            for j, m in enumerate(pair):
+                known(f"eval.retrieval.pairs[{i}][{j}]", m)
+        if "symile" in tasks:
+            _require(len(names) >= 2, "eval.tasks", "symile retrieval needs at least 2 modalities")
+        for i, m in enumerate(self.symile.targets or []):
+            known(f"eval.symile.targets[{i}]", m)
+        _require(self.symile.candidates >= 0, "eval.symile.candidates", f"must be >= 0, got {self.symile.candidates}")
+        _require(bool(self.symile.scoring), "eval.symile.scoring", "needs mip and/or pairwise")
+        p = self.linear_probe
+        if "linear_probe" in tasks:
+            _require(data.labels is not None, "data.labels", "the linear probe needs class labels (a class_label decoder)")
+        for i, m in enumerate(p.modalities or []):
+            known(f"eval.linear_probe.modalities[{i}]", m)
+        _require(p.max_train_samples >= 0, "eval.linear_probe.max_train_samples", f"must be >= 0, got {p.max_train_samples}")
+        _require(p.l2 >= 0, "eval.linear_probe.l2", f"must be >= 0, got {p.l2}")
+        _require(p.max_iter > 0, "eval.linear_probe.max_iter", f"must be > 0, got {p.max_iter}")
+        _require(not p.split.sources, "eval.linear_probe.split.sources", "give eval.linear_probe.split.urls")
 
 
 @dataclass
@@ -392,7 +473,4 @@ def validate(cfg: Config) -> None:
         build_loss(to_dict(cfg.loss))
     except LossInputError as err:
         raise ConfigError(str(err)) from None
-    if cfg.eval.enabled and cfg.data.val.urls:
-        _require(len(cfg.eval.classnames) >= 2, "eval.classnames", "needs at least 2 class names for zero-shot")
-        for i, tmpl in enumerate(cfg.eval.templates):
-            _require("{}" in tmpl, f"eval.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
+    cfg.eval.check(cfg.data)
