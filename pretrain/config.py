@@ -125,15 +125,19 @@ class LossConfig:
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 32
+    grad_accumulation_steps: int = 1  # micro-batches per step; negatives span all of them (exact feature caching)
     seed: int = 0
     lr: float = 1e-3
+    optimizer: Literal["adamw", "lamb"] = "adamw"  # lamb: layer-wise trust ratio (needs zero_stage 0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
     weight_decay: float = 0.1
     warmup_steps: int = 10
     grad_clip: float = 1.0
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     schedule: Literal["cosine", "constant"] = "cosine"  # after linear warmup
-    global_batch_size: int = 0  # if set, must equal micro_batch_size x world size (checked at start)
+    global_batch_size: int = 0  # if set, must equal micro_batch_size x grad_accumulation_steps x world size
     log_every: int = 10
     log_keys: bool = False  # write the sample keys of every step to output_dir/keys/rank{r}.jsonl
     checkpoint: bool = True  # save checkpoints (always at the end and on SIGTERM/SIGUSR1)
@@ -461,6 +465,13 @@ def validate(cfg: Config) -> None:
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _require(0 <= t.stop_at_step, "train.stop_at_step", f"must be >= 0, got {t.stop_at_step}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    _require(t.grad_accumulation_steps >= 1, "train.grad_accumulation_steps",
+             f"must be >= 1, got {t.grad_accumulation_steps}")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"two values in [0, 1), got {t.betas}")
+    _require(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    _require(t.optimizer != "lamb" or t.zero_stage == 0, "train.optimizer",
+             "lamb computes a trust ratio per parameter, which ZeRO stages 1-3 cut into flat partitions: "
+             "use train.zero_stage=0 with lamb")
     _require(t.global_batch_size >= 0, "train.global_batch_size", f"must be >= 0, got {t.global_batch_size}")
     _validate_data(cfg.data)
     m = cfg.model

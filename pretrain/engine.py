@@ -61,12 +61,13 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine") -> f
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels only: not on norms, biases or the temperature."""
+    """Weight decay on matrices and kernels only: not on norms, biases, the temperature, the logit
+    bias or the missing/present embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "logit_" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and "logit_" not in name and "missing_embedding" not in name else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -76,8 +77,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.micro_batch_size * world_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accumulation_steps * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
@@ -89,10 +90,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
-    """DeepSpeed engine with AdamW and warmup + cosine; returns (engine, optimizer, scheduler)."""
+    """DeepSpeed engine with AdamW (or LAMB) and warmup + cosine; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        from pretrain.optim import Lamb
+
+        optimizer = Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.schedule)
     )

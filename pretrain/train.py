@@ -27,7 +27,7 @@ from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data import make_loader
 from pretrain.engine import build_engine, init_distributed
 from pretrain.evaluate import evaluate
-from pretrain.losses import build_loss
+from pretrain.losses import accumulate_step, build_loss
 from pretrain.metrics import MetricsWriter
 from pretrain.models import build_model
 
@@ -103,6 +103,16 @@ def _injected_nan(step: int) -> bool:
     return int(lo) <= step <= int(hi or lo)
 
 
+def _injected_death(step: int) -> None:
+    """Test hook: PRETRAIN_FAULT=die:R:S makes rank R exit at once (code 13, no clean-up) at step S."""
+    spec = os.environ.get("PRETRAIN_FAULT", "")
+    if spec.startswith("die:"):
+        r, s = spec.split(":")[1:3]
+        if dist.get_rank() == int(r) and step == int(s):
+            print(f"[train] rank {r}: injected death at step {s}", flush=True)
+            os._exit(13)
+
+
 def _resolve_resume(cfg: Config, ckpt_dir: Path) -> Path | None:
     mode = cfg.train.resume
     if mode == "none":
@@ -119,10 +129,11 @@ def train(cfg: Config) -> dict[str, float]:
     info = init_distributed()
     rank, world = info.rank, info.world_size
     t = cfg.train
-    if t.global_batch_size and t.global_batch_size != t.micro_batch_size * world:
+    global_batch = t.micro_batch_size * t.grad_accumulation_steps * world
+    if t.global_batch_size and t.global_batch_size != global_batch:
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} asked, but micro_batch_size {t.micro_batch_size} "
-            f"x world size {world} = {t.micro_batch_size * world}"
+            f"x grad_accumulation_steps {t.grad_accumulation_steps} x world size {world} = {global_batch}"
         )
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -157,7 +168,8 @@ def train(cfg: Config) -> dict[str, float]:
     end_step = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
     if rank == 0:
         print(
-            f"[train] world_size={world} micro_batch={t.micro_batch_size} global_batch={t.micro_batch_size * world} "
+            f"[train] world_size={world} micro_batch={t.micro_batch_size} accumulation={t.grad_accumulation_steps} "
+            f"global_batch={global_batch} "
             f"steps={t.steps} zero_stage={t.zero_stage} precision={t.precision} device={info.device}"
             + (f" resumed_from={resume_from} at step {step}" if resume_from else ""),
             flush=True,
@@ -181,30 +193,71 @@ def train(cfg: Config) -> dict[str, float]:
         from tqdm import tqdm
 
         progress = tqdm(total=end_step, initial=step, desc="train", unit="step")
-    while step < end_step:
-        wait_start = time.perf_counter()
-        batch = next(data_iter)
-        window["wait"] += time.perf_counter() - wait_start
+    accum = t.grad_accumulation_steps
+    stop_flag = {"any": False}
+    last_scales: dict = {}
+
+    def guarded_loss(features, scale, bias, masks=None, step=None):
+        """The loss, unless some rank's features are not finite (then NaN on every rank, and no
+        rank enters the loss's collectives); also shares whether any rank got a stop signal."""
+        finite = all(bool(torch.isfinite(f).all()) for f in features.values()) and bool(torch.isfinite(scale).all())
+        flags = torch.tensor([float(not finite), float(stop.received is not None)], device=info.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop_flag["any"] = stop_flag["any"] or bool(flags[1] > 0)
+        if flags[0] > 0:
+            return {"loss": torch.full((), float("nan"), device=info.device)}
+        return loss_fn(features, scale, bias, masks=masks, step=step)
+
+    def loss_is_finite(out: dict, step_number: int) -> bool:
+        """Agreed over ranks (one small collective): is the loss finite everywhere?"""
+        bad = not bool(torch.isfinite(out["loss"].detach()).all()) or _injected_nan(step_number)
+        flag = torch.tensor([float(bad)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag[0] > 0)
+
+    def forward(batch):
         inputs = {m: x.to(info.device) for m, x in batch.modalities.items()}
         if dtype != torch.float32:  # floating inputs follow the parameters; token ids stay integers
             inputs = {m: x.to(dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         masks = {m: k.to(info.device) for m, k in batch.masks.items()}
-        features, logit_scale, logit_bias = engine(inputs, masks)
+        features, scale, bias = engine(inputs, masks)
         features = {m: f.float() for m, f in features.items()}
-        out_loss = loss_fn(
-            features, logit_scale.float(), None if logit_bias is None else logit_bias.float(),
-            masks=model.loss_masks(masks), step=step,
-        )
-        loss = out_loss["loss"]
-        if _injected_nan(step + 1):
-            loss = loss * float("nan")
-        # one small collective per step: did any rank get a non-finite loss or a stop signal?
-        flags = torch.tensor(
-            [float(not torch.isfinite(loss.detach()).item()), float(stop.received is not None)], device=info.device
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        last_scales["value"] = (scale.detach().float(), None if bias is None else bias.detach().float())
+        return features, scale.float(), None if bias is None else bias.float()
+
+    def backward_and_step(tensor):
+        engine.backward(tensor, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
+        engine.step()  # DeepSpeed updates at the last micro-batch of the step
+
+    while step < end_step:
+        _injected_death(step + 1)
+        wait_start = time.perf_counter()
+        batches = [next(data_iter) for _ in range(accum)]
+        window["wait"] += time.perf_counter() - wait_start
+        if accum == 1:
+            batch = batches[0]
+            features, logit_scale, logit_bias = forward(batch)
+            out_loss = guarded_loss(features, logit_scale, logit_bias,
+                                    masks=model.loss_masks({m: k.to(info.device) for m, k in batch.masks.items()}),
+                                    step=step)
+            finite = loss_is_finite(out_loss, step + 1)
+            if finite:
+                engine.backward(out_loss["loss"])
+                engine.step()
+        else:
+            verdict = {}
+
+            def check(out, step_number=step + 1):
+                verdict["finite"] = loss_is_finite(out, step_number)
+                return verdict["finite"]
+
+            loss_masks = [model.loss_masks({m: k.to(info.device) for m, k in b.masks.items()}) for b in batches]
+            out_loss = accumulate_step(forward, batches, guarded_loss, masks=loss_masks, backward=backward_and_step,
+                                       step=step, check=check)
+            finite = verdict["finite"]
+            logit_scale, logit_bias = last_scales["value"]
         step += 1
-        if flags[0] > 0:
+        if not finite:
             skipped_total += 1
             skipped_run += 1
             if rank == 0:
@@ -217,12 +270,10 @@ def train(cfg: Config) -> dict[str, float]:
             scheduler.step()  # no backward, no update; the schedule stays on the step count
         else:
             skipped_run = 0
-            engine.backward(loss)
-            engine.step()
-        window["samples"] += len(batch) * world
+        window["samples"] += sum(len(b) for b in batches) * world
         window["steps"] += 1
         if keys_file is not None:
-            keys_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
+            keys_file.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
         if progress is not None:
             progress.update(1)
         if step % t.log_every == 0 or step == end_step:
@@ -232,6 +283,7 @@ def train(cfg: Config) -> dict[str, float]:
             values = _mean_over_ranks(values)
             grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
             values.update(
+                global_batch=float(global_batch),
                 lr=scheduler.get_last_lr()[0],
                 temperature=1.0 / float(logit_scale.detach()),
                 samples_per_s=window["samples"] / max(elapsed, 1e-9),
@@ -252,7 +304,7 @@ def train(cfg: Config) -> dict[str, float]:
                     flush=True,
                 )
             window = {"start": time.perf_counter(), "samples": 0, "wait": 0.0, "steps": 0}
-        if flags[1] > 0:
+        if stop_flag["any"]:
             stopped_by = stop.received or "a signal on another rank"
             break
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < end_step:

@@ -185,6 +185,13 @@ class TimmBackbone(Backbone):
             state = load_weights_file(_local_path(options.pretrained, f"{key}.pretrained"), f"{key}.pretrained")
             own = self.model.state_dict()
             state = {k: v for k, v in state.items() if k in own or not _is_classifier(k)}
+            shapes = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+            if shapes:
+                raise ConfigError(
+                    f"{key}.pretrained: {options.pretrained} does not fit timm model {options.name!r}: "
+                    f"{len(shapes)} tensors of other shapes, e.g. {shapes[0]} {tuple(state[shapes[0]].shape)} "
+                    f"vs {tuple(own[shapes[0]].shape)}"
+                )
             result = self.model.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ConfigError(
@@ -251,10 +258,7 @@ class TextTransformer(Backbone):
         return _pool(hidden, attn, self.options.pooling)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.encoder.gradient_checkpointing_disable()
+        _hf_grad_checkpointing(self.encoder, enabled, self.ctx.key)
 
 
 def _hf_model(options, key: str, kind: str, vocab_size: Optional[int] = None):
@@ -297,7 +301,13 @@ def _hf_width(model) -> int:
 def _hf_grad_checkpointing(model, enabled: bool, key: str) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"{key}.grad_checkpointing: {type(model).__name__} does not support it")
-    if enabled:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()

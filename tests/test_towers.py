@@ -1,0 +1,270 @@
+"""Towers from the config: every registered type builds and encodes its modality; local pretrained
+weights load (and bad ones are refused by name); freezing, the missingness indicator, activation
+checkpointing and LAMB behave as documented. Single process, tiny sizes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, load_config
+from pretrain.models import build_model
+from pretrain.optim import Lamb
+from tests.conftest import ROOT
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def _cfg(modalities: dict, towers: dict, extra: list[str] = ()):
+    return load_config(QUICKSTART, [
+        "data.train.urls=unused-{000000..000001}.tar", "data.val.urls=", "data.labels=null", "eval.enabled=false",
+        "eval.classnames=[]", "data.image_size=16", "data.context_length=12", "model.embed_dim=8",
+        f"data.modalities={json.dumps(modalities)}", f"model.towers={json.dumps(towers)}", *extra,
+    ])
+
+
+NPY = {"decoder": "npy", "options": {"shape": [6]}}
+MEL = {"decoder": "audio", "options": {"features": "log_mel", "n_mels": 16, "seconds": 0.2, "sample_rate": 8000}}
+WAVE = {"decoder": "audio", "options": {"seconds": 0.1, "sample_rate": 8000}}
+TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": 16}
+TINY_W2V = {"model_type": "wav2vec2", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "conv_dim": [8, 8], "conv_kernel": [10, 3], "conv_stride": [5, 2],
+            "num_conv_pos_embeddings": 4, "num_conv_pos_embedding_groups": 2, "do_stable_layer_norm": True}
+
+
+def _inputs(model, cfg, n=3):
+    from pretrain.data import build_modalities
+
+    mods, _ = build_modalities(cfg.data, train=True)
+    out = {}
+    for m in mods:
+        dec = m.decoder
+        if dec.dtype == torch.long:
+            out[m.name] = torch.randint(3, dec.tokenizer.vocab_size, (n, *dec.output_shape))
+        else:
+            out[m.name] = torch.randn(n, *dec.output_shape)
+    return out
+
+
+@pytest.mark.parametrize(
+    "modality, tower",
+    [
+        ({"decoder": "image"}, {"type": "timm", "options": {"name": "test_resnet"}}),
+        ({"decoder": "image"}, {"type": "timm", "options": {"name": "test_vit"}}),  # fixed input size: built at 16px
+        ({"decoder": "text"}, {"type": "text_transformer", "options": {"width": 16, "layers": 1, "heads": 2,
+                                                                     "pooling": "last"}}),
+        ({"decoder": "text"}, {"type": "hf_text", "options": {"config": TINY_BERT, "pooling": "mean"}}),
+        (MEL, {"type": "audio_cnn", "options": {"channels": [4, 8]}}),
+        (WAVE, {"type": "hf_audio", "options": {"config": TINY_W2V}}),
+        (NPY, {"type": "mlp", "options": {"hidden": [12, 10]}, "head": "mlp"}),
+    ],
+    ids=["timm-cnn", "timm-vit", "text_transformer", "hf_text", "audio_cnn", "hf_audio", "mlp"],
+)
+def test_every_tower_type_encodes_its_modality(modality, tower):
+    cfg = _cfg({"x": modality, "v": NPY}, {"x": tower, "v": {"type": "mlp", "options": {"hidden": [4]}}})
+    model = build_model(cfg.model, cfg.data)
+    inputs = _inputs(model, cfg)
+    feats, scale, bias = model(inputs)
+    assert feats["x"].shape == (3, 8) and bias is None
+    torch.testing.assert_close(feats["x"].norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(feats["x"][0], feats["x"][1])  # the inputs matter
+    feats["x"].sum().backward()  # and every trainable part of the tower gets a gradient path
+    grads = [p.grad for p in model.towers["x"].parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= len(grads) // 2
+
+
+def test_pooling_choices_pick_the_documented_positions():
+    from pretrain.models.towers import _pool
+
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    attn = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert _pool(hidden, attn, "cls").flatten().tolist() == [0.0, 4.0]
+    assert _pool(hidden, attn, "last").flatten().tolist() == [2.0, 5.0]
+    assert _pool(hidden, attn, "mean").flatten().tolist() == [1.0, 4.5]
+
+
+def test_timm_weights_load_from_a_local_file_and_a_wrong_file_is_refused(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_resnet", num_classes=5)  # with a classifier, as published weights are
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    cfg = _cfg({"image": {"decoder": "image"}, "v": NPY},
+               {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": str(tmp_path / "w.safetensors")}},
+                "v": {"type": "mlp"}})
+    model = build_model(cfg.model, cfg.data)
+    loaded = model.towers["image"].backbone.model.state_dict()
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, source.state_dict()[k])
+    other = timm.create_model("resnet10t", num_classes=0)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    bad = _cfg({"image": {"decoder": "image"}, "v": NPY},
+               {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": str(tmp_path / "other.pth")}},
+                "v": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match=r"model\.towers\.image\.options\.pretrained: .* does not fit|size mismatch"):
+        build_model(bad.model, bad.data)
+    missing = _cfg({"image": {"decoder": "image"}, "v": NPY},
+                   {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": "/nowhere/w.pt"}},
+                    "v": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match=r"model\.towers\.image\.options\.pretrained: no such file"):
+        build_model(missing.model, missing.data)
+
+
+def _local_bert(folder):
+    """A tiny BERT and its WordPiece tokenizer saved as from a hub, but made here (no network)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "handwritten", "seven", "digit", "the", "##s"]
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    tok.save_pretrained(str(folder))
+    torch.manual_seed(3)
+    model = BertModel(BertConfig(vocab_size=len(words), **{k: v for k, v in TINY_BERT.items() if k != "model_type"}))
+    model.save_pretrained(str(folder))
+    return model
+
+
+def test_hf_text_tower_and_tokenizer_load_from_a_local_folder(tmp_path):
+    folder = tmp_path / "bert"
+    source = _local_bert(folder)
+    text = {"decoder": "text", "options": {"tokenizer": str(folder)}}
+    cfg = _cfg({"text": text, "v": NPY},
+               {"text": {"type": "hf_text", "options": {"path": str(folder), "pooling": "cls"}}, "v": {"type": "mlp"}})
+    model = build_model(cfg.model, cfg.data)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(model.towers["text"].backbone.model.state_dict()[k], v)
+    from pretrain.data import build_modalities
+
+    (mod,) = [m for m in build_modalities(cfg.data, train=False)[0] if m.name == "text"]
+    ids = mod.decoder.decode(b"a handwritten seven", "txt", None)
+    assert ids.tolist()[:5] == [2, 5, 6, 7, 3] and ids.shape == (12,)  # [CLS] a handwritten seven [SEP], padded
+    source.eval()
+    want = source(input_ids=ids[None], attention_mask=(ids != 0).long()[None]).last_hidden_state[:, 0]
+    got = model.towers["text"].backbone(ids[None])
+    torch.testing.assert_close(got, want)
+    # the byte tokenizer's ids do not fit this vocabulary: refused, naming the data key
+    byte = _cfg({"text": {"decoder": "text"}, "v": NPY},
+                {"text": {"type": "hf_text", "options": {"path": str(folder)}}, "v": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match=r"data\.modalities\.text\.options\.tokenizer"):
+        build_model(byte.model, byte.data)
+
+
+def test_freeze_locks_the_backbone_and_keeps_its_statistics():
+    cfg = _cfg({"image": {"decoder": "image"}, "v": NPY},
+               {"image": {"type": "timm", "options": {"name": "test_resnet"}, "freeze": "backbone"},
+                "v": {"type": "mlp", "freeze": "all"}})
+    model = build_model(cfg.model, cfg.data).train()
+    image = model.towers["image"]
+    assert not any(p.requires_grad for p in image.backbone.parameters())
+    assert all(p.requires_grad for p in image.head.parameters())
+    assert not any(p.requires_grad for p in model.towers["v"].parameters())
+    assert not image.backbone.training and image.head.training  # BatchNorm statistics stay put
+    bn = next(m for m in image.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    feats, *_ = model(_inputs(model, cfg))
+    feats["image"].sum().backward()
+    torch.testing.assert_close(bn.running_mean, before)
+    assert image.head.weight.grad is not None
+    from pretrain.engine import param_groups
+
+    trainable = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert not any(id(p) in trainable for p in image.backbone.parameters())
+
+
+def test_missing_indicator_encodes_absent_samples_and_keeps_them_in_the_loss():
+    cfg = _cfg({"a": NPY, "b": {**NPY, "required": False}},
+               {"a": {"type": "mlp"}, "b": {"type": "mlp", "missing": "indicator"}})
+    model = build_model(cfg.model, cfg.data)
+    x = torch.zeros(2, 6)
+    present = torch.tensor([True, False])
+    with torch.no_grad():
+        model.towers["b"].missing_embedding.normal_()
+    f = model.encode("b", x, present)
+    assert not torch.allclose(f[0], f[1])  # same placeholder input, told apart by the indicator
+    masks = {"a": torch.ones(2, dtype=torch.bool), "b": present}
+    assert set(model.loss_masks(masks)) == {"a"}  # b's rows all take part; a keeps its mask
+    plain = _cfg({"a": NPY, "b": {**NPY, "required": False}}, {"a": {"type": "mlp"}, "b": {"type": "mlp"}})
+    assert set(build_model(plain.model, plain.data).loss_masks(masks)) == {"a", "b"}
+
+
+@pytest.mark.parametrize("tower, modality", [
+    ({"type": "text_transformer", "options": {"width": 16, "layers": 2, "heads": 2}}, {"decoder": "text"}),
+    ({"type": "audio_cnn", "options": {"channels": [4, 8]}}, MEL),
+    ({"type": "timm", "options": {"name": "test_vit"}}, {"decoder": "image"}),
+], ids=["text_transformer", "audio_cnn", "timm-vit"])
+def test_grad_checkpointing_gives_the_same_gradients(tower, modality):
+    grads, calls = [], []
+    for ckpt in (False, True):
+        cfg = _cfg({"x": modality, "v": NPY}, {"x": {**tower, "grad_checkpointing": ckpt}, "v": {"type": "mlp"}})
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.data).train()
+        count = [0]
+        for mod in model.towers["x"].backbone.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                mod.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        torch.manual_seed(1)
+        inputs = _inputs(model, cfg)
+        feats, *_ = model(inputs)
+        (feats["x"] * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append([p.grad.clone() for p in model.towers["x"].parameters() if p.grad is not None])
+        calls.append(count[0])
+    assert calls[1] > calls[0]  # layers ran again in backward: the activations were recomputed
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "modalities, towers, key",
+    [
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "cnn9"}}, "model.towers.w.type: unknown tower type"),
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"options": {}}}, "model.towers.w.type: required"),
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp", "options": {"depth": 2}}},
+         "model.towers.w.options.depth: unknown key"),
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}}, "model.towers.w: data.modalities has 'w'"),
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp"}, "z": {"type": "mlp"}},
+         "model.towers.z: no such modality"),
+        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp", "freeze": "yes"}},
+         "model.towers.w.freeze: must be one of"),
+    ],
+)
+def test_bad_tower_config_names_the_field(modalities, towers, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
+        _cfg(modalities, towers)
+
+
+@pytest.mark.parametrize("modality, tower, key", [
+    (NPY, {"type": "timm", "options": {"name": "no_such_net"}}, r"model\.towers\.x\.options\.name: timm has no model"),
+    (NPY, {"type": "audio_cnn"}, r"model\.towers\.x\.type: audio_cnn takes spectrograms"),
+    (NPY, {"type": "text_transformer"}, r"model\.towers\.x\.type: a text tower needs a text modality"),
+    (NPY, {"type": "hf_text", "options": {"config": {"hidden_size": 8}}}, r"model\.towers\.x"),
+])
+def test_towers_that_do_not_fit_their_data_are_refused_at_build(modality, tower, key):
+    cfg = _cfg({"x": modality, "v": NPY}, {"x": tower, "v": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match=key):
+        build_model(cfg.model, cfg.data)
+
+
+def test_lamb_matches_the_paper_update_and_refuses_zero_partitions():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    w0 = w.detach().clone()
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    g = torch.randn(4, 3)
+    w.grad = g.clone()
+    opt.step()
+    m_hat = (0.1 * g) / (1 - 0.9)
+    v_hat = (0.01 * g * g) / (1 - 0.99)
+    u = m_hat / (v_hat.sqrt() + 1e-6) + 0.01 * w0
+    want = w0 - 0.1 * (w0.norm() / u.norm()) * u
+    torch.testing.assert_close(w.detach(), want)
+    adam = torch.nn.Parameter(w0.clone())
+    a = torch.optim.AdamW([adam], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    adam.grad = g.clone()
+    a.step()
+    assert not torch.allclose(adam.detach(), w.detach())  # the trust ratio changes the step
+    with pytest.raises(ConfigError, match=r"train\.optimizer: lamb .* train\.zero_stage=0"):
+        _cfg({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp"}}, ["train.optimizer=lamb"])
