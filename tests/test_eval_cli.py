@@ -1,11 +1,12 @@
-"""`python -m pretrain.eval` end to end: a tiny CLIP run (2 steps, ZeRO-2 checkpoint), then the CLI
-on its checkpoint: every task, the JSON file, the plots, the summary; bad input stops with a message."""
+"""`python -m pretrain.eval` end to end: a tiny CLIP run (2 steps, one process, ZeRO-2 checkpoint),
+then the CLI on its checkpoint under torchrun with 2 ranks (one of which embeds no probe-training
+sample): every task, the JSON file, the plots, the summary; bad input stops with a message."""
 import json
 
 import pytest
 from PIL import Image
 
-from tests.conftest import PYTHON, run_cmd
+from tests.conftest import PYTHON, free_port, run_cmd
 from tests.train_helpers import make_shards, ok, single, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -16,19 +17,22 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     run = tmp_path / "run"
     ok(single(tiny_overrides(shards, run, steps=2) + ["eval.enabled=false"]))
     ckpt = run / "checkpoints" / "step000002"
-    out = ok(run_cmd([PYTHON, "-m", "pretrain.eval", "--checkpoint", str(ckpt),
+    out = ok(run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      "-m", "pretrain.eval", "--checkpoint", str(ckpt),
                       "eval.tasks=[zeroshot,retrieval,symile,linear_probe]", "eval.symile.candidates=3",
-                      "eval.linear_probe.max_iter=10", "eval.chunk_size=5"], timeout=300))
+                      "eval.linear_probe.max_train_samples=1", "eval.chunk_size=5"], timeout=300))
     result = json.loads((run / "eval" / "step000002.json").read_text())
-    assert result["step"] == 2 and result["eval/samples"] == 12
-    for key in ("eval/zeroshot/image/top1", "eval/zeroshot/image/top4",
-                "eval/retrieval/image_to_text/r1", "eval/retrieval/text_to_image/median_rank",
-                "eval/retrieval_class/image_to_text/r5", "eval/symile/text/r1", "eval/linear_probe/image/top1",
-                "eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1"):
-        assert 0.0 <= result[key] <= 12.0, key
+    assert result["step"] == 2 and result["eval/samples"] == 12  # both ranks' parts gathered
+    for key in ("eval/zeroshot/image/top1", "eval/zeroshot/image/top4", "eval/retrieval/image_to_text/r1",
+                "eval/retrieval/text_to_image/r10", "eval/retrieval_class/image_to_text/r5", "eval/symile/text/r1",
+                "eval/symile/image/r5", "eval/linear_probe/image/top1", "eval/zeroshot_top1", "eval/i2t_r1",
+                "eval/t2i_r1"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert 1.0 <= result["eval/retrieval/image_to_text/median_rank"] <= 12.0
     assert result["eval/zeroshot/image/top1/chance"] == 0.25 and result["eval/symile/text/candidates"] == 4
     assert result["eval/retrieval/image_to_text/r1/chance"] == pytest.approx(1 / 12)
-    assert result["eval/linear_probe/text/train_samples"] == 48  # the probe trained on data.train
+    assert result["eval/linear_probe/text/train_samples"] == 1  # rank 0's one sample; rank 1 had none
+    assert out.count("[eval] held-out samples: 12") == 1  # rank 0 prints
     assert "zeroshot/image/top1" in out and "(chance 25.00%)" in out and f"{run}/eval/step000002.json" in out
     for png in ("recall_vs_step.png", "similarity_step000002.png"):
         with Image.open(run / "eval" / "plots" / png) as img:

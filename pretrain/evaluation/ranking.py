@@ -9,8 +9,9 @@ query i's positive) or a shared label (candidate j is relevant to query i when
 ``candidate_labels[j] == query_labels[i]``: class-aware retrieval, where captions repeat per class).
 
 Memory: one (chunk x chunk) block of scores at a time. Every score is computed by the same block
-product in both passes (the best relevant score first, then the count of what beats it), so the
-comparisons are exact even where candidates are duplicates of each other.
+product in both passes (the best relevant score first, over the blocks that hold a relevant
+candidate; then the count of what beats it, over all blocks), so the comparisons are exact even
+where candidates are duplicates of each other.
 
 Scoring functions reduce to this inner product:
 
@@ -76,6 +77,8 @@ def first_relevant_rank(
         best = torch.full((q1 - q0,), -math.inf, dtype=queries.dtype, device=device)
         best_at = torch.full((q1 - q0,), -1, dtype=torch.long, device=device)
         for c0, c1 in _blocks(m, chunk_size):
+            if not bool(torch.isin(candidate_labels[c0:c1], ql).any()):
+                continue  # no relevant candidate here (paired retrieval: one block in all)
             s = block_scores(q, candidates[c0:c1])
             relevant = ql[:, None] == candidate_labels[None, c0:c1]
             s = s.masked_fill(~relevant, -math.inf)
