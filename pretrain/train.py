@@ -8,6 +8,7 @@ exits, and skips (and counts) steps whose loss is not finite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data import make_loader
 from pretrain.engine import build_engine, init_distributed
 from pretrain.evaluate import evaluate
+from pretrain.flops import StepFlops, peak_flops
 from pretrain.losses import accumulate_step, build_loss
 from pretrain.metrics import MetricsWriter
 from pretrain.models import build_model
@@ -229,11 +231,8 @@ def train(cfg: Config) -> dict[str, float]:
         engine.backward(tensor, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
         engine.step()  # DeepSpeed updates at the last micro-batch of the step
 
-    while step < end_step:
-        _injected_death(step + 1)
-        wait_start = time.perf_counter()
-        batches = [next(data_iter) for _ in range(accum)]
-        window["wait"] += time.perf_counter() - wait_start
+    def run_step(batches: list, step: int):
+        """Forward, loss and backward of one step (DeepSpeed updates unless the loss is not finite)."""
         if accum == 1:
             batch = batches[0]
             features, logit_scale, logit_bias = forward(batch)
@@ -244,18 +243,30 @@ def train(cfg: Config) -> dict[str, float]:
             if finite:
                 engine.backward(out_loss["loss"])
                 engine.step()
-        else:
-            verdict = {}
+            return finite, out_loss, logit_scale, logit_bias
+        verdict = {}
 
-            def check(out, step_number=step + 1):
-                verdict["finite"] = loss_is_finite(out, step_number)
-                return verdict["finite"]
+        def check(out):
+            verdict["finite"] = loss_is_finite(out, step + 1)
+            return verdict["finite"]
 
-            loss_masks = [model.loss_masks({m: k.to(info.device) for m, k in b.masks.items()}) for b in batches]
-            out_loss = accumulate_step(forward, batches, guarded_loss, masks=loss_masks, backward=backward_and_step,
-                                       step=step, check=check)
-            finite = verdict["finite"]
-            logit_scale, logit_bias = last_scales["value"]
+        loss_masks = [model.loss_masks({m: k.to(info.device) for m, k in b.masks.items()}) for b in batches]
+        out_loss = accumulate_step(forward, batches, guarded_loss, masks=loss_masks, backward=backward_and_step,
+                                   step=step, check=check)
+        return verdict["finite"], out_loss, *last_scales["value"]
+
+    peak = peak_flops(t.peak_tflops, t.precision, info.device)
+    step_flops: dict = {}
+    while step < end_step:
+        _injected_death(step + 1)
+        wait_start = time.perf_counter()
+        batches = [next(data_iter) for _ in range(accum)]
+        window["wait"] += time.perf_counter() - wait_start
+        counting = StepFlops() if peak is not None and "flops" not in step_flops else contextlib.nullcontext()
+        with counting:
+            finite, out_loss, logit_scale, logit_bias = run_step(batches, step)
+        if isinstance(counting, StepFlops):
+            step_flops["flops"] = counting.flops
         step += 1
         if not finite:
             skipped_total += 1
@@ -291,6 +302,10 @@ def train(cfg: Config) -> dict[str, float]:
             )
             if grad_norm is not None:
                 values["grad_norm"] = float(grad_norm)
+            if step_flops.get("flops"):
+                step_time = elapsed / max(1, window["steps"])
+                values["tflops_per_device"] = step_flops["flops"] / step_time / 1e12
+                values["mfu"] = step_flops["flops"] / step_time / peak
             if logit_bias is not None:
                 values["logit_bias"] = float(logit_bias.detach())
             values.update(loader.metrics(all_ranks=True))  # bad-data counts by reason, summed over ranks (collective)

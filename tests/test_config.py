@@ -74,3 +74,12 @@ def test_loss_options_validated_against_the_named_loss():
         load_config(QUICKSTART, ["loss.negative=local"])
     with pytest.raises(ConfigError, match=r"^loss\.negative_sampling: must be one of 'n', 'n_squared'"):
         load_config(QUICKSTART, ["loss.name=symile", "loss.negative_sampling=all"])
+
+
+@pytest.mark.parametrize("name, kind, procs", [("cpu_2proc", "MULTI_GPU", 2), ("gpu_1", "NO", 1), ("gpu_8", "MULTI_GPU", 8)])
+def test_accelerate_configs_load_with_accelerate(name, kind, procs):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(QUICKSTART.parent / "accelerate" / f"{name}.yaml"))
+    assert (cfg.distributed_type.value, cfg.num_processes) == (kind, procs)
+    assert cfg.mixed_precision == "no"  # precision is the training config's (train.precision)

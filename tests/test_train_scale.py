@@ -47,10 +47,14 @@ def test_a_rank_that_dies_ends_the_job_promptly(vectors, tmp_path):
     assert max(losses(tmp_path / "run")) < 400  # it ended early, not after its steps
 
 
-def test_lamb_trains_on_one_process(vectors, tmp_path):
+def test_lamb_trains_on_one_process_and_mfu_is_logged(vectors, tmp_path):
     out = tmp_path / "lamb"
     ok(single(vector_overrides(vectors, out, 12, 8) + [
-        "train.optimizer=lamb", "train.zero_stage=0", "train.lr=0.01", "train.checkpoint=false"]))
+        "train.optimizer=lamb", "train.zero_stage=0", "train.lr=0.01", "train.checkpoint=false",
+        "train.peak_tflops=0.001"]))
     curve = losses(out)
     first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (10, 11, 12)) / 3
     assert last < 0.8 * first, curve
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    # counted FLOPs over a 1 GFLOP/s "device": positive, and tflops / peak is the MFU
+    assert all(r["mfu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.001) for r in rows)
