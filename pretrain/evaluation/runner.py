@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoint import rng_state, set_rng_state
 from pretrain.config import Config
 from pretrain.data import build_modalities
 from pretrain.evaluation.embed import SplitFeatures, embed_split, encode
@@ -282,6 +283,7 @@ def _similarity_example(split: SplitFeatures, modalities: list[str], cfg: Config
 def _evaluate(model, cfg: Config, rank: int, world_size: int, device: torch.device,
               keep_example: bool = False) -> tuple[dict[str, float], Optional[dict]]:
     was_training = model.training
+    rng = rng_state()  # evaluation leaves the training run's random streams as they were
     model.eval()
     try:
         lockstep = cfg.train.zero_stage == 3 and world_size > 1
@@ -326,6 +328,7 @@ def _evaluate(model, cfg: Config, rank: int, world_size: int, device: torch.devi
         return metrics, example
     finally:
         model.train(was_training)
+        set_rng_state(rng)
 
 
 def evaluate(model, cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, float]:
