@@ -124,8 +124,8 @@ def plot_similarity(matrix, path: Path, rows: str, cols: str, labels: Optional[l
     for k in range(cell * n):
         v = 1 - 2 * k / max(1, cell * n - 1)
         draw.line([(bar_x, top + k), (bar_x + 14, top + k)], fill=_diverging(v))
-    for v, y in ((1, top), (0, top + cell * n / 2), (-1, top + cell * n - 10)):
-        draw.text((bar_x + 20, y - 2), f"{v:+d}", fill="black", font=small)
+    for text, y in (("+1", top), ("0", top + cell * n / 2), ("-1", top + cell * n - 10)):
+        draw.text((bar_x + 20, y - 2), text, fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
