@@ -11,7 +11,7 @@ DEMO_RUN ?= runs/demo
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test clean help
+.PHONY: setup demo demo-data test clean help slurm-up
 
 help:
 	@echo "make demo   - install, build demo shards, pretrain CLIP on 2 CPU ranks, evaluate"
@@ -42,6 +42,11 @@ demo: demo-data
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A one-node Slurm on loopback for the launcher's tests (root or sudo, apt): installs slurm-wlm and
+# munge when missing, starts munged, slurmctld and slurmd, waits until the node is idle. Idempotent.
+slurm-up:
+	bash launch/slurm_local/start.sh
 
 clean:
 	rm -rf runs $(DEMO_DIR) .pytest_cache

@@ -448,7 +448,7 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
         for job in jobs:
             while not job.done():
                 time.sleep(plan.args.poll)
-        states = {str(j.job_id): {"JobState": "FINISHED", "ExitCode": "?", "Restarts": "?"} for j in jobs}
+        states = {str(j.job_id): {} for j in jobs}
     else:
         states = wait_slurm(jobs, plan.args.poll)
     for run, job in zip(plan.runs, jobs):
@@ -465,13 +465,15 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
             lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
             result = "error: " + (lines[-1] if lines else "?")
             good = False
-        if not plan.args.local:
+        if plan.args.local:
+            say(f"job {job.job_id}: finished, {result}; run dir {run.output_dir}")
+        else:
             good = good and info["JobState"] == "COMPLETED"
+            say(
+                f"job {job.job_id}: {info['JobState']}, exit code {info.get('ExitCode', '?')}, "
+                f"restarts {info.get('Restarts', '?')}, {result}; run dir {run.output_dir}"
+            )
         ok = ok and good
-        say(
-            f"job {job.job_id}: {info['JobState']}, exit code {info.get('ExitCode', '?')}, "
-            f"restarts {info.get('Restarts', '?')}, {result}; run dir {run.output_dir}"
-        )
         if not good:
             say(f"job {job.job_id}: see {job.paths.stderr} and {job.paths.stdout}")
     say("all runs completed" if ok else "not every run completed")

@@ -187,7 +187,7 @@ def test_preemption_notice_reaches_the_trainer_installed_later():
 # A real Slurm on loopback
 # ----------------------------------------------------------------------------------------------
 
-STEPS = 40  # the preempted run: long enough that the notice lands mid-run (a step takes ~0.2 s here)
+STEPS = 25  # the preempted run: long enough that the notice lands mid-run (a step takes ~0.2 s here)
 POLL = "0.5"
 
 
@@ -219,6 +219,7 @@ def shards(tmp_path_factory):
 
 def _launch_cmd(shards: Path, root: Path, name: str, steps: int, *flags: str) -> list[str]:
     overrides = [o for o in tiny_overrides(shards, root / "unused", steps) if not o.startswith("output_dir=")]
+    overrides.append("eval.enabled=false")  # evaluation is tested elsewhere; here it would only cost time
     return [PYTHON, "-m", "launch.slurm", "--config", str(QUICKSTART), *overrides, "--output-root", str(root),
             "--name", name, "--time", "10", "--wait", "--poll", POLL, *flags]
 
@@ -288,7 +289,7 @@ def test_two_task_job_trains_to_the_end(preempted):
     final = p.run / "checkpoints" / f"step{STEPS:06d}"
     assert json.loads((final / "COMPLETE").read_text())["step"] == STEPS
     assert {"rank00000.pt", "rank00001.pt"} <= {f.name for f in final.iterdir()}
-    assert (p.run / "eval.json").is_file() and (p.run / "config.yaml").is_file()
+    assert (p.run / "config.yaml").is_file() and list((p.run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_preempted_job_requeues_and_resumes(preempted):
