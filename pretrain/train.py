@@ -27,7 +27,7 @@ from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data import make_loader
 from pretrain.engine import build_engine, init_distributed
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import run_evaluation
 from pretrain.flops import StepFlops, peak_flops
 from pretrain.losses import accumulate_step, build_loss
 from pretrain.metrics import MetricsWriter
@@ -256,6 +256,7 @@ def train(cfg: Config) -> dict[str, float]:
         return verdict["finite"], out_loss, *last_scales["value"]
 
     peak = peak_flops(t.peak_tflops, t.precision, info.device)
+    evaluating = cfg.eval.enabled and bool(cfg.data.val.urls)
     step_flops: dict = {}
     while step < end_step:
         _injected_death(step + 1)
@@ -322,6 +323,9 @@ def train(cfg: Config) -> dict[str, float]:
         if stop_flag["any"]:
             stopped_by = stop.received or "a signal on another rank"
             break
+        if evaluating and cfg.eval.every and step % cfg.eval.every == 0 and step < end_step:
+            writer.log(step, run_evaluation(engine.module, cfg, rank, world, info.device, step, out))
+            window = {"start": time.perf_counter(), "samples": 0, "wait": 0.0, "steps": 0}  # eval time is not step time
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < end_step:
             save()
     if progress is not None:
@@ -337,13 +341,15 @@ def train(cfg: Config) -> dict[str, float]:
         writer.close()
         dist.barrier()
         return results
-    if cfg.eval.enabled and cfg.data.val.urls and step >= t.steps:
-        metrics = evaluate(engine.module, cfg, rank, world, info.device)
+    if evaluating and step >= t.steps:
+        metrics = run_evaluation(engine.module, cfg, rank, world, info.device, step, out)
         writer.log(step, metrics)
         results.update(metrics)
         if rank == 0:
             (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
             print(format_eval(metrics), flush=True)
+            print(f"[eval] all metrics: {out / 'eval' / f'step{step:06d}.json'}; plots: {out / 'eval' / 'index.html'}",
+                  flush=True)
     if rank == 0:
         print(f"[train] tensorboard logs: {writer.tb_dir}  (tensorboard --logdir {writer.tb_dir})", flush=True)
         print(f"[train] metrics: {writer.path}", flush=True)
@@ -379,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except torch.OutOfMemoryError as err:
         print(
-            f"error: out of memory ({err}). Lower train.micro_batch_size, raise train.zero_stage "
-            f"(3 shards the parameters too), or shrink the model.",
+            f"error: out of memory ({err}). Lower train.micro_batch_size (raise train.grad_accumulation_steps "
+            f"to keep the global batch and its negatives), raise train.zero_stage (3 shards the parameters too), "
+            f"set model.towers.<m>.grad_checkpointing=true, use train.precision=bf16, or shrink the model.",
             file=sys.stderr,
         )
         return 1

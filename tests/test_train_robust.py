@@ -25,7 +25,9 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("runA") / "run"
-    ok(torchrun(tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true"]))
+    # eval.every=2 here only: the resumed run (no mid-run evaluation) must still match it exactly
+    ok(torchrun(tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true",
+                                                        "eval.every=2"]))
     return out
 
 
@@ -50,9 +52,11 @@ def test_two_rank_run_records(uninterrupted):
         assert math.isfinite(m["loss"]) and 0.0 <= m["data_wait_fraction"] <= 1.0
         assert {"lr", "temperature", "samples_per_s", "grad_norm", "skipped_steps", "clip/image-text"} <= set(m)
     evals = [m for m in metrics if "eval/zeroshot_top1" in m]
-    assert len(evals) == 1 and evals[0]["eval/samples"] == 12
+    assert [m["step"] for m in evals] == [2, 4, 6] and all(m["eval/samples"] == 12 for m in evals)
     for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1"):
-        assert 0.0 <= evals[0][key] <= 1.0
+        assert 0.0 <= evals[-1][key] <= 1.0
+    assert {p.name for p in (out / "eval").glob("step*.json")} == {"step000002.json", "step000004.json", "step000006.json"}
+    assert (out / "eval" / "plots" / "recall_vs_step.png").is_file()
     files = {p.name for p in (out / "checkpoints" / "step000006").iterdir()}
     assert {"mp_rank_00_model_states.pt", "COMPLETE", "rank00000.pt", "rank00001.pt"} <= files, files
     assert sum("optim_states" in f for f in files) == 2, files  # ZeRO-2: one optimizer partition per rank
@@ -114,15 +118,18 @@ def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
     # the same weights read the other way: DeepSpeed's own model-states file (ZeRO-2 keeps them whole)
     states = torch.load(uninterrupted / "checkpoints" / "step000006" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)
-    ref = build_model(emb.cfg.model, emb.cfg.data.context_length)
+    ref = build_model(emb.cfg.model, emb.cfg.data)
     ref.load_state_dict(states["module"])
     ref.eval()
     images = sorted((shards.parent / "val" / "images").glob("*.png"))[:5]
     assert len(images) == 5
     texts = ["class number 1", "class number 3"]
+    from pretrain.data import build_modalities
+
+    decoders = {m.name: m.decoder for m in build_modalities(emb.cfg.data, train=False)[0]}
     with torch.no_grad():
-        want_img = ref.encode("image", torch.stack([emb._decoder.image(p.read_bytes()) for p in images]))
-        want_txt = ref.encode("text", emb.tokenizer(texts))
+        want_img = ref.encode("image", torch.stack([decoders["image"].decode(p.read_bytes(), "png", None) for p in images]))
+        want_txt = ref.encode("text", torch.stack([decoders["text"].decode(t.encode(), "txt", None) for t in texts]))
     torch.testing.assert_close(emb.embed_images(images), want_img, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(emb.embed_texts(texts), want_txt, rtol=1e-5, atol=1e-6)
     # the CLI writes the same files
