@@ -442,6 +442,17 @@ def wait_slurm(jobs: list, poll: float) -> dict[str, dict]:
     return final
 
 
+def _tail(path: Path, lines: int) -> str:
+    """The trainer's own error lines in a task's stderr if any, else its last lines."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in kept if re.match(r"^(\[rank\d+\]: )?(config )?error: ", ln)]
+    return "\n".join("    " + ln for ln in (errors or kept)[-lines:])
+
+
 def wait_and_report(plan: Plan, jobs: list) -> int:
     ok = True
     if plan.args.local:
@@ -475,6 +486,9 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
             )
         ok = ok and good
         if not good:
+            tail = _tail(job.paths.stderr, 8)
+            if tail:
+                say(f"job {job.job_id}: from task 0's stderr:\n" + tail)
             say(f"job {job.job_id}: see {job.paths.stderr} and {job.paths.stdout}")
     say("all runs completed" if ok else "not every run completed")
     return 0 if ok else 1

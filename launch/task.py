@@ -49,6 +49,15 @@ def log(message: str) -> None:
     print(f"[launch] {message}", flush=True)
 
 
+def leave(code: int) -> None:
+    """End the task now, without a result file (the job is not over) and without the interpreter's
+    slow teardown: everything is saved, and Slurm restarts the requeued job only once every process
+    of the old one is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def master_port(job_id: str) -> int:
     """A port every task of one job derives alike from the job id (different jobs: different ports)."""
     digits = re.sub(r"\D", "", str(job_id)) or "0"
@@ -79,9 +88,10 @@ def restarts_file(env) -> Path:
 
 
 def restart_count(env) -> int:
-    """How many times this job has been restarted: Slurm counts them (any cause); locally, we do."""
-    if "SLURM_RESTART_COUNT" in os.environ:
-        return int(os.environ["SLURM_RESTART_COUNT"] or 0)
+    """How many times this job has been restarted: Slurm counts them (any cause; the variable is set
+    from the first restart on); locally, we do."""
+    if env.cluster == "slurm":
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     path = restarts_file(env)
     return int(path.read_text().strip() or 0) if path.is_file() else 0
 
@@ -203,7 +213,7 @@ class TrainTask:
             return result
         if action == "leave":
             log(f"saved at step {step}/{end}; rank 0 requeues the job")
-            raise SystemExit(0)  # no result file: the job is not over
+            leave(0)
         if action == "limit":
             raise RequeueLimitError(
                 f"preempted at step {step}/{end} and not requeued: --max-requeues {self.max_requeues} reached. "
@@ -211,8 +221,11 @@ class TrainTask:
             )
         log(f"saved at step {step}/{end} ({latest}); requeueing job {env.job_id} "
             f"(restart {restarts + 1} of at most {self.max_requeues})")
-        if "SLURM_RESTART_COUNT" not in os.environ:
+        if env.cluster != "slurm":
             restarts_file(env).write_text(f"{restarts + 1}\n")
-        sys.stdout.flush()
-        env._requeue(self.max_requeues - restarts - 1)  # Slurm: scontrol requeue; local: exits with 144
-        raise SystemExit(0)  # the requeued job writes the result
+        try:
+            env._requeue(self.max_requeues - restarts - 1)  # Slurm: scontrol requeue
+            code = 0
+        except SystemExit as exit_:  # the local executor's requeue is an exit code (144) for its controller
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        leave(code)
