@@ -374,11 +374,21 @@ def report_submitted(plan: Plan, jobs: list) -> None:
         say(f"follow: squeue -j {first}   tail -f {jobs[0].paths.stdout}   cancel: scancel {first}")
 
 
+class SlurmUnreachable(RuntimeError):
+    """scontrol failed for another reason than an unknown job (slurmctld busy or restarting)."""
+
+
 def scontrol_job(job_id: str) -> dict | None:
     """`scontrol show job -o` as a dict (None once Slurm has forgotten the job)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired as err:
+        raise SlurmUnreachable(f"scontrol show job {job_id}: no answer in 60 s") from err
     if proc.returncode != 0 or "JobId=" not in proc.stdout:
-        return None
+        if "invalid job id" in (proc.stderr + proc.stdout).lower():
+            return None
+        raise SlurmUnreachable(f"scontrol show job {job_id}: {(proc.stderr or proc.stdout).strip()}")
     line = proc.stdout.strip().splitlines()[0]
     fields = {}
     for token in re.split(r"\s+(?=[A-Za-z:/]+=)", line):
@@ -414,7 +424,11 @@ def wait_slurm(jobs: list, poll: float) -> dict[str, dict]:
     seen_final: dict[str, tuple] = {}
     while pending:
         for jid in sorted(pending):
-            info = scontrol_job(jid)
+            try:
+                info = scontrol_job(jid)
+            except SlurmUnreachable as err:
+                say(f"{err}; trying again")
+                continue
             if info is None:
                 info = sacct_state(jid) or {"JobState": "UNKNOWN", "ExitCode": "?", "Restarts": "?"}
                 final[jid] = info
