@@ -145,6 +145,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: str = "auto"  # auto: newest complete checkpoint in output_dir if any; none; or a folder
     stop_at_step: int = 0  # end this run early at that step with a checkpoint (schedule unchanged)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     peak_tflops: float = 0.0  # one device's peak for the MFU metric (0: known GPUs' datasheet value; CPU: none)
     max_nonfinite_steps: int = 5  # consecutive non-finite losses (steps skipped) before the run stops
 
@@ -469,6 +470,14 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accumulation_steps >= 1, "train.grad_accumulation_steps",
              f"must be >= 1, got {t.grad_accumulation_steps}")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"two values in [0, 1), got {t.betas}")
+    owned = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "train_batch_size": "train.micro_batch_size",
+             "gradient_accumulation_steps": "train.grad_accumulation_steps", "gradient_clipping": "train.grad_clip",
+             "bf16": "train.precision", "fp16": "train.precision", "optimizer": "train.optimizer",
+             "scheduler": "train.schedule"}
+    for k in t.deepspeed:
+        _require(k not in owned, f"train.deepspeed.{k}", f"set by {owned.get(k)}; give it there")
+    _require("stage" not in (t.deepspeed.get("zero_optimization") or {}), "train.deepspeed.zero_optimization.stage",
+             "set by train.zero_stage; give it there")
     _require(t.peak_tflops >= 0, "train.peak_tflops", f"must be >= 0, got {t.peak_tflops}")
     _require(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
     _require(t.optimizer != "lamb" or t.zero_stage == 0, "train.optimizer",

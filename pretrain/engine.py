@@ -74,7 +74,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config from the training config, with ``train.deepspeed`` merged over it
+    (e.g. ``zero_optimization: {overlap_comm: true, reduce_bucket_size: 5e8}``)."""
+    return _merge(_generated(cfg, world_size), cfg.deepspeed)
+
+
+def _generated(cfg: TrainConfig, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation_steps,

@@ -83,3 +83,17 @@ def test_accelerate_configs_load_with_accelerate(name, kind, procs):
     cfg = load_config_from_file(str(QUICKSTART.parent / "accelerate" / f"{name}.yaml"))
     assert (cfg.distributed_type.value, cfg.num_processes) == (kind, procs)
     assert cfg.mixed_precision == "no"  # precision is the training config's (train.precision)
+
+
+def test_deepspeed_extras_merge_and_owned_keys_are_refused():
+    from pretrain.engine import deepspeed_config
+
+    cfg = load_config(QUICKSTART, ["train.deepspeed={zero_optimization: {overlap_comm: true}, steps_per_print: 7}",
+                                   "train.zero_stage=1", "train.grad_accumulation_steps=3"])
+    ds = deepspeed_config(cfg.train, world_size=2)
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True} and ds["steps_per_print"] == 7
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+    for extra, key in [("{train_batch_size: 4}", "train.deepspeed.train_batch_size: set by train.micro_batch_size"),
+                       ("{zero_optimization: {stage: 3}}", "train.deepspeed.zero_optimization.stage: set by train.zero_stage")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(QUICKSTART, [f"train.deepspeed={extra}"])
