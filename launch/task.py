@@ -105,14 +105,30 @@ def restart_count(env) -> int:
     return int(path.read_text().strip() or 0) if path.is_file() else 0
 
 
+def _last_logged_step(metrics: Path) -> int:
+    """The last training step in metrics.jsonl (the trainer always logs its last step)."""
+    step = 0
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in row:
+                step = max(step, int(row["step"]))
+    return step
+
+
 def progress(config: str | None, overrides: list[str]) -> tuple[int, int, Path | None]:
-    """(step of the newest complete checkpoint, the run's last step, that checkpoint)."""
+    """(how far the run got, its last step, the newest complete checkpoint): the step is the newest
+    checkpoint's, or the last logged one where that is further (train.checkpoint=false)."""
     from pretrain.checkpoint import COMPLETE, latest_complete
     from pretrain.config import load_config
 
     cfg = load_config(config, overrides)
     latest = latest_complete(Path(cfg.output_dir) / "checkpoints")
     step = json.loads((latest / COMPLETE).read_text())["step"] if latest is not None else 0
+    step = max(step, _last_logged_step(Path(cfg.output_dir) / "metrics.jsonl"))
     t = cfg.train
     end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
     return int(step), int(end), latest

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from launch.slurm import build_parser, main, make_plan, parse_sweeps, point_dirname, sweep_points
-from launch.task import PORT_BASE, PORT_SPAN, PreemptionNotice, master_port, next_action, rendezvous
+from launch.task import PORT_BASE, PORT_SPAN, PreemptionNotice, master_port, next_action, progress, rendezvous
 from tests.conftest import PYTHON, ROOT
 from tests.train_helpers import QUICKSTART, make_shards, tiny_overrides
 
@@ -151,6 +151,19 @@ def test_rendezvous_from_submitit_job_environment(monkeypatch):
     ports = {master_port(str(j)) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(PORT_BASE <= p < PORT_BASE + PORT_SPAN for p in ports)
     assert master_port("4321") == master_port("4321")
+
+
+def test_progress_from_checkpoint_and_metrics(tmp_path):
+    """How far a run got: the newest complete checkpoint, or the last logged step if further."""
+    overrides = [f"output_dir={tmp_path}", "train.steps=10", "train.stop_at_step=8"]
+    assert progress(str(QUICKSTART), overrides) == (0, 8, None)
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step{step:06d}" / "COMPLETE").write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoints" / "step000006").mkdir()  # no COMPLETE marker: does not count
+    rows = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4, 5)] + [{"step": 5, "eval/x": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    assert progress(str(QUICKSTART), overrides) == (5, 8, tmp_path / "checkpoints" / "step000004")
 
 
 def test_requeue_decisions():
