@@ -10,6 +10,9 @@ DEMO_RUN ?= runs/demo
 # releases lie on local disk for pip (a pip constraints file caps torch at them).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# DeepSpeed compiles a small CPU op on first use; keep its build beside this venv, so that two
+# checkouts (two venvs) do not keep invalidating one shared cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo demo-data test clean help slurm-up
 
