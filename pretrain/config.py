@@ -91,17 +91,26 @@ class TowerConfig:
     grad_checkpointing: bool = False  # recompute backbone activations in backward
 
 
-def _default_towers() -> dict[str, TowerConfig]:
-    return {
-        "image": TowerConfig(type="timm", options={"name": "resnet10t"}),
-        "text": TowerConfig(type="text_transformer", options={"width": 128, "layers": 2, "heads": 4}),
-    }
+def default_tower(modality: "ModalityConfig", name: str) -> Optional[TowerConfig]:
+    """The tower a modality gets when ``model.towers`` names none for it, by its decoder."""
+    decoder = modality.decoder or name
+    if decoder == "image":
+        return TowerConfig(type="timm", options={"name": "resnet10t"})
+    if decoder == "text":
+        return TowerConfig(type="text_transformer", options={"width": 128, "layers": 2, "heads": 4})
+    if decoder == "audio" and (modality.options or {}).get("features") == "log_mel":
+        return TowerConfig(type="audio_cnn")
+    if decoder in ("npy", "json"):
+        return TowerConfig(type="mlp")
+    return None
 
 
 @dataclass
 class ModelConfig:
     embed_dim: int = 64
-    towers: dict[str, TowerConfig] = field(default_factory=_default_towers)  # one per data modality
+    # one per data modality; a modality left out gets its decoder's default (image: timm resnet10t,
+    # text: text_transformer, audio log-mel: audio_cnn, npy/json: mlp)
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
     init_temperature: float = 0.07  # logit_scale starts at log(1/T)
     init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
     max_logit_scale: float = 100.0  # the temperature clamp: 1/T never exceeds this
@@ -449,8 +458,10 @@ def _validate_towers(m: ModelConfig, d: DataConfig) -> None:
         _require(name in d.modalities, key, f"no such modality in data.modalities ({', '.join(d.modalities)})")
         cls = get_tower_class(tower.type, f"{key}.type")
         _build(cls.Options, dict(tower.options or {}), f"{key}.options")
-    for name in d.modalities:
-        _require(name in m.towers, f"model.towers.{name}", f"data.modalities has {name!r}: configure a tower for it")
+    for name, modality in d.modalities.items():
+        if name not in m.towers and default_tower(modality, name) is not None:
+            m.towers[name] = default_tower(modality, name)
+    # a modality with neither a tower nor a default one stops the run when the model is built
 
 
 def validate(cfg: Config) -> None:

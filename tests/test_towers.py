@@ -4,6 +4,7 @@ checkpointing and LAMB behave as documented. Single process, tiny sizes."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -224,7 +225,6 @@ def test_grad_checkpointing_gives_the_same_gradients(tower, modality):
         ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"options": {}}}, "model.towers.w.type: required"),
         ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp", "options": {"depth": 2}}},
          "model.towers.w.options.depth: unknown key"),
-        ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}}, "model.towers.w: data.modalities has 'w'"),
         ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp"}, "z": {"type": "mlp"}},
          "model.towers.z: no such modality"),
         ({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp", "freeze": "yes"}},
@@ -232,8 +232,20 @@ def test_grad_checkpointing_gives_the_same_gradients(tower, modality):
     ],
 )
 def test_bad_tower_config_names_the_field(modalities, towers, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         _cfg(modalities, towers)
+
+
+def test_a_modality_without_a_tower_gets_its_decoders_default():
+    cfg = _cfg({"image": {"decoder": "image"}, "text": {"decoder": "text"}, "v": NPY, "mel": MEL}, {})
+    assert {m: t.type for m, t in cfg.model.towers.items()} == {
+        "image": "timm", "text": "text_transformer", "v": "mlp", "mel": "audio_cnn"}
+
+
+def test_a_modality_with_no_tower_and_no_default_stops_at_build():
+    cfg = _cfg({"v": NPY, "w": WAVE}, {"v": {"type": "mlp"}})
+    with pytest.raises(ConfigError, match=re.escape("model.towers.w: data.modalities has 'w' (decoder 'audio')")):
+        build_model(cfg.model, cfg.data)
 
 
 @pytest.mark.parametrize("modality, tower, key", [

@@ -132,7 +132,8 @@ def build_model(cfg: ModelConfig, data: Any, with_bias: bool = False) -> Contras
     names = [m.name for m in modalities]
     for m in names:
         if m not in cfg.towers:
-            raise ConfigError(f"model.towers.{m}: data.modalities has {m!r} but no tower is configured for it")
+            raise ConfigError(f"model.towers.{m}: data.modalities has {m!r} (decoder "
+                              f"{data.modalities[m].decoder or m!r}): configure a tower for it")
     for m in cfg.towers:
         if m not in names:
             raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(names)})")
