@@ -27,7 +27,7 @@ from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, load_config, to_dict
 from pretrain.data import make_loader
 from pretrain.engine import build_engine, init_distributed
-from pretrain.evaluation import run_evaluation
+from pretrain.evaluation import format_metrics, run_evaluation
 from pretrain.flops import StepFlops, peak_flops
 from pretrain.losses import accumulate_step, build_loss
 from pretrain.metrics import MetricsWriter
@@ -348,6 +348,7 @@ def train(cfg: Config) -> dict[str, float]:
         if rank == 0:
             (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
             print(format_eval(metrics), flush=True)
+            print("\n".join(format_metrics(metrics).splitlines()[1:]), flush=True)  # every task's R@1 / top-k
             print(f"[eval] all metrics: {out / 'eval' / f'step{step:06d}.json'}; plots: {out / 'eval' / 'index.html'}",
                   flush=True)
     if rank == 0:

@@ -468,22 +468,24 @@ class NpyDecoder(Decoder):
         try:
             version = np.lib.format.read_magic(buf)
             if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
             else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
         except Exception as err:  # noqa: BLE001 - bad magic or header
             raise DecodeError("bad_npy", f"{type(err).__name__}: {err}") from None
         if dtype.hasobject:
             raise DecodeError("pickled_npy", "object arrays would need unpickling; refused")
         if tuple(shape) != self.output_shape:
             raise DecodeError("wrong_shape", f"shape {tuple(shape)}, expected {self.output_shape}")
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as err:  # noqa: BLE001 - truncated data, bad dtype
-            raise DecodeError("bad_npy", f"{type(err).__name__}: {err}") from None
-        if arr.dtype.kind not in "biuf":
-            raise DecodeError("bad_npy", f"dtype {arr.dtype} is not numeric")
-        return torch.from_numpy(np.array(arr, copy=True)).to(self.dtype)
+        if dtype.kind not in "biuf":
+            raise DecodeError("bad_npy", f"dtype {dtype} is not numeric")
+        count = int(np.prod(shape)) if shape else 1
+        offset = buf.tell()  # the header is parsed once; the data follows it
+        if len(data) - offset < count * dtype.itemsize:
+            raise DecodeError("bad_npy", f"truncated: {len(data) - offset} data bytes for {count} x {dtype}")
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+        return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True)).to(self.dtype)  # native order
 
 
 @register_decoder("json")
