@@ -59,25 +59,21 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, int, Path, Path]:
 
 def load_model(kind: str, folder: Path, cfg):
     """A plain (no DeepSpeed) model with the checkpoint's full fp32 weights."""
-    from pretrain.models import build_model
+    from pretrain.export import consolidated_state_dict, model_from_state
 
     if kind == "export":
         from safetensors.torch import load_file
 
         state = load_file(str(folder / "model.safetensors"))
     else:
-        from pretrain.export import consolidated_state_dict
-
         state = consolidated_state_dict(folder)
-    model = build_model(cfg.model, cfg.data, with_bias="logit_bias" in state)
     try:
-        model.load_state_dict(state, strict=True)
+        return model_from_state(cfg, state)
     except RuntimeError as err:
         raise CheckpointError(
             f"the checkpoint's weights do not fit the model of this config ({str(err).splitlines()[0]}); "
             f"leave out --config to use the run's own config.yaml"
         ) from None
-    return model
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:

@@ -37,6 +37,13 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
+def model_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> ContrastiveModel:
+    """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit)."""
+    model = build_model(cfg.model, cfg.data, with_bias="logit_bias" in state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def _run_config(folder: Path) -> Config:
     cfg_path = folder.parent.parent / "config.yaml"
     if not cfg_path.is_file():
@@ -74,17 +81,7 @@ class Embedder:
 
         folder = Path(folder)
         cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-        state = load_file(str(folder / "model.safetensors"))
-        model = build_model(cfg.model, cfg.data, with_bias="logit_bias" in state)
-        model.load_state_dict(state, strict=True)
-        return cls(model, cfg, device)
-
-    @property
-    def tokenizer(self):
-        text = next((m for m in self.decoders.values() if hasattr(m.decoder, "tokenizer")), None)
-        if text is None:
-            raise KeyError("no text modality in this model")
-        return text.decoder.tokenizer
+        return cls(model_from_state(cfg, load_file(str(folder / "model.safetensors"))), cfg, device)
 
     @staticmethod
     def _bytes(item) -> bytes:

@@ -202,8 +202,9 @@ def train(cfg: Config) -> dict[str, float]:
     def guarded_loss(features, scale, bias, masks=None, step=None):
         """The loss, unless some rank's features are not finite (then NaN on every rank, and no
         rank enters the loss's collectives); also shares whether any rank got a stop signal."""
-        finite = all(bool(torch.isfinite(f).all()) for f in features.values()) and bool(torch.isfinite(scale).all())
-        flags = torch.tensor([float(not finite), float(stop.received is not None)], device=info.device)
+        finite = torch.stack([torch.isfinite(x).all() for x in (*features.values(), scale)]).all()
+        # no host sync until the flags come back: both go in one collective
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.received is not None), device=info.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop_flag["any"] = stop_flag["any"] or bool(flags[1] > 0)
         if flags[0] > 0:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import PYTHON, ROOT, free_port, run_cmd
 from tests.test_pipeline import png_bytes, write_index, write_shard
+from tests.train_helpers import TINY_MODEL
 
 STEPS, MICRO_BATCH = 8, 6
 
@@ -44,13 +45,7 @@ def test_two_rank_training_over_broken_shards_reports_skips(broken_shards, tmp_p
         f"data.train.urls={broken_shards}/shard-{{000000..000007}}.tar",
         "data.train.shuffle_buffer=8",
         "data.train.workers=1",
-        "data.image_size=16",
-        "data.context_length=24",
-        "model.towers.image.options.name=test_resnet",
-        "model.embed_dim=16",
-        "model.towers.text.options.width=32",
-        "model.towers.text.options.layers=1",
-        "model.towers.text.options.heads=2",
+        *TINY_MODEL,
         f"train.steps={STEPS}",
         f"train.micro_batch_size={MICRO_BATCH}",
         "train.warmup_steps=1",

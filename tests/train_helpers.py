@@ -9,6 +9,18 @@ from tests.conftest import PYTHON, ROOT, build, free_port, make_caption_dataset,
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
+# the quickstart's image and text towers shrunk to test size
+TINY_MODEL = [
+    "data.image_size=16",
+    "data.context_length=24",
+    "model.towers.image.options.name=test_resnet",
+    "model.embed_dim=16",
+    "model.towers.text.options.width=32",
+    "model.towers.text.options.layers=1",
+    "model.towers.text.options.heads=2",
+]
+
+
 def make_shards(base: Path) -> Path:
     build(make_caption_dataset(base / "train", n=48, seed=1), base / "shards" / "train", shard_size=6)
     build(make_caption_dataset(base / "val", n=12, seed=2), base / "shards" / "val", shard_size=6)
@@ -21,13 +33,7 @@ def tiny_overrides(shards: Path, out: Path, steps: int, micro_batch: int = 6) ->
         f"data.train.urls={shards}/train/shard-{{000000..000007}}.tar",
         f"data.val.urls={shards}/val/shard-{{000000..000001}}.tar",
         "data.train.shuffle_buffer=4",
-        "data.image_size=16",
-        "data.context_length=24",
-        "model.towers.image.options.name=test_resnet",
-        "model.embed_dim=16",
-        "model.towers.text.options.width=32",
-        "model.towers.text.options.layers=1",
-        "model.towers.text.options.heads=2",
+        *TINY_MODEL,
         f"train.steps={steps}",
         f"train.micro_batch_size={micro_batch}",
         "train.warmup_steps=1",
