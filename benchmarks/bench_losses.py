@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.distributed import close_distributed, free_port, init_distributed  # noqa: E402
 from pretrain.losses import build_loss  # noqa: E402
 
 MiB = 1 << 20
@@ -64,9 +65,8 @@ def measure(fn) -> tuple[float, float]:
 
 
 def _clip_worker(rank, world, port, sizes, dim, reps, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed(rank, world, port, cpu=True)
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     ours = build_loss({"name": "clip"})
@@ -99,16 +99,13 @@ def _clip_worker(rank, world, port, sizes, dim, reps, out_path):
                for k, vals in results.items()}
         rows.append((b, med))
     torch.save(rows, f"{out_path}.{rank}")
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def bench_clip(args) -> None:
-    import socket
     import tempfile
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = Path(tempfile.mkdtemp()) / "clip"
     mp.spawn(_clip_worker, args=(args.world, port, args.sizes, args.dim, args.reps, str(path)), nprocs=args.world)
     per_rank = [torch.load(f"{path}.{r}") for r in range(args.world)]

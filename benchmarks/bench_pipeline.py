@@ -87,7 +87,7 @@ def run_webdataset(urls: list[str], workers: int) -> tuple[int, float]:
 
 def run_pipeline(urls: list[str], workers: int, total: int) -> tuple[int, float]:
     from pretrain.config import config_from_dict
-    from pretrain.data import make_loader
+    from pretrain.data import build_modalities, make_loader
 
     cfg = config_from_dict({
         "data": {"train": {"urls": urls, "samples": total, "shuffle_buffer": 0, "workers": workers},
@@ -95,7 +95,8 @@ def run_pipeline(urls: list[str], workers: int, total: int) -> tuple[int, float]
                  "labels": None, "image_size": SIZE, "context_length": CONTEXT},
         "eval": {"enabled": False},
     })
-    loader = make_loader(cfg.data.train, cfg.data, BATCH, rank=0, world_size=1, seed=0, train=True, epochs=1)
+    loader = make_loader(cfg.data.train, build_modalities(cfg.data, train=True), cfg.data, BATCH, rank=0,
+                         world_size=1, seed=0, train=True, epochs=1)
     start, n = time.perf_counter(), 0
     for batch in loader:
         n += len(batch)

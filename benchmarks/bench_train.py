@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,15 +51,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pretrain.distributed import free_port  # noqa: E402
 
 OPENCLIP_CONFIG = ROOT / "benchmarks" / "openclip_bench_vit.json"
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sizes() -> dict:
@@ -136,6 +130,7 @@ def count_parameters(urls: str, args) -> dict:
     import torch
 
     from pretrain.config import config_from_dict
+    from pretrain.data import build_modalities
     from pretrain.models import build_model
 
     open_clip.add_model_config(OPENCLIP_CONFIG)
@@ -145,7 +140,7 @@ def count_parameters(urls: str, args) -> dict:
     for name, vocab in (("ours", "openclip"), ("ours-byte", "byte")):
         cfg = config_from_dict(our_config(urls, Path("unused"), args, vocab))
         torch.manual_seed(0)
-        m = build_model(cfg.model, cfg.data)
+        m = build_model(cfg.model, build_modalities(cfg.data, train=True))
         counts[name] = {"image": n(m.towers["image"]), "text": n(m.towers["text"]), "total": n(m)}
     return counts
 
@@ -159,6 +154,7 @@ def model_check(urls: str, args, variants: list[str], reps: int = 5) -> dict:
     import torch.nn.functional as F
 
     from pretrain.config import config_from_dict
+    from pretrain.data import build_modalities
     from pretrain.models import build_model
 
     threads = torch.get_num_threads()
@@ -173,7 +169,7 @@ def model_check(urls: str, args, variants: list[str], reps: int = 5) -> dict:
             models[name] = open_clip.create_model(OPENCLIP_CONFIG.stem, pretrained=None)
         else:
             cfg = config_from_dict(our_config(urls, Path("unused"), args, "openclip" if name == "ours" else "byte"))
-            models[name] = build_model(cfg.model, cfg.data)
+            models[name] = build_model(cfg.model, build_modalities(cfg.data, train=True))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
             for k, m in models.items()}
     g = torch.Generator().manual_seed(0)

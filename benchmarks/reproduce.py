@@ -33,23 +33,18 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pretrain.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
 # ------------------------------------------------------------------------------------ plumbing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], log: Path, quiet: bool = False) -> float:
@@ -82,7 +77,7 @@ def train(config: str, out: Path, overrides: list[str], nproc: int) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if nproc > 1:
-        launcher = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        launcher = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     else:
         launcher = [PY]
     cmd = [*launcher, "-m", "pretrain.train", "--config", config, f"output_dir={out}", *overrides]

@@ -11,12 +11,15 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 from data_tools.errors import BuildError, StrictFailure
 from data_tools.members import AUDIO_FORMATS, IMAGE_FORMATS, Processing
+from pretrain.cli import run_cli
 
 EXIT_BAD_INPUT = 1  # --strict stopped at a bad input; verify found problems
 EXIT_USAGE = 2  # bad flags or an unreadable input
+INTERRUPTED = "interrupted: run the same command again to resume"  # Ctrl-C during a build (exit 130)
 
 
 def _parse_map(items: list[str]) -> dict[str, str]:
@@ -148,42 +151,35 @@ def _build(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from data_tools.verify import format_verify, verify
+
+    problems, facts = verify(args.dir, require=args.require, decode=args.decode)
+    print(format_verify(args.dir, problems, facts), file=sys.stderr if problems else sys.stdout)
+    return EXIT_BAD_INPUT if problems else 0
+
+
+def _stats(args) -> int:
+    from data_tools.verify import format_stats, stats
+
+    if not Path(args.dir).is_dir():
+        raise BuildError(f"{args.dir}: no such folder")
+    st = stats(args.dir)
+    if st["shards"] == 0:
+        raise BuildError(f"{args.dir}: no index.json and no .tar shards")
+    print(json.dumps(st, indent=1) if args.json else format_stats(st, args.all_shards))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "build":
-        try:
-            return _build(args)
-        except StrictFailure as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except BuildError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except OSError as err:  # the output folder cannot be written, a disk is full, ...
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except KeyboardInterrupt:
-            print("interrupted: run the same command again to resume", file=sys.stderr)
-            return 130
+        # StrictFailure first (it is a BuildError); OSError: the output folder cannot be written, a disk is full, ...
+        errors = [(StrictFailure, EXIT_BAD_INPUT), ((BuildError, OSError), EXIT_USAGE)]
+        return run_cli(lambda: _build(args), errors=errors, interrupted=INTERRUPTED)
     if args.command == "verify":
-        from data_tools.verify import format_verify, verify
-
-        problems, facts = verify(args.dir, require=args.require, decode=args.decode)
-        print(format_verify(args.dir, problems, facts), file=sys.stderr if problems else sys.stdout)
-        return EXIT_BAD_INPUT if problems else 0
-    from data_tools.verify import format_stats, stats
-
-    from pathlib import Path
-
-    if not Path(args.dir).is_dir():
-        print(f"error: {args.dir}: no such folder", file=sys.stderr)
-        return EXIT_USAGE
-    st = stats(args.dir)
-    if st["shards"] == 0:
-        print(f"error: {args.dir}: no index.json and no .tar shards", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(st, indent=1) if args.json else format_stats(st, args.all_shards))
-    return 0
+        return run_cli(lambda: _verify(args))
+    return run_cli(lambda: _stats(args), errors=[(BuildError, EXIT_USAGE)])
 
 
 if __name__ == "__main__":

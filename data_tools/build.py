@@ -36,10 +36,10 @@ from data_tools.members import AUDIO_FORMATS, IMAGE_FORMATS, Processing, SampleF
 from data_tools.progress import Progress
 from data_tools.sources import Failure, Row, detect_format, input_fingerprint, read_input, sanitize_key
 from data_tools.tarwriter import ShardFile, encode_sample, finished_size
+from pretrain.shard_index import FORMAT, INDEX, SIZES, dumps, index_document, load_index, sizes_document
 
 __all__ = ["BuildError", "BuildOptions", "StrictFailure", "build_shards"]
 
-FORMAT = "multimodal-pretrain-shards/1"
 WORK_DIR = ".build"
 NO_SPLIT = "all"
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -481,20 +481,20 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         old = []
-        index_path = out / "index.json"
-        if index_path.exists():
+        if (out / INDEX).exists():
             try:
-                old = [s["name"] for s in json.loads(index_path.read_text()).get("shards", [])]
-            except (ValueError, KeyError, TypeError, AttributeError):
+                old = [s["name"] for s in load_index(out / INDEX)["shards"]]
+            except ValueError:  # not an index of ours: no shards to remove
                 old = []
         state = {"fingerprint": fingerprint, "previous_shards": old}
         _write_atomic(plan_path, json.dumps(state))
     # The index is the completion record: gone from here until this build completes.
-    (out / "index.json").unlink(missing_ok=True)
+    (out / INDEX).unlink(missing_ok=True)
     # Temporary files of a killed run (ours by name: NAME.tmp.PID).
     for leftover in work.rglob("*.tmp.*"):
         leftover.unlink(missing_ok=True)
-    ours = re.compile(rf"(index\.json|failures\.jsonl|sizes\.json|{re.escape(o.prefix)}-\d{{6}}\.tar)\.tmp\.\d+")
+    names = "|".join(map(re.escape, (INDEX, "failures.jsonl", SIZES)))
+    ours = re.compile(rf"({names}|{re.escape(o.prefix)}-\d{{6}}\.tar)\.tmp\.\d+")
     for sdir in {out} | {_split_dir(out, split, o) for split in plan.splits}:
         if sdir.is_dir():
             for leftover in sdir.iterdir():
@@ -515,30 +515,31 @@ def _build_locked(o, plan, out, work, fingerprint, options_rec, folder, base_dir
             else:
                 tasks.append((split, g, chunk))
 
-    progress = Progress(total_rows, enabled=o.progress)
-    progress.update(done_rows, force=True)
-    if tasks:
-        if o.workers == 1 or len(tasks) == 1:
-            done = [done_rows]
+    progress = Progress(total_rows, initial=done_rows, enabled=o.progress)
+    try:
+        if tasks:
+            if o.workers == 1 or len(tasks) == 1:
+                done = [done_rows]
 
-            def tick(n: int) -> None:
-                done[0] += n
-                progress.update(done[0])
+                def tick(n: int) -> None:
+                    done[0] += n
+                    progress.update(done[0])
 
-            for t in tasks:
-                run_group(t, settings, tick)
-        else:
-            from data_tools.workers import Pool
+                for t in tasks:
+                    run_group(t, settings, tick)
+            else:
+                from data_tools.workers import Pool
 
-            pool = Pool(min(o.workers, len(tasks)), settings)
-            ok = False
-            try:
-                pool.run(tasks, lambda rows: progress.update(done_rows + rows))
-                ok = True
-            finally:
-                pool.close(kill=not ok)
-    progress.update(total_rows, force=True)
-    progress.close()
+                pool = Pool(min(o.workers, len(tasks)), settings)
+                ok = False
+                try:
+                    pool.run(tasks, lambda rows: progress.update(done_rows + rows))
+                    ok = True
+                finally:
+                    pool.close(kill=not ok)
+        progress.update(total_rows)
+    finally:
+        progress.close()  # the bar's line ends before any error message
     return _finalize(o, plan, out, work, groups, state, options_rec, start)
 
 
@@ -601,39 +602,15 @@ def _finalize(o, plan, out, work, groups, state, options_rec, start) -> dict:
         _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
         raise BuildError(f"no sample passed the checks: {len(failures)} of {plan.rows} rows rejected "
                          f"({_kinds_line(by_kind)}); see {out / 'failures.jsonl'}")
-    members: dict[str, int] = {}
-    for s in shards:
-        for m, c in s["members"].items():
-            members[m] = members.get(m, 0) + c
-    splits = {}
+    patterns = {}
     for split in groups:
         mine = [s for s in shards if s["split"] == split]
         sdir_rel = "" if _split_dir(out, split, o) == out else f"{split}/"
-        splits[split] = {
-            "shards": len(mine),
-            "samples": sum(s["samples"] for s in mine),
-            "bytes": sum(s["bytes"] for s in mine),
-            "pattern": sdir_rel + _pattern(o.prefix, len(mine)) if mine else None,
-        }
-        sizes = {s["name"].rsplit("/", 1)[-1]: s["samples"] for s in mine}
-        _write_atomic(_split_dir(out, split, o) / "sizes.json", json.dumps(sizes, indent=1) + "\n")
+        patterns[split] = sdir_rel + _pattern(o.prefix, len(mine)) if mine else None
+        _write_atomic(_split_dir(out, split, o) / SIZES, dumps(sizes_document(mine)))
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
-    index = {
-        "format": FORMAT,
-        "total_samples": total,
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "rows": plan.rows,
-        "shards": shards,
-        "splits": splits,
-        "members": dict(sorted(members.items())),
-        "required_members": sorted(m for m, c in members.items() if c == total),
-        "failures": {"total": len(failures), "by_kind": dict(sorted(by_kind.items()))},
-        "oversize_shards": oversize,
-    }
-    if plan.classes:
-        index["classes"] = plan.classes
-    index["options"] = options_rec
-    _write_atomic(out / "index.json", json.dumps(index, indent=1) + "\n")
+    index = index_document(shards, patterns, plan.rows, by_kind, oversize, plan.classes, options_rec)
+    _write_atomic(out / INDEX, dumps(index))
     index["elapsed_s"] = time.monotonic() - start  # for the summary; not written
     return index
 

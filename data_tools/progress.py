@@ -1,9 +1,8 @@
-"""Terminal progress bar (only on a terminal, never under CI) and plain-text tables."""
+"""Progress bar (tqdm; only on a terminal, never under CI) and plain-text tables."""
 from __future__ import annotations
 
 import os
 import sys
-import time
 
 
 def progress_wanted(stream) -> bool:
@@ -15,52 +14,28 @@ def progress_wanted(stream) -> bool:
         return False
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class Progress:
-    """``done/total rows  pct |bar| N samples/s  ETA m:ss`` redrawn in place on stderr."""
+    """A tqdm bar of rows done on stderr: shown when ``enabled`` (None: ``progress_wanted``).
+    ``initial``: rows already done when it starts (a resumed build), left out of the rate."""
 
-    def __init__(self, total: int, enabled: bool | None = None, stream=None, label: str = "building"):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = progress_wanted(self.stream) if enabled is None else enabled
-        self.total, self.label = total, label
-        self.t0 = time.monotonic()
-        self.first: int | None = None  # rows already done when we started (a resumed build)
-        self.last_draw = 0.0
-        self.done = 0
-        self.drawn = False
+    def __init__(self, total: int, initial: int = 0, enabled: bool | None = None, stream=None,
+                 label: str = "building"):
+        stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        if progress_wanted(stream) if enabled is None else enabled:
+            from tqdm import tqdm
 
-    def update(self, done: int, force: bool = False) -> None:
-        self.done = done
-        if self.first is None:
-            self.first = done
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last_draw < 0.2:
-            return
-        self.last_draw = now
-        elapsed = now - self.t0
-        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
-        pct = 100.0 * done / self.total if self.total else 100.0
-        width = 24
-        fill = int(width * done / self.total) if self.total else width
-        eta = _clock((self.total - done) / rate) if rate > 0 else "--:--"
-        line = (f"\r{self.label} {done}/{self.total} rows {pct:5.1f}% |{'#' * fill}{'.' * (width - fill)}| "
-                f"{rate:,.0f} samples/s  ETA {eta} ")
-        self.stream.write(line)
-        self.stream.flush()
-        self.drawn = True
+            self.bar = tqdm(total=total, initial=initial, desc=label, unit="row", file=stream, mininterval=0.2,
+                            dynamic_ncols=True)
+
+    def update(self, done: int) -> None:
+        """``done`` rows in all (not a step)."""
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def human_bytes(n: float) -> str:

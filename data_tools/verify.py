@@ -10,6 +10,7 @@ from pathlib import Path
 from data_tools.members import (AUDIO_EXTS, IMAGE_EXTS, MODALITIES, SampleFailure, check_audio, check_image,
                                 last_ext, modality)
 from data_tools.progress import human_bytes, table
+from pretrain.shard_index import INDEX, SIZES, ShardIndexError, load_index, sizes_document
 
 class _HashingReader:
     """A read-only file wrapper that hashes everything read through it."""
@@ -75,16 +76,16 @@ def scan_shard(path: Path, decode: bool = False) -> dict:
 def verify(folder: str | Path, require: list[str] | None = None, decode: bool = False) -> tuple[list[str], dict]:
     """(problems, facts) for a shard folder written by ``build``; no problems means it is sound."""
     out = Path(folder)
-    index_path = out / "index.json"
+    index_path = out / INDEX
     if not out.is_dir():
         return [f"{out}: no such folder"], {}
     if not index_path.exists():
         return [f"{index_path}: missing (the build did not complete, or this is not a shard folder)"], {}
     try:
-        index = json.loads(index_path.read_text())
-        shards = index["shards"]
-    except (ValueError, KeyError, TypeError) as err:
+        index = load_index(index_path)
+    except ShardIndexError as err:
         return [f"{index_path}: not a shard index ({err})"], {}
+    shards = index["shards"]
     problems: list[str] = []
     required = list(dict.fromkeys(list(index.get("required_members", [])) + list(require or [])))
     owner: dict[str, str] = {}
@@ -128,8 +129,8 @@ def verify(folder: str | Path, require: list[str] | None = None, decode: bool = 
     shard_re = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar") if prefix else re.compile(r".+\.tar")
     for d in dirs:
         sdir = out / d
-        sizes_path = sdir / "sizes.json"
-        mine = {Path(s["name"]).name: s["samples"] for s in shards if str(Path(s["name"]).parent) == d}
+        sizes_path = sdir / SIZES
+        mine = sizes_document([s for s in shards if str(Path(s["name"]).parent) == d])
         if sizes_path.exists():
             try:
                 if json.loads(sizes_path.read_text()) != mine:
@@ -152,12 +153,12 @@ def stats(folder: str | Path) -> dict:
     """Samples, bytes, per-member and per-modality presence, per-shard rows. Uses index.json when
     present, otherwise reads the tars' headers (any webdataset folder, img2dataset's included)."""
     out = Path(folder)
-    index_path = out / "index.json"
+    index_path = out / INDEX
     shards = []
-    source = "index.json"
+    source = INDEX
     modal_counts: dict[str, int] | None = None
     if index_path.exists():
-        index = json.loads(index_path.read_text())
+        index = load_index(index_path)
         for s in index["shards"]:
             shards.append({"name": s["name"], "split": s.get("split"), "samples": s["samples"], "bytes": s["bytes"],
                            "members": s.get("members", {})})

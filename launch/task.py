@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.distributed import STOP_SIGNAL  # what pretrain.train saves and stops on (the shared protocol)
+
 PREEMPT_SIGNAL = signal.SIGUSR2  # the notice: sbatch --signal=USR2@<delay>, submitit's job._interrupt()
-STOP_SIGNAL = signal.SIGUSR1  # what pretrain.train saves and stops on
 PORT_BASE, PORT_SPAN = 15000, 15000  # MASTER_PORT in [15000, 30000): below Linux's ephemeral range
 
 
@@ -122,16 +123,14 @@ def _last_logged_step(metrics: Path) -> int:
 def progress(config: str | None, overrides: list[str]) -> tuple[int, int, Path | None]:
     """(how far the run got, its last step, the newest complete checkpoint): the step is the newest
     checkpoint's, or the last logged one where that is further (train.checkpoint=false)."""
-    from pretrain.checkpoint import COMPLETE, latest_complete
+    from pretrain.checkpoint import checkpoint_step, latest_complete
     from pretrain.config import load_config
 
     cfg = load_config(config, overrides)
     latest = latest_complete(Path(cfg.output_dir) / "checkpoints")
-    step = json.loads((latest / COMPLETE).read_text())["step"] if latest is not None else 0
+    step = checkpoint_step(latest) if latest is not None else 0
     step = max(step, _last_logged_step(Path(cfg.output_dir) / "metrics.jsonl"))
-    t = cfg.train
-    end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
-    return int(step), int(end), latest
+    return int(step), cfg.train.end_step, latest
 
 
 def next_action(notice: str | None, step: int, end: int, rank: int, restarts: int, max_requeues: int) -> str:

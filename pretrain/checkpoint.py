@@ -1,89 +1,145 @@
-"""Checkpoints: atomic, resumable, pruned.
+"""Checkpoints: atomic, resumable, pruned; and the one reader of checkpoint folders.
 
 Layout under ``output_dir/checkpoints/``::
 
     step000040/            DeepSpeed's files (model, ZeRO-partitioned optimizer, scheduler, scaler)
-        rank00000.pt       per rank: RNG states and the data loader's position
+        rank00000.pt       per rank: the training state (RNG states, the data loader's position,
+                           the skip counters; see ``pretrain.trainer.TrainState``)
         COMPLETE           written last: a checkpoint without it is ignored
     latest                 the tag of the newest complete checkpoint (replaced atomically)
 
 A kill at any moment during a save leaves the previous complete checkpoint as ``latest``; the
 half-written folder is ignored on resume and removed by the next successful save.
+
+``Checkpointer`` decides when a step saves (``train.checkpoint_every``, the last step, a stop) and
+resumes a run (``train.resume``); ``find_checkpoint`` tells what a folder given on a command line
+is (a checkpoint, a run, an export), for ``pretrain.eval``, ``pretrain.export`` and ``launch``.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.options import ConfigError, require
+
 COMPLETE = "COMPLETE"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class CheckpointConfig:
+    """The checkpoint fields of ``train.*``."""
+
+    checkpoint: bool = True  # save checkpoints (always at the end and on SIGTERM/SIGUSR1)
+    checkpoint_every: int = 0  # also every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: str = "auto"  # auto: newest complete checkpoint in output_dir if any; none; or a folder
+
+    def check_checkpoint(self, key: str = "train") -> None:
+        require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+
+
+# ------------------------------------------------------------------------------- reading folders
 
 
 def tag_for(step: int) -> str:
     return f"step{step:06d}"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE).is_file()
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder holds: from its COMPLETE marker, else the digits of its name."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return int(json.loads((folder / COMPLETE).read_text())["step"])
+    digits = "".join(ch for ch in folder.name if ch.isdigit())
+    return int(digits) if digits else 0
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: json.loads((p / COMPLETE).read_text())["step"])
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)), key=checkpoint_step)
 
 
-def latest_complete(ckpt_dir: Path) -> Path | None:
+def latest_complete(ckpt_dir: Path) -> Optional[Path]:
     done = complete_checkpoints(ckpt_dir)
     return done[-1] if done else None
 
 
-def _fault(point: str, step: int) -> None:
-    """Test hook: PRETRAIN_FAULT=crash_in_save:STEP kills the process in the middle of that save."""
-    spec = os.environ.get("PRETRAIN_FAULT", "")
-    if spec == f"{point}:{step}":
-        os._exit(17)
+class CheckpointError(RuntimeError):
+    """A folder is not the checkpoint, run or export it was given as."""
 
 
-def save(engine, ckpt_dir: Path, step: int, rank: int, extra: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+@dataclass
+class FoundCheckpoint:
+    kind: str  # "deepspeed" (a training checkpoint) or "export" (model.safetensors + config.yaml)
+    folder: Path
+    step: int
+    config: Path  # the run's config.yaml
+    run_dir: Path  # the run folder (the export folder for an export)
+
+
+def find_checkpoint(path: str | Path, what: str = "--checkpoint") -> FoundCheckpoint:
+    """A checkpoint folder, a run folder (its newest complete checkpoint) or an exported folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{what}: no such folder: {folder}")
+    if (folder / EXPORT_WEIGHTS).is_file():
+        return FoundCheckpoint("export", folder, 0, folder / "config.yaml", folder)
+    if (folder / "checkpoints").is_dir() and not is_complete(folder):
+        latest = latest_complete(folder / "checkpoints")
+        if latest is None:
+            raise CheckpointError(f"{what}: no complete checkpoint under {folder / 'checkpoints'}")
+        folder = latest
+    if not any(folder.glob("*model_states.pt")):
+        raise CheckpointError(f"{what}: {folder} is not a checkpoint, run or exported folder")
+    run = folder.parent.parent
+    return FoundCheckpoint("deepspeed", folder, checkpoint_step(folder), run / "config.yaml", run)
+
+
+# -------------------------------------------------------------------------------- saving, loading
+
+
+def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict], keep: int) -> Path:
+    """Collective: every rank calls it. ``state()`` gives this rank's training state (taken after
+    the engine's files are written, so the random streams are those the run continues with).
+    Returns the folder."""
     tag = tag_for(step)
     folder = ckpt_dir / tag
     if rank == 0 and folder.exists():  # a leftover from an interrupted save of the same step
         shutil.rmtree(folder)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save({"rng": rng_state(), **extra}, folder / f"rank{rank:05d}.pt")
-    _fault("crash_in_save", step)
+    torch.save(state(), folder / f"rank{rank:05d}.pt")
+    _commit(ckpt_dir, folder, step, rank, keep)
+    return folder
+
+
+def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> None:
+    """Once every rank has written its files: the COMPLETE marker, ``latest``, pruning."""
     dist.barrier()
     if rank == 0:
         (folder / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
         tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag + "\n")
+        tmp.write_text(folder.name + "\n")
         os.replace(tmp, ckpt_dir / "latest")
         prune(ckpt_dir, keep)
     dist.barrier()
-    return folder
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -93,17 +149,63 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
     for p in ckpt_dir.iterdir():
-        if p.is_dir() and not (p / COMPLETE).exists() and p != newest:
+        if p.is_dir() and not is_complete(p) and p != newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def load(engine, folder: Path, rank: int) -> tuple[int, dict]:
-    """Restores engine state (model, optimizer, scheduler, scaler) and this rank's RNG; returns
-    (step, this rank's extra state)."""
+    """Restores the engine (model, optimizer, scheduler, scaler); returns (step, this rank's
+    training state as saved)."""
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if client is None:
         raise RuntimeError(f"checkpoint {folder} could not be loaded")
     # our own file, written by this code: not a stranger's shard, so a full unpickle is fine
-    extra = torch.load(folder / f"rank{rank:05d}.pt", weights_only=False)
-    set_rng_state(extra.pop("rng"))
-    return int(client["step"]), extra
+    state = torch.load(folder / f"rank{rank:05d}.pt", weights_only=False)
+    return int(client["step"]), state
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints; decides itself which steps save.
+
+    ``state`` is the run's training state: ``state.step`` and ``state_dict()`` /
+    ``load_state_dict()`` (``pretrain.trainer.TrainState``)."""
+
+    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int):
+        self.cfg, self.dir, self.engine, self.rank = cfg, Path(ckpt_dir), engine, rank
+        self.last_saved: Optional[int] = None
+
+    def resume_folder(self) -> Optional[Path]:
+        if self.cfg.resume == "none":
+            return None
+        if self.cfg.resume == "auto":
+            return latest_complete(self.dir)
+        folder = Path(self.cfg.resume)
+        if not is_complete(folder):
+            raise ConfigError(f"train.resume: {folder} is not a complete checkpoint folder")
+        return folder
+
+    def resume(self, state) -> Optional[Path]:
+        """Loads the checkpoint ``train.resume`` names (if any) into the engine and ``state``."""
+        folder = self.resume_folder()
+        if folder is None:
+            return None
+        try:
+            step, saved = load(self.engine, folder, self.rank)
+        except FileNotFoundError as err:
+            raise RuntimeError(f"cannot resume from {folder}: {err} (was it written by another world size?)") from None
+        state.load_state_dict({**saved, "step": step})
+        self.last_saved = step
+        return folder
+
+    def save(self, state, last: bool = False) -> Optional[Path]:
+        """Saves at every ``checkpoint_every``-th step and at the last one (``last``: the run ends
+        here, finished or stopped); never twice for one step. Collective."""
+        if not self.cfg.checkpoint or self.last_saved == state.step:
+            return None
+        if not last and not (self.cfg.checkpoint_every and state.step % self.cfg.checkpoint_every == 0):
+            return None
+        self.last_saved = state.step
+        folder = save(self.engine, self.dir, state.step, self.rank, state.state_dict, self.cfg.keep_checkpoints)
+        if self.rank == 0:
+            print(f"[train] checkpoint: {folder}", flush=True)
+        return folder

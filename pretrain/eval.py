@@ -14,80 +14,37 @@ the split; the parts are gathered). The tasks and metric keys: ``pretrain/evalua
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from pretrain.config import ConfigError, load_config
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[str, Path, int, Path, Path]:
-    """(kind, folder, step, config.yaml of the run, default output folder); kind is ``export`` or
-    ``deepspeed``."""
-    from pretrain.checkpoint import COMPLETE, latest_complete
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"--checkpoint: no such folder: {folder}")
-    if (folder / "model.safetensors").is_file():
-        step = 0
-        cfg = folder / "config.yaml"
-        return "export", folder, step, cfg, folder
-    if (folder / "checkpoints").is_dir() and not (folder / COMPLETE).exists():
-        latest = latest_complete(folder / "checkpoints")
-        if latest is None:
-            raise CheckpointError(f"--checkpoint: no complete checkpoint under {folder / 'checkpoints'}")
-        folder = latest
-    if not any(folder.glob("*model_states.pt")):
-        raise CheckpointError(f"--checkpoint: {folder} is not a checkpoint, run or exported folder")
-    if (folder / COMPLETE).is_file():
-        step = int(json.loads((folder / COMPLETE).read_text())["step"])
-    else:
-        digits = "".join(ch for ch in folder.name if ch.isdigit())
-        step = int(digits) if digits else 0
-    run = folder.parent.parent
-    return "deepspeed", folder, step, run / "config.yaml", run
+from pretrain.checkpoint import CheckpointError, find_checkpoint
+from pretrain.cli import FAILED, USAGE, run_cli
+from pretrain.config import load_config
+from pretrain.data import build_modalities
+from pretrain.distributed import close_distributed, init_distributed
+from pretrain.evaluation import evaluate, format_metrics
+from pretrain.export import load_weights
+from pretrain.options import ConfigError
 
 
-def load_model(kind: str, folder: Path, cfg):
-    """A plain (no DeepSpeed) model with the checkpoint's full fp32 weights."""
-    from pretrain.export import consolidated_state_dict, model_from_state
-
-    if kind == "export":
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "model.safetensors"))
-    else:
-        state = consolidated_state_dict(folder)
-    try:
-        return model_from_state(cfg, state)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit the model of this config ({str(err).splitlines()[0]}); "
-            f"leave out --config to use the run's own config.yaml"
-        ) from None
-
-
-def _init_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+def run(args) -> None:
+    found = find_checkpoint(args.checkpoint)
+    if args.config is None and not found.config.is_file():
+        raise CheckpointError(f"--checkpoint: no config.yaml at {found.config}; give --config")
+    cfg = load_config(args.config or found.config, args.overrides)
+    if not cfg.data.val.urls:
+        raise ConfigError("data.val.urls: required for evaluation")
+    out = Path(args.output) if args.output else found.run_dir
+    info = init_distributed()
+    modalities = build_modalities(cfg.data, train=False)
+    model = load_weights(found, cfg, modalities).to(info.device)
+    metrics = evaluate(model, cfg, modalities, info.device, step=found.step, output_dir=out)
+    if info.rank == 0:
+        print(format_metrics(metrics))
+        print(f"[eval] checkpoint {found.folder} (step {found.step})")
+        print(f"[eval] metrics: {out / 'eval' / f'step{found.step:06d}.json'}")
+        if cfg.eval.plots:
+            print(f"[eval] plots: {out / 'eval' / 'plots'}  (overview: {out / 'eval' / 'index.html'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,40 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="folder for eval/ (default: the checkpoint's run folder)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.tasks=[retrieval]")
     args = parser.parse_args(argv)
-    try:
-        kind, folder, step, run_cfg, default_out = resolve_checkpoint(args.checkpoint)
-        if args.config is None and not run_cfg.is_file():
-            raise CheckpointError(f"--checkpoint: no config.yaml at {run_cfg}; give --config")
-        cfg = load_config(args.config or run_cfg, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not cfg.data.val.urls:
-        print("config error: data.val.urls: required for evaluation", file=sys.stderr)
-        return 2
-    out = Path(args.output) if args.output else default_out
-    try:
-        rank, world, device = _init_distributed()
-        from pretrain.evaluation import format_metrics, run_evaluation
-
-        model = load_model(kind, folder, cfg).to(device)
-        metrics = run_evaluation(model, cfg, rank, world, device, step, out)
-        if rank == 0:
-            print(format_metrics(metrics))
-            print(f"[eval] checkpoint {folder} (step {step})")
-            print(f"[eval] metrics: {out / 'eval' / f'step{step:06d}.json'}")
-            if cfg.eval.plots:
-                print(f"[eval] plots: {out / 'eval' / 'plots'}  (overview: {out / 'eval' / 'index.html'})")
-    except (CheckpointError, ConfigError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: run(args), errors=[(CheckpointError, USAGE), (RuntimeError, FAILED)],
+                   cleanup=close_distributed)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint, find_checkpoint
+from pretrain.cli import USAGE, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
+from pretrain.data import Modalities, build_modalities
 from pretrain.models import ContrastiveModel, build_model
 
 
@@ -37,30 +40,43 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
-def model_from_state(cfg: Config, state: dict[str, torch.Tensor]) -> ContrastiveModel:
+def model_from_state(cfg: Config, state: dict[str, torch.Tensor], modalities: Modalities) -> ContrastiveModel:
     """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit)."""
-    model = build_model(cfg.model, cfg.data, with_bias="logit_bias" in state)
+    model = build_model(cfg.model, modalities, with_bias="logit_bias" in state)
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _run_config(folder: Path) -> Config:
-    cfg_path = folder.parent.parent / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"--checkpoint: no config.yaml in the run folder {folder.parent.parent}")
-    return config_from_dict(yaml.safe_load(cfg_path.read_text()))
+def load_weights(found: FoundCheckpoint, cfg: Config, modalities: Modalities) -> ContrastiveModel:
+    """A plain model with the full fp32 weights of a checkpoint or an export."""
+    if found.kind == "export":
+        from safetensors.torch import load_file
+
+        state = load_file(str(found.folder / EXPORT_WEIGHTS))
+    else:
+        state = consolidated_state_dict(found.folder)
+    try:
+        return model_from_state(cfg, state, modalities)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit the model of this config ({str(err).splitlines()[0]}); "
+            f"leave out --config to use the run's own config.yaml"
+        ) from None
 
 
 def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    folder, output = Path(checkpoint_folder), Path(output)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--checkpoint: no such folder: {folder}")
-    cfg = _run_config(folder)
-    state = consolidated_state_dict(folder)
+    found = find_checkpoint(checkpoint_folder)
+    if found.kind != "deepspeed":
+        raise CheckpointError(f"--checkpoint: {found.folder} is already an export")
+    if not found.config.is_file():
+        raise CheckpointError(f"--checkpoint: no config.yaml in the run folder {found.run_dir}")
+    cfg = config_from_dict(yaml.safe_load(found.config.read_text()))
+    state = consolidated_state_dict(found.folder)
+    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(output / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(output / EXPORT_WEIGHTS))
     (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return output
 
@@ -68,11 +84,9 @@ def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
 class Embedder:
     """A trained model in eval mode with each modality's decoder, for raw inputs."""
 
-    def __init__(self, model: ContrastiveModel, cfg: Config, device: str | torch.device = "cpu"):
-        from pretrain.data import build_modalities
-
+    def __init__(self, model: ContrastiveModel, cfg: Config, modalities: Modalities,
+                 device: str | torch.device = "cpu"):
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, torch.device(device)
-        modalities, _ = build_modalities(cfg.data, train=False)
         self.decoders = {m.name: m for m in modalities}
 
     @classmethod
@@ -81,7 +95,9 @@ class Embedder:
 
         folder = Path(folder)
         cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-        return cls(model_from_state(cfg, load_file(str(folder / "model.safetensors"))), cfg, device)
+        modalities = build_modalities(cfg.data, train=False)
+        return cls(model_from_state(cfg, load_file(str(folder / EXPORT_WEIGHTS)), modalities), cfg, modalities,
+                   device)
 
     @staticmethod
     def _bytes(item) -> bytes:
@@ -122,16 +138,15 @@ class Embedder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder: RUN/checkpoints/stepNNNNNN")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/stepNNNNNN) or a run")
     parser.add_argument("--output", required=True, help="folder for model.safetensors and config.yaml")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         out = export(args.checkpoint, args.output)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {out / 'model.safetensors'} and {out / 'config.yaml'}")
-    return 0
+        print(f"exported {out / EXPORT_WEIGHTS} and {out / 'config.yaml'}")
+
+    return run_cli(run, errors=[(CheckpointError, USAGE)])
 
 
 if __name__ == "__main__":

@@ -1,53 +1,75 @@
-"""LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning"): Adam's update rescaled
-per parameter tensor by the trust ratio ||w|| / ||update||, for large-batch training.
+"""The optimizer and its schedule (``train.optimizer``, ``train.lr``, ... in a recipe).
 
-DeepSpeed's fused LAMB is a CUDA kernel; this one is plain PyTorch and runs anywhere. The trust
-ratio is per parameter tensor, so it needs whole tensors: ZeRO stages 1-3 hand the optimizer flat
-partitions instead (the config refuses that combination).
+AdamW from torch, LAMB from ``timm.optim`` (You et al., 2019: Adam's update rescaled per
+parameter tensor by the trust ratio ||w|| / ||update||, applied to every tensor as in the paper);
+weight decay on matrices and kernels only; linear warmup, then cosine decay to 0 or constant.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 
+from pretrain.options import require
 
-class Lamb(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 max_trust_ratio: float = 10.0):
-        if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"Lamb: bad hyper-parameters lr={lr} eps={eps} betas={betas}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      max_trust_ratio=max_trust_ratio))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                m_hat = m / (1 - b1 ** state["step"])
-                v_hat = v / (1 - b2 ** state["step"])
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                weight = p.float()
-                if group["weight_decay"]:
-                    update = update + group["weight_decay"] * weight
-                w_norm, u_norm = weight.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                trust = trust.clamp(max=group["max_trust_ratio"])
-                state["last_trust_ratio"] = float(trust)
-                p.add_((update * (-group["lr"] * trust)).to(p.dtype))
-        return loss
+@dataclass
+class OptimConfig:
+    """The optimizer fields of ``train.*``."""
+
+    optimizer: Literal["adamw", "lamb"] = "adamw"  # lamb: layer-wise trust ratio (needs zero_stage 0)
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"  # after linear warmup
+
+    def check_optim(self, key: str = "train") -> None:
+        require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        require(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+                f"two values in [0, 1), got {self.betas}")
+        require(self.eps > 0, f"{key}.eps", f"must be > 0, got {self.eps}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only: not on norms, biases, the temperature, the logit
+    bias or the missing/present embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "logit_" not in name and "missing_embedding" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        # DeepSpeed clips the gradients (train.grad_clip): no second clip inside the optimizer
+        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.schedule)
+    )

@@ -1,5 +1,318 @@
-"""Shared builders for the tests (placeholder: filled in by the restructure)."""
-from tests.conftest import ROOT, run_cmd  # noqa: F401
-from tests.train_helpers import losses, ok  # noqa: F401
+"""The tests' shared builders: small real datasets and shards, data configs and loaders, tiny
+training runs and the process launchers. Tests import from here only (never from each other).
 
+Committed fixtures live in tests/assets/ (made by tests/assets/make_assets.py): caption shards
+(``ASSET_SHARDS``: train 48 / val 12 samples, 4 classes) and a run with a checkpoint written by an
+earlier version of the code.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from pretrain.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
+ASSET_SHARDS = ASSETS / "shards"
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+PYTHON = sys.executable
+
+__all__ = [
+    "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
+    "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
+    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "single", "take", "text_shards",
+    "tiny_overrides", "torchrun", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
+    "write_shard",
+]
+
+# ------------------------------------------------------------------------------------- processes
+
+
+def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fails the test instead of hanging."""
+
+    def fire(signum, frame):
+        raise TimeoutError(f"no progress within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------------------ shards by hand
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A webdataset tar: members ``<key>.<ext>`` in sample order, deterministic headers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_index(folder: Path, counts: dict[str, int]) -> Path:
+    """An index.json in the shard CLI's format (names relative to ``folder``)."""
+    shards = [{"name": n, "samples": c, "bytes": 0, "sha256": ""} for n, c in counts.items()]
+    doc = {"format": "multimodal-pretrain-shards/1", "total_samples": sum(counts.values()), "shards": shards}
+    (folder / "index.json").write_text(json.dumps(doc, indent=1))
+    return folder / "index.json"
+
+
+def png_bytes(seed: int, size=(8, 8), fmt="PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def text_shards(folder: Path, sizes: list[int], prefix: str = "s", label: bool = True) -> list[str]:
+    """Text-only shards (fast to decode): sample key ``{prefix}{shard}_{i}``, caption = key."""
+    urls, counts = [], {}
+    for s, n in enumerate(sizes):
+        samples = []
+        for i in range(n):
+            key = f"{prefix}{s:02d}_{i:03d}"
+            members = {"txt": key.encode()}
+            if label:
+                members["cls"] = str(i % 3).encode()
+            samples.append((key, members))
+        name = f"{prefix}-{s:06d}.tar"
+        urls.append(str(write_shard(folder / name, samples)))
+        counts[name] = n
+    write_index(folder, counts)
+    return urls
+
+
+# ------------------------------------------------------------------ inputs of the shard-building CLI
+
+MAP = {"image": "png", "caption": "txt", "label": "cls"}
+
+
+def jpg_bytes(seed: int, size=(16, 12)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def wav_bytes(rate=8000, seconds=0.25, freq=440.0, fmt="WAV") -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def caption_rows(folder: Path, n: int) -> list[dict]:
+    """n rows {key, image (a PNG file), caption, label}; the files are written under folder/img."""
+    rows = []
+    for i in range(n):
+        rel = f"img/{i:04d}.png"
+        write(folder / rel, png_bytes(i, size=(8, 6)))
+        rows.append({"key": f"s{i:04d}", "image": rel, "caption": f"caption number {i}", "label": i % 3})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def all_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------ shards by the shard CLI
+
+
+def make_caption_dataset(folder: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
+    """n small PNG images (one colour pattern per class) with captions and labels; returns the manifest."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    with open(manifest, "w") as f:
+        for i in range(n):
+            label = i % classes
+            pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
+            pixels[:, :, label % 3] += np.uint8(120 + 40 * (label // 3))
+            rel = f"images/s{i:05d}.png"
+            Image.fromarray(pixels, mode="RGB").save(folder / rel)
+            row = {"key": f"s{i:05d}", "image": rel, "caption": f"class number {label}", "label": label}
+            f.write(json.dumps(row) + "\n")
+    return manifest
+
+
+def build(manifest: Path, out: Path, shard_size: int) -> dict:
+    from data_tools.build import build_shards
+
+    return build_shards(manifest, out, shard_size=shard_size,
+                        mapping={"image": "png", "caption": "txt", "label": "cls"})
+
+
+def make_vector_shards(base: Path, n: int = 48, dim: int = 8, seed: int = 0, shard_size: int = 6,
+                       names: tuple[str, ...] = ("a", "b")) -> Path:
+    """``n`` samples, each modality a float32 (dim,) vector: ``a`` random, every other one a fixed
+    random linear map of ``a`` plus noise (so the pairing is learnable). Returns the shard folder."""
+    from data_tools.build import build_shards
+
+    rng = np.random.default_rng(seed)
+    maps = {m: rng.standard_normal((dim, dim)).astype(np.float32) for m in names[1:]}
+    files = base / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        a = rng.standard_normal(dim).astype(np.float32)
+        row = {"key": f"s{i:05d}"}
+        for m in names:
+            v = a if m == names[0] else a @ maps[m] + 0.1 * rng.standard_normal(dim).astype(np.float32)
+            path = files / f"{i:05d}_{m}.npy"
+            np.save(path, v)
+            row[m] = str(path)
+        rows.append(row)
+    manifest = base / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = base / "shards"
+    build_shards(manifest, out, shard_size=shard_size)
+    return out
+
+
+# --------------------------------------------------------------------------- data configs, loaders
+
+
+def data_config(train: dict | None = None, val: dict | None = None, **data):
+    """A checked DataConfig (text modality only unless ``modalities`` is given)."""
+    from pretrain.config import config_from_dict
+
+    tree = {"train": train or {"urls": "unused.tar"}, "modalities": {"text": {"decoder": "text"}},
+            "context_length": 24, **data}
+    if val is not None:
+        tree["val"] = val
+    return config_from_dict({"data": tree, "eval": {"enabled": False}}).data
+
+
+def loader(d, rank=0, world=1, batch=3, seed=0, train=True, epochs=None, split=None):
+    """A loader over ``d`` (a DataConfig) with its decoders built for training or evaluation."""
+    from pretrain.data import build_modalities, make_loader
+
+    split = split or (d.train if train else d.val)
+    return make_loader(split, build_modalities(d, train), d, batch, rank, world, seed, train, epochs=epochs)
+
+
+def take(it, n: int) -> list[list[str]]:
+    return [next(it).keys for _ in range(n)]
+
+
+def flat(batches) -> list[str]:
+    return [k for b in batches for k in b]
+
+
+# ------------------------------------------------------------------------------- training runs
+
+# the quickstart's image and text towers shrunk to test size
+TINY_MODEL = [
+    "data.image_size=16",
+    "data.context_length=24",
+    "model.towers.image.options.name=test_resnet",
+    "model.embed_dim=16",
+    "model.towers.text.options.width=32",
+    "model.towers.text.options.layers=1",
+    "model.towers.text.options.heads=2",
+]
+
+
+def tiny_overrides(shards: Path, out: Path, steps: int, micro_batch: int = 6) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"data.train.urls={shards}/train/shard-{{000000..000007}}.tar",
+        f"data.val.urls={shards}/val/shard-{{000000..000001}}.tar",
+        "data.train.shuffle_buffer=4",
+        *TINY_MODEL,
+        f"train.steps={steps}",
+        f"train.micro_batch_size={micro_batch}",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "eval.classnames=[a, b, c, d]",
+        "eval.templates=['class number {}']",
+    ]
+
+
+def vector_overrides(shards: Path, out: Path, steps: int, micro_batch: int, dim: int = 8,
+                     names: tuple[str, ...] = ("a", "b")) -> list[str]:
+    """A run over ``make_vector_shards`` data: one npy modality and one MLP tower per name."""
+    count = len(list(shards.glob("shard-*.tar")))
+    mods = {m: {"decoder": "npy", "members": [f"{m}.npy"], "options": {"shape": [dim]}} for m in names}
+    towers = {m: {"type": "mlp", "options": {"hidden": [16]}} for m in names}
+    return [
+        f"output_dir={out}",
+        f"data.train.urls={shards}/shard-{{000000..{count - 1:06d}}}.tar",
+        "data.train.shuffle_buffer=0",
+        "data.labels=null",
+        f"data.modalities={json.dumps(mods)}",
+        f"model.towers={json.dumps(towers)}",
+        "model.embed_dim=8",
+        f"train.steps={steps}",
+        f"train.micro_batch_size={micro_batch}",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "eval.enabled=false",
+        "eval.classnames=[]",
+    ]
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
+             module: str = "pretrain.train"):
+    """``torchrun`` of the trainer (or ``module``: tests.faults runs it with faults injected)."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", module, "--config", str(QUICKSTART), *args]
+    return run_cmd(cmd, timeout=timeout, env=env)
+
+
+def single(args: list[str], env: dict | None = None, timeout: int = 600, module: str = "pretrain.train"):
+    return run_cmd([PYTHON, "-m", module, "--config", str(QUICKSTART), *args], timeout=timeout, env=env)
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> logged loss (later lines win, as after a resume)."""
+    result = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            result[row["step"]] = row["loss"]
+    return result

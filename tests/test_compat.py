@@ -1,10 +1,8 @@
 """What was written before a change still works after it: a checkpoint and run config committed
 from an earlier version of the code (tests/assets/run_v1, made by tests/assets/make_assets.py at
 commit a28e316) resume with today's code and continue that version's own loss curve."""
-import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -17,54 +17,9 @@ from PIL import Image
 from data_tools.__main__ import main as cli
 from data_tools.build import BuildError, StrictFailure, build_shards
 from data_tools.members import Processing
-
-MAP = {"image": "png", "caption": "txt", "label": "cls"}
-
+from tests.helpers import MAP, all_files, caption_rows, jpg_bytes, png_bytes, wav_bytes, write, write_jsonl
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def png_bytes(seed: int, size=(8, 6)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpg_bytes(seed: int, size=(16, 12)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def wav_bytes(rate=8000, seconds=0.25, freq=440.0, fmt="WAV") -> bytes:
-    t = np.arange(int(rate * seconds)) / rate
-    buf = io.BytesIO()
-    sf.write(buf, (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate, format=fmt, subtype="PCM_16")
-    return buf.getvalue()
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
-
-
-def caption_rows(folder: Path, n: int) -> list[dict]:
-    """n rows {key, image (a PNG file), caption, label}; the files are written under folder/img."""
-    rows = []
-    for i in range(n):
-        rel = f"img/{i:04d}.png"
-        write(folder / rel, png_bytes(i))
-        rows.append({"key": f"s{i:04d}", "image": rel, "caption": f"caption number {i}", "label": i % 3})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def read_samples(out: Path, index: dict | None = None) -> dict[str, dict[str, bytes]]:
@@ -81,10 +36,6 @@ def read_samples(out: Path, index: dict | None = None) -> dict[str, dict[str, by
 
 def failures(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "failures.jsonl").read_text().splitlines()]
-
-
-def all_files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 # -------------------------------------------------------------------------------- input kinds

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 import tarfile
 import time
@@ -11,9 +12,9 @@ import pytest
 
 from data_tools.__main__ import main as cli
 from data_tools.build import build_shards
-from pretrain.data import SampleDecoder, ShardStream, expand_urls
-from pretrain.tokenizer import ByteTokenizer
-from tests.test_data_tools_build import MAP, caption_rows, jpg_bytes, write_jsonl
+from pretrain.config import config_from_dict
+from pretrain.data import build_modalities, expand_urls, make_loader
+from tests.helpers import MAP, caption_rows, jpg_bytes, wav_bytes, write, write_jsonl
 
 
 @pytest.fixture
@@ -91,6 +92,18 @@ def test_verify_without_index(tmp_path, capsys):
     assert rc == 1 and "index.json: missing" in text
 
 
+def test_verify_rejects_a_broken_or_foreign_index(built, capsys):
+    out, index, _ = built
+    del index["shards"][1]["sha256"]
+    (out / "index.json").write_text(json.dumps(index))
+    rc, text = _verify(capsys, out)
+    assert rc == 1 and ("index.json: not a shard index (shards[1] needs a string 'name', an integer 'samples', "
+                        "an integer 'bytes' and a string 'sha256')") in text
+    (out / "index.json").write_text(json.dumps({"shards": []}))
+    rc, text = _verify(capsys, out)
+    assert rc == 1 and "not a shard index (format None, expected 'multimodal-pretrain-shards/1')" in text
+
+
 def test_stats_from_index_and_json(built, capsys):
     out, index, _ = built
     assert cli(["stats", str(out)]) == 0
@@ -130,18 +143,34 @@ def _img2dataset_shards(folder, n_shards=2, per_shard=5):
     return expected
 
 
+def _read_with_pipeline(urls: list[str], image_size: int) -> tuple[list[dict], object]:
+    """Every sample of ``urls`` through this project's loader (evaluation: one pass in shard order,
+    image, text and class-label decoders): [{key, image, image_mask, text, text_mask, label}], the decoders."""
+    data = config_from_dict({"data": {"train": {"urls": "unused.tar"}, "val": {"urls": urls}, "image_size": image_size},
+                             "eval": {"enabled": False}}).data
+    modalities = build_modalities(data, train=False)
+    samples = []
+    for batch in make_loader(data.val, modalities, data, 4, rank=0, world_size=1, seed=0, train=False):
+        for i, key in enumerate(batch.keys):
+            samples.append({"key": key, "label": int(batch.labels[i]),
+                            **{m: batch.modalities[m][i] for m in ("image", "text")},
+                            **{f"{m}_mask": bool(batch.masks[m][i]) for m in ("image", "text")}})
+    return samples, modalities
+
+
 def test_pipeline_reads_img2dataset_layout(tmp_path, capsys):
     expected = _img2dataset_shards(tmp_path / "i2d")
-    tok = ByteTokenizer(32)
-    dec = SampleDecoder(12, [0.5] * 3, [0.5] * 3, tok)
     urls = expand_urls(str(tmp_path / "i2d" / "{00000..00001}.tar"))
-    samples = list(ShardStream(urls, dec, rank=0, world_size=1, repeat=False))
-    assert sorted(s["__key__"] for s in samples) == sorted(expected)
+    samples, modalities = _read_with_pipeline(urls, image_size=12)
+    assert sorted(s["key"] for s in samples) == sorted(expected)
+    image_decoder, tok = modalities["image"].decoder, modalities["text"].decoder.tokenizer
     for s in samples:
-        image, caption = expected[s["__key__"]]
-        assert s["image"].shape == (3, 12, 12) and "label" not in s
+        image, caption = expected[s["key"]]
+        assert s["image"].shape == (3, 12, 12) and s["image_mask"] and s["text_mask"]
+        assert s["label"] == -1  # img2dataset writes no .cls
         assert tok.decode(s["text"]) == caption
-        assert (s["image"] - dec.image(image)).abs().max() == 0  # the pixels are this sample's image
+        # the pixels are this sample's image
+        assert (s["image"] - image_decoder.decode(image, "jpg", random.Random(0))).abs().max() == 0
     # stats reads any shard folder, without an index
     assert cli(["stats", str(tmp_path / "i2d")]) == 0
     text = capsys.readouterr().out
@@ -165,15 +194,13 @@ def test_build_writes_img2dataset_style_members(tmp_path):
         assert tar.getnames() == ["000000000.jpg", "000000000.json", "000000000.txt",
                                   "000000001.jpg", "000000001.json", "000000001.txt",
                                   "000000002.jpg", "000000002.json", "000000002.txt"]
-    tok = ByteTokenizer(32)
-    samples = list(ShardStream(expand_urls(str(out / "shard-{000000..000001}.tar")),
-                               SampleDecoder(8, [0.5] * 3, [0.5] * 3, tok), rank=0, world_size=1, repeat=False))
+    samples, modalities = _read_with_pipeline(expand_urls(str(out / "shard-{000000..000001}.tar")), image_size=8)
+    tok = modalities["text"].decoder.tokenizer
     assert [tok.decode(s["text"]) for s in samples] == [r["caption"] for r in rows]
+    assert all(s["image"].shape == (3, 8, 8) and s["image_mask"] for s in samples)
 
 
 def test_stats_partial_modalities(tmp_path, capsys):
-    from tests.test_data_tools_build import wav_bytes, write
-
     write(tmp_path / "a.wav", wav_bytes())
     rows = [{"key": "a", "caption": "x", "audio": "a.wav", "extra": "more words"},
             {"key": "b", "caption": "y"}, {"key": "c", "caption": "z"}]

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import ROOT, run_cmd
+from tests.helpers import run_cmd
 
 
 @pytest.mark.slow
@@ -21,8 +21,8 @@ def test_make_demo_learns(tmp_path):
     assert train_index["total_samples"] + val_index["total_samples"] == 1797
     assert "world_size=2" in out and "zero_stage=2" in out
     # the printed summary: each metric next to chance, where the logs and the checkpoint are
-    for label in ("zero-shot top-1", "image->text R@1", "text->image R@1"):
-        line = next(l for l in out.splitlines() if label in l)
+    for label in ("zero-shot image top-1", "image->text R@1 (class-aware)", "text->image R@1 (class-aware)"):
+        (line,) = [l for l in out.splitlines() if label in l]  # each figure printed once
         assert "(chance 10.00%)" in line, line
     assert f"tensorboard logs: {run}/tensorboard" in out
     assert f"checkpoint: {run}/checkpoints/step" in out

@@ -24,14 +24,8 @@ from pretrain.evaluation.ranking import (
     sample_negatives,
     sampled_rank,
 )
-from pretrain.evaluation.runner import (
-    _legacy_aliases,
-    _Shared,
-    retrieval_metrics,
-    symile_metrics,
-    write_outputs,
-    zeroshot_metrics,
-)
+from pretrain.evaluation.runner import format_metrics, short_names, write_outputs
+from pretrain.evaluation.tasks import WorkSplit, retrieval_metrics, symile_metrics, zeroshot_metrics
 
 CPU = torch.device("cpu")
 
@@ -163,14 +157,14 @@ def test_mip_retrieval_solves_xor_and_pairwise_cannot():
     cfg = Config()
     cfg.eval.symile.distinct = True
     cfg.eval.symile.scoring = ["mip", "pairwise"]
-    out = symile_metrics(split, _Model("abc"), "b", ["a", "c"], cfg, _Shared(0, 1, 64, CPU))
+    out = symile_metrics(split, _Model("abc"), "b", ["a", "c"], cfg, WorkSplit(0, 1, 64, CPU))
     assert out["eval/symile/b/candidates"] == 2 ** d
     assert out["eval/symile/b/r1"] == 1.0 and out["eval/symile/b/median_rank"] == 1.0
     assert out["eval/symile/b/r1/chance"] == pytest.approx(1 / 2 ** d)
     assert out["eval/symile_pairwise/b/r1"] < 0.3
     # 1 positive + 5 seeded negatives among the distinct candidates
     cfg.eval.symile.distinct, cfg.eval.symile.candidates = True, 5
-    out = symile_metrics(split, _Model("abc"), "b", ["a", "c"], cfg, _Shared(0, 1, 64, CPU))
+    out = symile_metrics(split, _Model("abc"), "b", ["a", "c"], cfg, WorkSplit(0, 1, 64, CPU))
     assert out["eval/symile/b/candidates"] == 6 and out["eval/symile/b/r1"] == 1.0
     assert out["eval/symile/b/r1/chance"] == pytest.approx(1 / 6)
     # the query vectors are what the docstring says
@@ -209,14 +203,18 @@ def test_zeroshot_and_retrieval_metrics_by_hand():
     txt = torch.tensor([[0.9, 0.0], [1.0, 0.0], [0.0, 1.0]])
     lab = torch.tensor([0, 0, 1])
     out = retrieval_metrics(img, txt, lab, "eval/retrieval/image_to_text", "eval/retrieval_class/image_to_text",
-                            [1, 2], 2, _Shared(0, 1, 2, CPU))
+                            [1, 2], 2, WorkSplit(0, 1, 2, CPU))
     # paired: img0 -> txt1 (1.0) before txt0 (.9): rank 2; img1 -> txt1 rank 1; img2 -> txt2 rank 1
     assert out["eval/retrieval/image_to_text/r1"] == pytest.approx(2 / 3)
     assert out["eval/retrieval/image_to_text/median_rank"] == 1.0
     assert out["eval/retrieval_class/image_to_text/r1"] == 1.0
     assert out["eval/retrieval_class/image_to_text/r1/chance"] == pytest.approx((2 / 3 * 2 + 1 / 3) / 3)
-    aliases = _legacy_aliases(out)
+    aliases = short_names(out)
     assert aliases["eval/i2t_r1"] == 1.0 and "eval/t2i_r1" not in aliases
+    # the printout shows each figure once: the short names are not printed again
+    text = format_metrics({"eval/samples": 3.0, **out, **aliases})
+    assert text.count("100.00%") == 1 and "image->text R@1 (class-aware)" in text and "i2t" not in text
+    assert text.count("66.67%") == 1 and "image->text R@1 " in text
 
 
 def test_outputs_json_and_pngs(tmp_path):

@@ -6,14 +6,13 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import PYTHON, free_port, run_cmd
-from tests.train_helpers import make_shards, ok, single, tiny_overrides
+from tests.helpers import ASSET_SHARDS, PYTHON, free_port, ok, run_cmd, single, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
-    shards = make_shards(tmp_path)
+    shards = ASSET_SHARDS
     run = tmp_path / "run"
     # ZeRO-0 and no loader worker keep it short; the CLI consolidates any stage through pretrain.export
     ok(single(tiny_overrides(shards, run, steps=2) + ["eval.enabled=false", "train.zero_stage=0", "data.train.workers=0"]))
@@ -34,14 +33,17 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     assert result["eval/retrieval/image_to_text/r1/chance"] == pytest.approx(1 / 12)
     assert result["eval/linear_probe/text/train_samples"] == 1  # rank 0's one sample; rank 1 had none
     assert out.count("[eval] held-out samples: 12") == 1  # rank 0 prints
-    assert "zeroshot/image/top1" in out and "(chance 25.00%)" in out and f"{run}/eval/step000002.json" in out
+    (line,) = [l for l in out.splitlines() if "zero-shot image top-1" in l]  # each figure printed once
+    assert "(chance 25.00%)" in line and f"{run}/eval/step000002.json" in out
     for png in ("recall_vs_step.png", "similarity_step000002.png"):
         with Image.open(run / "eval" / "plots" / png) as img:
             assert img.width > 100
     # a run folder resolves to its newest checkpoint; bad input is named
-    from pretrain.eval import main, resolve_checkpoint
+    from pretrain.checkpoint import find_checkpoint
+    from pretrain.eval import main
 
-    assert resolve_checkpoint(run)[1:3] == (ckpt, 2)
+    found = find_checkpoint(run)
+    assert (found.folder, found.step) == (ckpt, 2)
     assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert main(["--checkpoint", str(ckpt), "eval.symile.candidates=-1"]) == 2
     assert main(["--checkpoint", str(ckpt), "eval.retrieval.pairs=[[image,audio]]"]) == 2

@@ -2,16 +2,14 @@
 single-process computation on the concatenated global batch: the rank-mean of the loss values and
 of the gradients of features, temperature and bias, to 1e-9 relative; with and without masks and
 with and without feature-caching gradient accumulation."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.losses import accumulate_step, build_loss
-from tests.conftest import free_port
+from pretrain.distributed import close_distributed, free_port, init_distributed
 
 DIM = 5
 SIZES = {2: [4, 3], 4: [3, 1, 4, 2]}
@@ -103,8 +101,7 @@ def _run_case(case_index, case, rows, sizes_for_chunks=None):
 
 
 def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed(rank, world, port, cpu=True)
     torch.manual_seed(rank)  # ranks' own RNG streams differ; the losses must not depend on them
     try:
         sizes = SIZES[world]
@@ -113,7 +110,7 @@ def _worker(rank, world, port, out_path):
         results = [_run_case(i, case, rows, sizes) for i, case in enumerate(CASES)]
         torch.save(results, f"{out_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 def _reference(case_index, case, sizes):

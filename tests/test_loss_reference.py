@@ -1,16 +1,14 @@
 """The loss layer against reference implementations (test extras): open_clip's ClipLoss
 (local_loss=True, gather_with_grad=True) and SigLipLoss on a real 2-rank gloo group, and the symile
 package's Symile(negative_sampling="n_squared") with M = 3. Also the clear-error contract."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.losses import LossInputError, accumulate_step, build_loss
-from tests.conftest import free_port
+from pretrain.distributed import close_distributed, free_port, init_distributed
 
 open_clip_loss = pytest.importorskip("open_clip.loss", reason="open-clip-torch is a test extra: make setup installs it")
 symile = pytest.importorskip("symile", reason="symile is a test extra: make setup installs it")
@@ -31,8 +29,7 @@ def _grads(fn, tensors):
 
 
 def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_distributed(rank, world, port, cpu=True)
     try:
         img, txt, _ = _features(B_LOCAL * world, seed=7)
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
@@ -51,7 +48,7 @@ def _worker(rank, world, port, out_path):
         }
         torch.save(results, f"{out_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +133,7 @@ def test_accumulation_temperature_gradient_is_not_scaled():
         (lambda: build_loss({"name": "symile"})({"a": torch.full((3, 4), float("nan")), "b": torch.ones(3, 4)},
                                                 torch.ones(1)), "'a' contain NaN or Inf"),
         (lambda: build_loss({"name": "clip", "temperature": 3}), "loss.temperature: not an option of clip"),
-        (lambda: build_loss({"name": "clip_lite", "negative": "sideways"}), "loss.negative: must be 'global' or 'local'"),
+        (lambda: build_loss({"name": "clip_lite", "negative": "sideways"}), "loss.negative: must be one of 'global', 'local'"),
         (lambda: build_loss({"name": "symile", "negative_sampling": "n3"}), "loss.negative_sampling: must be"),
         (lambda: build_loss({"name": "siglip"})({"a": torch.ones(3, 4), "b": torch.ones(3, 4)}, torch.ones(1)),
          "siglip: needs logit_bias"),

@@ -5,113 +5,23 @@ the shard CLI's format; loaders run real DataLoader worker processes where a tes
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.server
-import io
 import json
 import math
 import shutil
-import signal
-import tarfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pretrain.config import ConfigError, DataConfig, config_from_dict
-from pretrain.data import DataSourceError, SampleDecoder, ShardStream, expand_urls, make_loader, slot_plan
+from pretrain.data import DataConfig, DataSourceError, slot_plan
 from pretrain.data.pipeline import StreamSpec
 from pretrain.data.sources import ShardRef, SourceInfo
+from pretrain.options import ConfigError
 from pretrain.tokenizer import ByteTokenizer
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A webdataset tar: members ``<key>.<ext>`` in sample order, deterministic headers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def write_index(folder: Path, counts: dict[str, int]) -> Path:
-    """An index.json in the shard CLI's format (names relative to ``folder``)."""
-    shards = [{"name": n, "samples": c, "bytes": 0, "sha256": ""} for n, c in counts.items()]
-    doc = {"format": "multimodal-pretrain-shards/1", "total_samples": sum(counts.values()), "shards": shards}
-    (folder / "index.json").write_text(json.dumps(doc, indent=1))
-    return folder / "index.json"
-
-
-def png_bytes(seed: int, size=(8, 8), fmt="PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def text_shards(folder: Path, sizes: list[int], prefix: str = "s", label: bool = True) -> list[str]:
-    """Text-only shards (fast to decode): sample key ``{prefix}{shard}_{i}``, caption = key."""
-    urls, counts = [], {}
-    for s, n in enumerate(sizes):
-        samples = []
-        for i in range(n):
-            key = f"{prefix}{s:02d}_{i:03d}"
-            members = {"txt": key.encode()}
-            if label:
-                members["cls"] = str(i % 3).encode()
-            samples.append((key, members))
-        name = f"{prefix}-{s:06d}.tar"
-        urls.append(str(write_shard(folder / name, samples)))
-        counts[name] = n
-    write_index(folder, counts)
-    return urls
-
-
-def data_config(train: dict | None = None, val: dict | None = None, **data) -> DataConfig:
-    """A validated DataConfig (text modality only unless ``modalities`` is given)."""
-    tree = {"train": train or {"urls": "unused.tar"}, "modalities": {"text": {"decoder": "text"}},
-            "context_length": 24, **data}
-    if val is not None:
-        tree["val"] = val
-    return config_from_dict({"data": tree, "eval": {"enabled": False}}).data
-
-
-def loader(d: DataConfig, rank=0, world=1, batch=3, seed=0, train=True, epochs=None, split=None):
-    return make_loader(split or (d.train if train else d.val), d, batch, rank, world, seed, train, epochs=epochs)
-
-
-def take(it, n: int) -> list[list[str]]:
-    return [next(it).keys for _ in range(n)]
-
-
-def flat(batches) -> list[str]:
-    return [k for b in batches for k in b]
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fails the test instead of hanging."""
-
-    def fire(signum, frame):
-        raise TimeoutError(f"no progress within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
+from tests.helpers import data_config, deadline, flat, loader, png_bytes, take, text_shards, write_index, write_shard
 
 SIZES = [5, 6, 7, 4, 6, 5, 3]  # 36 samples in 7 shards of unequal size
 
@@ -412,17 +322,3 @@ def test_urls_by_http(shards):
         assert l.metrics()["data/skipped/unreadable_shard"] == 1
     finally:
         server.shutdown()
-
-
-# -------------------------------------------------------------------------------- the first API
-
-
-def test_first_api_still_reads_samples(shards, tmp_path):
-    samples = [(f"k{i}", {"png": png_bytes(i), "txt": f"cap {i}".encode(), "cls": b"2"}) for i in range(4)]
-    url = str(write_shard(tmp_path / "x.tar", samples))
-    tok = ByteTokenizer(16)
-    dec = SampleDecoder(8, [0.5] * 3, [0.5] * 3, tok)
-    got = list(ShardStream(expand_urls(url), dec, rank=0, world_size=1, repeat=False))
-    assert [s["__key__"] for s in got] == ["k0", "k1", "k2", "k3"]
-    assert got[0]["image"].shape == (3, 8, 8) and got[0]["label"] == 2 and tok.decode(got[1]["text"]) == "cap 1"
-    assert torch.equal(got[2]["image"], dec.image(samples[2][1]["png"]))

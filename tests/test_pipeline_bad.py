@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain.data import Decoder, register_decoder
-from tests.test_pipeline import data_config, deadline, flat, loader, png_bytes, take, write_index, write_shard
+from tests.helpers import data_config, deadline, flat, loader, png_bytes, take, write_index, write_shard
 
 IMAGE_TEXT = {"image": {"decoder": "image", "options": {"size": 8}}, "text": {"decoder": "text", "members": ["txt"]}}
 

@@ -24,12 +24,12 @@ from pretrain.data import (
     register_decoder,
 )
 from pretrain.tokenizer import ByteTokenizer
-from tests.test_pipeline import data_config, loader, write_index, write_shard
+from tests.helpers import data_config, loader, write_index, write_shard
 
 
 def _modality(d, name, train=False):
-    mods, label = build_modalities(d, train)
-    return {m.name: m for m in mods + ([label] if label else [])}[name].decoder
+    mods = build_modalities(d, train)
+    return (mods.label if name == "labels" else mods[name]).decoder
 
 
 def _image_file(fmt: str, size=(24, 20)) -> tuple[bytes, np.ndarray]:
@@ -333,6 +333,6 @@ def test_modality_config_errors_name_the_key(modalities, key, words):
     class Free(Decoder):  # no fixed output shape
         members = ("txt",)
 
-    with pytest.raises(ConfigError) as err:
-        data_config(modalities=modalities)
+    with pytest.raises(ConfigError) as err:  # checking the config, or (a missing shape) building the decoders
+        build_modalities(data_config(modalities=modalities), train=True)
     assert str(err.value).startswith(f"{key}:") and words in str(err.value), str(err.value)

@@ -6,9 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, free_port, run_cmd
-from tests.test_pipeline import png_bytes, write_index, write_shard
-from tests.train_helpers import TINY_MODEL
+from tests.helpers import PYTHON, ROOT, TINY_MODEL, free_port, png_bytes, run_cmd, write_index, write_shard
 
 STEPS, MICRO_BATCH = 8, 6
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import PYTHON, ROOT, run_cmd
+from tests.helpers import PYTHON, ROOT, run_cmd
 
 DIM = 4
 STEPS = 60

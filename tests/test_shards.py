@@ -6,9 +6,8 @@ import webdataset
 
 from data_tools.__main__ import main as cli
 from data_tools.build import BuildError, StrictFailure, build_shards
-from pretrain.data import SampleDecoder, ShardStream, expand_urls
 from pretrain.tokenizer import ByteTokenizer
-from tests.conftest import make_caption_dataset
+from tests.helpers import data_config, loader, make_caption_dataset
 
 
 def _manifest_rows(manifest):
@@ -68,16 +67,18 @@ def test_project_pipeline_reads_shards(tmp_path):
     manifest = make_caption_dataset(tmp_path / "raw", n=10)
     build_shards(manifest, tmp_path / "s", shard_size=3,
                  mapping={"image": "png", "caption": "txt", "label": "cls"})
-    tok = ByteTokenizer(24)
-    dec = SampleDecoder(16, [0.5] * 3, [0.5] * 3, tok)
-    urls = expand_urls(str(tmp_path / "s" / "shard-{000000..000003}.tar"))
-    samples = list(ShardStream(urls, dec, rank=0, world_size=1, repeat=False))
+    # the default modalities (image, text) and labels, as a recipe reads them
+    d = data_config(val={"urls": str(tmp_path / "s" / "shard-{000000..000003}.tar")},
+                    modalities={"image": {"decoder": "image"}, "text": {"decoder": "text"}}, image_size=16)
+    batches = list(loader(d, batch=4, train=False))
     rows = {r["key"]: r for r in _manifest_rows(manifest)}
-    assert sorted(s["__key__"] for s in samples) == sorted(rows)
-    for s in samples:
-        assert s["image"].shape == (3, 16, 16)
-        assert s["label"] == rows[s["__key__"]]["label"]
-        assert tok.decode(s["text"]) == rows[s["__key__"]]["caption"]
+    tok = ByteTokenizer(24)
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(rows)
+    for b in batches:
+        assert b.modalities["image"].shape[1:] == (3, 16, 16) and b.masks["image"].all()
+        for k, label, text in zip(b.keys, b.labels.tolist(), b.modalities["text"]):
+            assert label == rows[k]["label"] and tok.decode(text) == rows[k]["caption"]
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,7 @@ import yaml
 
 from launch.slurm import build_parser, main, make_plan, parse_sweeps, point_dirname, sweep_points
 from launch.task import PORT_BASE, PORT_SPAN, PreemptionNotice, master_port, next_action, progress, rendezvous
-from tests.conftest import PYTHON, ROOT
-from tests.train_helpers import QUICKSTART, make_shards, tiny_overrides
+from tests.helpers import ASSET_SHARDS, PYTHON, QUICKSTART, ROOT, tiny_overrides
 
 # ----------------------------------------------------------------------------------------------
 # Command line (no Slurm needed)
@@ -228,7 +227,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("slurm_shards"))
+    return ASSET_SHARDS
 
 
 def _launch_cmd(shards: Path, root: Path, name: str, steps: int, *flags: str) -> list[str]:

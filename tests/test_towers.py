@@ -8,14 +8,12 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import ConfigError, load_config
+from pretrain.data import build_modalities
 from pretrain.models import build_model
-from pretrain.optim import Lamb
-from tests.conftest import ROOT
-
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+from pretrain.optim import OptimConfig, build_optimizer, param_groups
+from tests.helpers import QUICKSTART
 
 
 def _cfg(modalities: dict, towers: dict, extra: list[str] = ()):
@@ -36,10 +34,13 @@ TINY_W2V = {"model_type": "wav2vec2", "hidden_size": 16, "num_hidden_layers": 1,
             "num_conv_pos_embeddings": 4, "num_conv_pos_embedding_groups": 2, "do_stable_layer_norm": True}
 
 
-def _inputs(model, cfg, n=3):
-    from pretrain.data import build_modalities
+def _model(cfg):
+    """The model of a checked config, built as a run builds it (decoders first)."""
+    return build_model(cfg.model, build_modalities(cfg.data, train=True))
 
-    mods, _ = build_modalities(cfg.data, train=True)
+
+def _inputs(model, cfg, n=3):
+    mods = build_modalities(cfg.data, train=True)
     out = {}
     for m in mods:
         dec = m.decoder
@@ -66,7 +67,7 @@ def _inputs(model, cfg, n=3):
 )
 def test_every_tower_type_encodes_its_modality(modality, tower):
     cfg = _cfg({"x": modality, "v": NPY}, {"x": tower, "v": {"type": "mlp", "options": {"hidden": [4]}}})
-    model = build_model(cfg.model, cfg.data)
+    model = _model(cfg)
     inputs = _inputs(model, cfg)
     feats, scale, bias = model(inputs)
     assert feats["x"].shape == (3, 8) and bias is None
@@ -96,7 +97,7 @@ def test_timm_weights_load_from_a_local_file_and_a_wrong_file_is_refused(tmp_pat
     cfg = _cfg({"image": {"decoder": "image"}, "v": NPY},
                {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": str(tmp_path / "w.safetensors")}},
                 "v": {"type": "mlp"}})
-    model = build_model(cfg.model, cfg.data)
+    model = _model(cfg)
     loaded = model.towers["image"].backbone.model.state_dict()
     for k, v in loaded.items():
         torch.testing.assert_close(v, source.state_dict()[k])
@@ -106,12 +107,12 @@ def test_timm_weights_load_from_a_local_file_and_a_wrong_file_is_refused(tmp_pat
                {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": str(tmp_path / "other.pth")}},
                 "v": {"type": "mlp"}})
     with pytest.raises(ConfigError, match=r"model\.towers\.image\.options\.pretrained: .* does not fit|size mismatch"):
-        build_model(bad.model, bad.data)
+        _model(bad)
     missing = _cfg({"image": {"decoder": "image"}, "v": NPY},
                    {"image": {"type": "timm", "options": {"name": "test_resnet", "pretrained": "/nowhere/w.pt"}},
                     "v": {"type": "mlp"}})
     with pytest.raises(ConfigError, match=r"model\.towers\.image\.options\.pretrained: no such file"):
-        build_model(missing.model, missing.data)
+        _model(missing)
 
 
 def _local_bert(folder):
@@ -134,12 +135,12 @@ def test_hf_text_tower_and_tokenizer_load_from_a_local_folder(tmp_path):
     text = {"decoder": "text", "options": {"tokenizer": str(folder)}}
     cfg = _cfg({"text": text, "v": NPY},
                {"text": {"type": "hf_text", "options": {"path": str(folder), "pooling": "cls"}}, "v": {"type": "mlp"}})
-    model = build_model(cfg.model, cfg.data)
+    model = _model(cfg)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(model.towers["text"].backbone.model.state_dict()[k], v)
     from pretrain.data import build_modalities
 
-    (mod,) = [m for m in build_modalities(cfg.data, train=False)[0] if m.name == "text"]
+    mod = build_modalities(cfg.data, train=False)["text"]
     ids = mod.decoder.decode(b"a handwritten seven", "txt", None)
     assert ids.tolist()[:5] == [2, 5, 6, 7, 3] and ids.shape == (12,)  # [CLS] a handwritten seven [SEP], padded
     source.eval()
@@ -150,14 +151,14 @@ def test_hf_text_tower_and_tokenizer_load_from_a_local_folder(tmp_path):
     byte = _cfg({"text": {"decoder": "text"}, "v": NPY},
                 {"text": {"type": "hf_text", "options": {"path": str(folder)}}, "v": {"type": "mlp"}})
     with pytest.raises(ConfigError, match=r"data\.modalities\.text\.options\.tokenizer"):
-        build_model(byte.model, byte.data)
+        _model(byte)
 
 
 def test_freeze_locks_the_backbone_and_keeps_its_statistics():
     cfg = _cfg({"image": {"decoder": "image"}, "v": NPY},
                {"image": {"type": "timm", "options": {"name": "test_resnet"}, "freeze": "backbone"},
                 "v": {"type": "mlp", "freeze": "all"}})
-    model = build_model(cfg.model, cfg.data).train()
+    model = _model(cfg).train()
     image = model.towers["image"]
     assert not any(p.requires_grad for p in image.backbone.parameters())
     assert all(p.requires_grad for p in image.head.parameters())
@@ -169,8 +170,6 @@ def test_freeze_locks_the_backbone_and_keeps_its_statistics():
     feats["image"].sum().backward()
     torch.testing.assert_close(bn.running_mean, before)
     assert image.head.weight.grad is not None
-    from pretrain.engine import param_groups
-
     trainable = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
     assert not any(id(p) in trainable for p in image.backbone.parameters())
 
@@ -178,7 +177,7 @@ def test_freeze_locks_the_backbone_and_keeps_its_statistics():
 def test_missing_indicator_encodes_absent_samples_and_keeps_them_in_the_loss():
     cfg = _cfg({"a": NPY, "b": {**NPY, "required": False}},
                {"a": {"type": "mlp"}, "b": {"type": "mlp", "missing": "indicator"}})
-    model = build_model(cfg.model, cfg.data)
+    model = _model(cfg)
     x = torch.zeros(2, 6)
     present = torch.tensor([True, False])
     with torch.no_grad():
@@ -188,7 +187,7 @@ def test_missing_indicator_encodes_absent_samples_and_keeps_them_in_the_loss():
     masks = {"a": torch.ones(2, dtype=torch.bool), "b": present}
     assert set(model.loss_masks(masks)) == {"a"}  # b's rows all take part; a keeps its mask
     plain = _cfg({"a": NPY, "b": {**NPY, "required": False}}, {"a": {"type": "mlp"}, "b": {"type": "mlp"}})
-    assert set(build_model(plain.model, plain.data).loss_masks(masks)) == {"a", "b"}
+    assert set(_model(plain).loss_masks(masks)) == {"a", "b"}
 
 
 @pytest.mark.parametrize("tower, modality", [
@@ -201,7 +200,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tower, modality):
     for ckpt in (False, True):
         cfg = _cfg({"x": modality, "v": NPY}, {"x": {**tower, "grad_checkpointing": ckpt}, "v": {"type": "mlp"}})
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.data).train()
+        model = _model(cfg).train()
         count = [0]
         for mod in model.towers["x"].backbone.modules():
             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -238,14 +237,16 @@ def test_bad_tower_config_names_the_field(modalities, towers, key):
 
 def test_a_modality_without_a_tower_gets_its_decoders_default():
     cfg = _cfg({"image": {"decoder": "image"}, "text": {"decoder": "text"}, "v": NPY, "mel": MEL}, {})
-    assert {m: t.type for m, t in cfg.model.towers.items()} == {
-        "image": "timm", "text": "text_transformer", "v": "mlp", "mel": "audio_cnn"}
+    assert cfg.model.towers == {}  # checking a config does not change it; the defaults come at build
+    model = _model(cfg)
+    assert {m: type(t.backbone).__name__ for m, t in model.towers.items()} == {
+        "image": "TimmBackbone", "text": "TextTransformer", "v": "MLP", "mel": "AudioCNN"}
 
 
 def test_a_modality_with_no_tower_and_no_default_stops_at_build():
     cfg = _cfg({"v": NPY, "w": WAVE}, {"v": {"type": "mlp"}})
     with pytest.raises(ConfigError, match=re.escape("model.towers.w: data.modalities has 'w' (decoder 'audio')")):
-        build_model(cfg.model, cfg.data)
+        _model(cfg)
 
 
 @pytest.mark.parametrize("modality, tower, key", [
@@ -257,26 +258,32 @@ def test_a_modality_with_no_tower_and_no_default_stops_at_build():
 def test_towers_that_do_not_fit_their_data_are_refused_at_build(modality, tower, key):
     cfg = _cfg({"x": modality, "v": NPY}, {"x": tower, "v": {"type": "mlp"}})
     with pytest.raises(ConfigError, match=key):
-        build_model(cfg.model, cfg.data)
+        _model(cfg)
 
 
 def test_lamb_matches_the_paper_update_and_refuses_zero_partitions():
+    """train.optimizer=lamb: timm's LAMB with the trust ratio on every tensor (the paper's update),
+    decay on the matrix only, no clipping inside the optimizer (DeepSpeed clips)."""
     torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(4, 3))
-    w0 = w.detach().clone()
-    opt = Lamb([w], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
-    g = torch.randn(4, 3)
-    w.grad = g.clone()
+    layer = torch.nn.Linear(3, 4)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = build_optimizer(layer, OptimConfig(optimizer="lamb", lr=0.1, betas=[0.9, 0.99], eps=1e-6, weight_decay=0.01))
+    gw, gb = torch.randn(4, 3) * 100, torch.randn(4)  # a large gradient: a clip inside would show
+    layer.weight.grad, layer.bias.grad = gw.clone(), gb.clone()
     opt.step()
-    m_hat = (0.1 * g) / (1 - 0.9)
-    v_hat = (0.01 * g * g) / (1 - 0.99)
-    u = m_hat / (v_hat.sqrt() + 1e-6) + 0.01 * w0
-    want = w0 - 0.1 * (w0.norm() / u.norm()) * u
-    torch.testing.assert_close(w.detach(), want)
+
+    def paper(p0, g, wd):
+        m_hat = (0.1 * g) / (1 - 0.9)
+        v_hat = (0.01 * g * g) / (1 - 0.99)
+        u = m_hat / (v_hat.sqrt() + 1e-6) + wd * p0
+        return p0 - 0.1 * (p0.norm() / u.norm()) * u
+
+    torch.testing.assert_close(layer.weight.detach(), paper(w0, gw, 0.01))
+    torch.testing.assert_close(layer.bias.detach(), paper(b0, gb, 0.0))
     adam = torch.nn.Parameter(w0.clone())
     a = torch.optim.AdamW([adam], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
-    adam.grad = g.clone()
+    adam.grad = gw.clone()
     a.step()
-    assert not torch.allclose(adam.detach(), w.detach())  # the trust ratio changes the step
+    assert not torch.allclose(adam.detach(), layer.weight.detach())  # the trust ratio changes the step
     with pytest.raises(ConfigError, match=r"train\.optimizer: lamb .* train\.zero_stage=0"):
         _cfg({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp"}}, ["train.optimizer=lamb"])

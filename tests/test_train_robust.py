@@ -5,21 +5,21 @@ import math
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 import torch
 
 from pretrain.checkpoint import COMPLETE
-from tests.conftest import ROOT, free_port, run_cmd
-from tests.train_helpers import QUICKSTART, losses, make_shards, ok, single, tiny_overrides, torchrun
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, free_port, losses, ok, run_cmd, single, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("robust"))
+    return ASSET_SHARDS
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,7 @@ def test_periodic_checkpoints_keep_the_newest(uninterrupted):
 
 
 def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
+    from pretrain.data import build_modalities
     from pretrain.export import Embedder, export
     from pretrain.models import build_model
 
@@ -118,18 +119,18 @@ def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
     # the same weights read the other way: DeepSpeed's own model-states file (ZeRO-2 keeps them whole)
     states = torch.load(uninterrupted / "checkpoints" / "step000006" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)
-    ref = build_model(emb.cfg.model, emb.cfg.data)
+    decoders = build_modalities(emb.cfg.data, train=False)
+    ref = build_model(emb.cfg.model, decoders)
     ref.load_state_dict(states["module"])
     ref.eval()
-    images = sorted((shards.parent / "val" / "images").glob("*.png"))[:5]
+    with tarfile.open(shards / "val" / "shard-000000.tar") as tar:  # the held-out images, as PNG bytes
+        images = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")][:5]
     assert len(images) == 5
     texts = ["class number 1", "class number 3"]
-    from pretrain.data import build_modalities
-
-    decoders = {m.name: m.decoder for m in build_modalities(emb.cfg.data, train=False)[0]}
     with torch.no_grad():
-        want_img = ref.encode("image", torch.stack([decoders["image"].decode(p.read_bytes(), "png", None) for p in images]))
-        want_txt = ref.encode("text", torch.stack([decoders["text"].decode(t.encode(), "txt", None) for t in texts]))
+        want_img = ref.encode("image", torch.stack([decoders["image"].decoder.decode(b, "png", None) for b in images]))
+        want_txt = ref.encode("text", torch.stack([decoders["text"].decoder.decode(t.encode(), "txt", None)
+                                                   for t in texts]))
     torch.testing.assert_close(emb.embed_images(images), want_img, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(emb.embed_texts(texts), want_txt, rtol=1e-5, atol=1e-6)
     # the CLI writes the same files
@@ -166,7 +167,7 @@ def test_sigterm_saves_and_the_run_resumes(shards, tmp_path):
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "eval.enabled=false"]
-    crashed = single(args, env={"PRETRAIN_FAULT": "crash_in_save:4"})
+    crashed = single(args, env={"PRETRAIN_FAULT": "crash_in_save:4"}, module="tests.faults")
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step000002"
@@ -180,7 +181,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
 def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path):
     out = tmp_path / "run"
     # NaN on rank 0 only at steps 2-3: both ranks must skip together
-    proc = torchrun(tiny_overrides(shards, out, steps=5) + ["eval.enabled=false"], env={"PRETRAIN_FAULT": "nan_loss:2-3"})
+    proc = torchrun(tiny_overrides(shards, out, steps=5) + ["eval.enabled=false"], env={"PRETRAIN_FAULT": "nan_loss:2-3"}, module="tests.faults")
     text = ok(proc)
     assert text.count("non-finite loss, step skipped") == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -190,7 +191,7 @@ def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path):
 
 def test_too_many_nonfinite_losses_stop_the_run(shards, tmp_path):
     proc = single(tiny_overrides(shards, tmp_path / "run", steps=20) + ["train.max_nonfinite_steps=3"],
-                  env={"PRETRAIN_FAULT": "nan_loss:2-99"})
+                  env={"PRETRAIN_FAULT": "nan_loss:2-99"}, module="tests.faults")
     assert proc.returncode == 1
     assert "3 consecutive steps with a non-finite loss (train.max_nonfinite_steps=3)" in proc.stderr
 

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from tests.train_helpers import losses, ok, single, torchrun
-from tests.vector_data import make_vector_shards, vector_overrides
+from tests.helpers import losses, make_vector_shards, ok, single, torchrun, vector_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,7 @@ def test_accumulation_reproduces_the_large_batch_run_under_zero3(vectors, tmp_pa
 def test_a_rank_that_dies_ends_the_job_promptly(vectors, tmp_path):
     start = time.monotonic()
     proc = torchrun(vector_overrides(vectors, tmp_path / "run", 400, 4) + ["train.checkpoint=false"],
-                    env={"PRETRAIN_FAULT": "die:1:3"}, timeout=300)
+                    env={"PRETRAIN_FAULT": "die:1:3"}, timeout=300, module="tests.faults")
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "rank 1: injected death at step 3" in proc.stdout

@@ -37,14 +37,16 @@ import io
 import json
 import math
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 
-from pretrain.config import ConfigError, DataConfig, ModalityConfig, _build
 from pretrain.data.tarstream import is_refused
+from pretrain.options import ConfigError, NoOptions, Registry, require
+from pretrain.tokenizer import make_tokenizer
 
 
 class DecodeError(Exception):
@@ -59,19 +61,14 @@ class DecodeError(Exception):
 class DecoderContext:
     modality: str
     train: bool
-    data: DataConfig
-
-
-@dataclass
-class _NoOptions:
-    pass
+    data: Any  # the DataConfig (image size, context length, ...)
 
 
 class Decoder:
     """Base class; see the module docstring."""
 
     members: ClassVar[tuple[str, ...]] = ()
-    Options: ClassVar[type] = _NoOptions
+    Options: ClassVar[type] = NoOptions
     uses_global_rng: bool = False
 
     def __init__(self, options: Any, ctx: DecoderContext):
@@ -92,37 +89,22 @@ class Decoder:
         return torch.zeros(self.output_shape, dtype=self.dtype)
 
 
-_DECODERS: dict[str, type[Decoder]] = {}
+DECODERS = Registry("decoder", base=Decoder, hint="a module that registers more can be listed in data.imports")
+
+
+def _refuse_pickle_members(name: str, cls: type[Decoder]) -> None:
+    for ext in cls.members:
+        if is_refused(ext):
+            raise ValueError(f"decoder {name!r}: member {ext!r} is a pickle/torch format and is always refused")
 
 
 def register_decoder(name: str, cls: Optional[type[Decoder]] = None, *, replace: bool = False):
     """Registers a ``Decoder`` subclass under ``name``; usable as a decorator."""
-
-    def add(c: type[Decoder]) -> type[Decoder]:
-        if not (isinstance(c, type) and issubclass(c, Decoder)):
-            raise TypeError(f"register_decoder({name!r}): {c!r} is not a Decoder subclass")
-        if name in _DECODERS and _DECODERS[name] is not c and not replace:
-            raise ValueError(f"decoder {name!r} is already registered ({_DECODERS[name].__qualname__}); pass replace=True")
-        for ext in c.members:
-            if is_refused(ext):
-                raise ValueError(f"decoder {name!r}: member {ext!r} is a pickle/torch format and is always refused")
-        _DECODERS[name] = c
-        return c
-
-    return add(cls) if cls is not None else add
+    return DECODERS.register(name, cls, replace=replace, check=_refuse_pickle_members)
 
 
 def decoder_names() -> list[str]:
-    return sorted(_DECODERS)
-
-
-def get_decoder_class(name: str, key: str) -> type[Decoder]:
-    if name not in _DECODERS:
-        raise ConfigError(
-            f"{key}: unknown decoder {name!r} (registered: {', '.join(decoder_names())}; "
-            f"a module that registers more can be listed in data.imports)"
-        )
-    return _DECODERS[name]
+    return DECODERS.names()
 
 
 @dataclass
@@ -136,20 +118,52 @@ class Modality:
     decoder_name: str
 
 
-def build_modality(name: str, cfg: ModalityConfig, data: DataConfig, train: bool, key: str) -> Modality:
-    dname = cfg.decoder or name
-    cls = get_decoder_class(dname, f"{key}.decoder")
-    options = _build(cls.Options, dict(cfg.options or {}), f"{key}.options")
-    members = tuple(m.lower() for m in (cfg.members if cfg.members else cls.members))
-    if not members:
-        raise ConfigError(f"{key}.members: decoder {dname!r} has no default members; list the tar member extensions")
-    for i, m in enumerate(members):
-        if is_refused(m):
-            raise ConfigError(f"{key}.members[{i}]: {m!r} is a pickle/torch format; such members are always refused")
-    decoder = cls(options, DecoderContext(name, train, data))
+def build_modality(name: str, cfg: Any, data: Any, train: bool, key: str) -> Modality:
+    """One ``ModalityConfig`` built: its decoder constructed (errors name ``key``)."""
+    dname = cfg.decoder_name(name)
+    options = DECODERS.options(dname, cfg.options, f"{key}.decoder", f"{key}.options")
+    members = cfg.member_list(name, key)
+    decoder = DECODERS.get(dname, f"{key}.decoder")(options, DecoderContext(name, train, data))
     if not cfg.required:
         decoder.placeholder()  # raises a clear error when it cannot have one
     return Modality(name, decoder, members, cfg.required, dname)
+
+
+@dataclass
+class Modalities:
+    """The built decoders of ``data.modalities`` (in config order) and of ``data.labels``, for
+    training (augmentation, random caption choice) or for evaluation."""
+
+    items: list[Modality]
+    label: Optional[Modality]
+    train: bool
+
+    def __iter__(self) -> Iterator[Modality]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, name: str) -> Modality:
+        for m in self.items:
+            if m.name == name:
+                return m
+        raise KeyError(f"no modality {name!r} (have {self.names})")
+
+    def __contains__(self, name: str) -> bool:
+        return any(m.name == name for m in self.items)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.items]
+
+
+def build_modalities(data: Any, train: bool) -> Modalities:
+    """Every modality's decoder (and the labels'), built once from a checked ``DataConfig``."""
+    data.import_plugins()
+    items = [build_modality(name, m, data, train, f"data.modalities.{name}") for name, m in data.modalities.items()]
+    label = build_modality("labels", data.labels, data, train, "data.labels") if data.labels is not None else None
+    return Modalities(items, label, train)
 
 
 # ---------------------------------------------------------------------------------------- image
@@ -182,6 +196,16 @@ class ImageDecoder(Decoder):
         augment: Optional[dict[str, Any]] = None
         max_pixels: int = 89_478_485  # PIL's decompression-bomb limit
 
+        def check(self, key: str) -> None:
+            require(self.size is None or self.size >= 1, f"{key}.size", f"must be >= 1, got {self.size}")
+            for name in ("mean", "std"):
+                value = getattr(self, name)
+                require(value is None or len(value) == 3, f"{key}.{name}", "need 3 values (RGB)")
+            require(0 < self.crop_pct <= 1, f"{key}.crop_pct", f"must be in (0, 1], got {self.crop_pct}")
+            for k in self.augment or {}:
+                require(k in _AUGMENT_KEYS, f"{key}.augment.{k}",
+                        f"not a timm training option (options: {', '.join(sorted(_AUGMENT_KEYS))})")
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
         from timm.data import create_transform
@@ -190,19 +214,10 @@ class ImageDecoder(Decoder):
         self.size = options.size or ctx.data.image_size
         mean = tuple(options.mean or ctx.data.image_mean)
         std = tuple(options.std or ctx.data.image_std)
-        if self.size < 1:
-            raise ConfigError(f"{key}.size: must be >= 1, got {self.size}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"{key}.mean/std: need 3 values (RGB)")
-        if not 0 < options.crop_pct <= 1:
-            raise ConfigError(f"{key}.crop_pct: must be in (0, 1], got {options.crop_pct}")
         common = dict(input_size=(3, self.size, self.size), interpolation=options.interpolation, mean=mean, std=std)
         self.augmenting = ctx.train and options.augment is not None
         if self.augmenting:
             aug = dict(options.augment)
-            for k in aug:
-                if k not in _AUGMENT_KEYS:
-                    raise ConfigError(f"{key}.augment.{k}: not a timm training option (options: {', '.join(sorted(_AUGMENT_KEYS))})")
             for k in ("scale", "ratio"):
                 if k in aug:
                     aug[k] = tuple(aug[k])
@@ -257,15 +272,12 @@ class TextDecoder(Decoder):
         fields: list[str] = field(default_factory=lambda: ["captions", "caption", "text"])
         tokenizer: str = "byte"  # byte, or a local folder with a transformers tokenizer (the text tower's)
 
+        def check(self, key: str) -> None:
+            require(self.tokenizer == "byte" or Path(self.tokenizer).is_dir(), f"{key}.tokenizer",
+                    f"'byte' or a local tokenizer folder; no such folder: {self.tokenizer}")
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
-        from pathlib import Path
-
-        from pretrain.tokenizer import make_tokenizer
-
-        if options.tokenizer != "byte" and not Path(options.tokenizer).is_dir():
-            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: 'byte' or a local tokenizer "
-                              f"folder; no such folder: {options.tokenizer}")
         try:
             self.tokenizer = make_tokenizer(options.tokenizer, ctx.data.context_length)
         except (OSError, ValueError) as err:
@@ -355,23 +367,25 @@ class AudioDecoder(Decoder):
         log_floor: float = 1e-6
         max_seconds: float = 3600.0  # longer files are refused (audio_too_long)
 
+        def check(self, key: str) -> None:
+            require(self.sample_rate > 0, f"{key}.sample_rate", f"must be > 0, got {self.sample_rate}")
+            require(self.seconds > 0, f"{key}.seconds", f"must be > 0, got {self.seconds}")
+            if self.features == "log_mel":
+                win = self.win_length or self.n_fft
+                require(0 < win <= self.n_fft and self.hop_length > 0 and self.n_mels > 0, key,
+                        "need 0 < win_length <= n_fft, hop_length > 0, n_mels > 0")
+                f_max = self.f_max if self.f_max is not None else self.sample_rate / 2
+                require(0 <= self.f_min < f_max <= self.sample_rate / 2, f"{key}.f_min/f_max",
+                        "need 0 <= f_min < f_max <= sample_rate / 2")
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
-        key = f"data.modalities.{ctx.modality}.options"
         o = options
-        if o.sample_rate <= 0:
-            raise ConfigError(f"{key}.sample_rate: must be > 0, got {o.sample_rate}")
-        if o.seconds <= 0:
-            raise ConfigError(f"{key}.seconds: must be > 0, got {o.seconds}")
         self.length = int(round(o.seconds * o.sample_rate))
         self.crop = o.crop if o.crop != "auto" else ("random" if ctx.train else "start")
         if o.features == "log_mel":
             win = o.win_length or o.n_fft
-            if not (0 < win <= o.n_fft and o.hop_length > 0 and o.n_mels > 0):
-                raise ConfigError(f"{key}: need 0 < win_length <= n_fft, hop_length > 0, n_mels > 0")
             f_max = o.f_max if o.f_max is not None else o.sample_rate / 2
-            if not 0 <= o.f_min < f_max <= o.sample_rate / 2:
-                raise ConfigError(f"{key}.f_min/f_max: need 0 <= f_min < f_max <= sample_rate / 2")
             self.window = torch.hann_window(win)
             self.fbank = mel_filterbank(o.n_fft // 2 + 1, o.sample_rate, o.n_mels, o.f_min, f_max)
             self.output_shape = (o.n_mels, 1 + self.length // o.hop_length)
@@ -455,11 +469,12 @@ class NpyDecoder(Decoder):
         shape: list[int] = field(default_factory=list)
         dtype: Literal["float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool"] = "float32"
 
+        def check(self, key: str) -> None:
+            require(bool(self.shape) and all(d > 0 for d in self.shape), f"{key}.shape",
+                    "the array shape is required (positive sizes, e.g. [512]); batches stack it")
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
-        key = f"data.modalities.{ctx.modality}.options.shape"
-        if not options.shape or any(d <= 0 for d in options.shape):
-            raise ConfigError(f"{key}: the array shape is required (positive sizes, e.g. [512]); batches stack it")
         self.output_shape = tuple(options.shape)
         self.dtype = _DTYPES[options.dtype]
 
@@ -503,10 +518,11 @@ class JsonFieldsDecoder(Decoder):
         size: Optional[int] = None
         dtype: Literal["float32", "float16", "bfloat16", "int64"] = "float32"
 
+        def check(self, key: str) -> None:
+            require(bool(self.fields), f"{key}.fields", "list the JSON fields to read")
+
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
-        if not options.fields:
-            raise ConfigError(f"data.modalities.{ctx.modality}.options.fields: list the JSON fields to read")
         self.output_shape = (options.size or len(options.fields),)
         self.dtype = _DTYPES[options.dtype]
 

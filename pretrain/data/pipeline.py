@@ -36,32 +36,28 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import itertools
 import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import numpy.random  # noqa: F401 - imported before workers fork: DataLoader workers seed it, and a
 import torch  # first import inside a forked child can trip over an import lock held at fork time
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.config import ConfigError, DataConfig, SplitConfig
-from pretrain.data.decoders import DecodeError, Modality, build_modality
-from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, expand_urls, resolve_split
+from pretrain.data.config import DataConfig, SplitConfig
+from pretrain.data.decoders import DecodeError, Modalities, Modality
+from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, resolve_split
 from pretrain.data.tarstream import RawSample, iter_shard
 
 log = logging.getLogger("pretrain.data")
 
 STATE_FORMAT = "pretrain.data.loader/1"
-IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
-TEXT_MEMBERS = ("txt",)
-LABEL_MEMBERS = ("cls",)
 
 
 @dataclass
@@ -253,24 +249,6 @@ def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) 
 
 
 # --------------------------------------------------------------------------------- decoding
-
-
-def import_plugins(data: DataConfig) -> None:
-    for i, name in enumerate(data.imports):
-        try:
-            importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - named in the message
-            raise ConfigError(f"data.imports[{i}]: cannot import {name!r}: {type(err).__name__}: {err}") from None
-
-
-def build_modalities(data: DataConfig, train: bool) -> tuple[list[Modality], Optional[Modality]]:
-    """The configured modalities (and the label decoder), each error naming its config key."""
-    import_plugins(data)
-    mods = [build_modality(name, m, data, train, f"data.modalities.{name}") for name, m in data.modalities.items()]
-    label = None
-    if data.labels is not None:
-        label = build_modality("labels", data.labels, data, train, "data.labels")
-    return mods, label
 
 
 class _GlobalRng:
@@ -591,6 +569,7 @@ class Loader:
 
 def make_loader(
     split: SplitConfig,
+    modalities: Modalities,
     data: DataConfig,
     batch_size: int,
     rank: int,
@@ -602,9 +581,9 @@ def make_loader(
 ) -> Loader:
     """The loader of one rank. Training: endless (epoch after epoch, or resampled), shuffled,
     sample counts required. Evaluation (``train=False``): one pass in shard order, the last batch
-    may be short. ``epochs`` overrides the number of passes (None: endless when training)."""
+    may be short. ``epochs`` overrides the number of passes (None: endless when training).
+    ``modalities``: the built decoders (``build_modalities(data, train)``)."""
     key = "data.train" if train else "data.val"
-    modalities, label = build_modalities(data, train)
     sources = resolve_split(split, key, need_counts=train)
     spec = StreamSpec(
         shards=sources.shards,
@@ -618,73 +597,6 @@ def make_loader(
         epochs=epochs if epochs is not None else (None if train else 1),
         max_member_bytes=data.max_member_bytes,
     )
-    stream = BatchStream(spec, SampleDecoding(modalities, label), batch_size, split.workers,
+    stream = BatchStream(spec, SampleDecoding(modalities.items, modalities.label), batch_size, split.workers,
                          data.max_consecutive_bad, data.bad_log_per_minute)
     return Loader(stream, split.workers, sources, key)
-
-
-# ---------------------------------------------------------------------- the earlier, simple API
-
-
-class SampleDecoder:
-    """Raw tar members -> tensors for image+text samples (the first API; kept for callers that
-    decode samples or single images themselves, e.g. ``pretrain.export``). Images go through the
-    ``image`` decoder's evaluation transform, text through the byte tokenizer."""
-
-    def __init__(self, image_size: int, mean: list[float], std: list[float], tokenizer,
-                 wanted: tuple[str, ...] = IMAGE_MEMBERS + TEXT_MEMBERS + LABEL_MEMBERS):
-        from pretrain.config import ModalityConfig
-
-        data = DataConfig(image_size=image_size, image_mean=list(mean), image_std=list(std),
-                          context_length=tokenizer.context_length)
-        self._image = build_modality("image", ModalityConfig(decoder="image"), data, False, "image").decoder
-        self.tokenizer = tokenizer
-        self.wanted = tuple(wanted)
-
-    def image(self, data: bytes) -> torch.Tensor:
-        return self._image.decode(data, "png", random.Random(0))
-
-    def __call__(self, sample: dict) -> dict:
-        image = next((sample[m] for m in IMAGE_MEMBERS if m in sample), None)
-        text = next((sample[m] for m in TEXT_MEMBERS if m in sample), None)
-        if image is None or text is None:
-            missing = "image" if image is None else "text"
-            raise KeyError(f"sample {sample.get('__key__')!r} has no {missing} member")
-        out = {"__key__": sample["__key__"], "image": self.image(image), "text": self.tokenizer.encode(text.decode("utf-8"))}
-        label = next((sample[m] for m in LABEL_MEMBERS if m in sample), None)
-        if label is not None:
-            out["label"] = int(label.decode("utf-8").strip())
-        return out
-
-    def keep_member(self, fname: str) -> bool:
-        return fname.rsplit("/", 1)[-1].split(".", 1)[-1].lower() in self.wanted
-
-
-class ShardStream(IterableDataset):
-    """Decoded sample dicts of the shards that belong to this rank and loader worker (the first
-    API, built on the same shard plans and safe tar reading; bad samples are skipped and counted
-    in ``self.counters`` of the process that iterates)."""
-
-    def __init__(self, urls: list[str] | str, decoder: Callable[[dict], dict], rank: int, world_size: int,
-                 seed: int = 0, shuffle_buffer: int = 0, repeat: bool = True):
-        shard_urls = expand_urls(urls)
-        if not shard_urls:
-            raise ValueError("no shard URLs given")
-        self.spec = StreamSpec([ShardRef(u, 0, None) for u in shard_urls],
-                               [SourceInfo("urls", 1.0, 0, len(shard_urls), None, "unknown")],
-                               mode="epoch", shuffle=repeat, window=shuffle_buffer if repeat else 0, seed=seed,
-                               rank=rank, world_size=world_size, epochs=None if repeat else 1)
-        self.decoder = decoder
-        self.counters: dict[str, int] = {}
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        st = new_slot_state()
-        events = _Events(self.counters, BadDataLog(10))
-        wanted = getattr(self.decoder, "wanted", None)
-        for raw in slot_samples(self.spec, st, worker, n, frozenset(wanted) if wanted else None, events):
-            try:
-                yield self.decoder({"__key__": raw.key, **raw.members})
-            except Exception as err:  # noqa: BLE001 - counted, logged, skipped
-                events("decode_error", f"{raw.url}: sample {raw.key!r}: {type(err).__name__}: {err}")

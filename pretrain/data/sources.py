@@ -25,7 +25,8 @@ from urllib.request import url2pathname
 
 import braceexpand
 
-from pretrain.config import ConfigError
+from pretrain.options import ConfigError
+from pretrain.shard_index import INDEX, SIZES, ShardIndexError, shard_counts
 
 
 class DataSourceError(ConfigError):
@@ -132,17 +133,10 @@ def _read_json_url(url: str, key: str) -> object:
 
 def _counts_from_json(doc: object, where: str, key: str) -> dict[str, int]:
     """name (relative path or file name) -> samples, from an index.json or a sizes.json document."""
-    if isinstance(doc, dict) and isinstance(doc.get("shards"), list):
-        out = {}
-        for i, entry in enumerate(doc["shards"]):
-            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                    and isinstance(entry.get("samples"), int) and not isinstance(entry.get("samples"), bool)):
-                raise DataSourceError(f"{key}: {where}: shards[{i}] needs a string 'name' and an integer 'samples'")
-            out[entry["name"]] = entry["samples"]
-        return out
-    if isinstance(doc, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in doc.values()):
-        return {str(k): v for k, v in doc.items()}  # OpenCLIP sizes.json
-    raise DataSourceError(f"{key}: {where}: neither an index.json (with 'shards') nor a sizes.json (name -> count)")
+    try:
+        return shard_counts(doc)
+    except ShardIndexError as err:
+        raise DataSourceError(f"{key}: {where}: {err}") from None
 
 
 class _LocalCounts:
@@ -156,7 +150,7 @@ class _LocalCounts:
         if folder in self._by_dir:
             return self._by_dir[folder]
         table: dict[Path, tuple[int, str]] = {}
-        for name in ("sizes.json", "index.json"):  # index.json wins where both list a shard
+        for name in (SIZES, INDEX):  # index.json wins where both list a shard
             f = folder / name
             if f.is_file():
                 try:

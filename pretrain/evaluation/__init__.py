@@ -3,14 +3,14 @@ retrieval of one modality given all the others, and a linear probe on frozen fea
 
 Entry points:
 
-- ``run_evaluation(model, cfg, rank, world_size, device, step, output_dir=None) -> dict`` (the
-  trainer, every ``eval.every`` steps and at the end; ``python -m pretrain.eval``): the metrics on
-  every rank, and on rank 0 ``<output_dir>/eval/step{step:06d}.json``, the PNGs under
-  ``<output_dir>/eval/plots/`` and ``<output_dir>/eval/index.html``.
-- ``evaluate(model, cfg, rank, world_size, device) -> dict``: the metrics only.
-- ``format_metrics(metrics) -> str``: a printable summary.
+- ``evaluate(model, cfg, modalities, device, step=0, output_dir=None) -> dict`` (the trainer, every
+  ``eval.every`` steps and at the end; ``python -m pretrain.eval``): the metrics on every rank,
+  and with ``output_dir`` on rank 0 ``<output_dir>/eval/step{step:06d}.json``, the PNGs under
+  ``<output_dir>/eval/plots/`` and ``<output_dir>/eval/index.html``;
+- ``format_metrics(metrics) -> str``: the printout (each figure once, next to its chance);
+- ``register_evaluator(name)``: a new task (``pretrain.evaluation.tasks``), named in ``eval.tasks``.
 
-Both are collective: every rank embeds its part of ``data.val`` and all parts are gathered (ranks
+It is collective: every rank embeds its part of ``data.val`` and all parts are gathered (ranks
 may hold uneven parts, or none); per-query ranking work is then split over the ranks and
 gathered again. Scores are computed in blocks of ``eval.chunk_size`` squared, so 100,000
 candidates never make an N x N matrix (``pretrain.evaluation.ranking``).
@@ -22,7 +22,7 @@ Metric keys (``metrics.jsonl``, TensorBoard, the JSON files); ``<m>`` is a modal
 of ``eval.recall_at`` (default 1, 5, 10); every recall/accuracy has a ``.../chance`` twin (its
 value under a random order or guess):
 
-- ``eval/samples``: held-out samples embedded; ``eval/seconds``: time taken (run_evaluation).
+- ``eval/samples``: held-out samples embedded; ``eval/seconds``: time taken.
 - ``eval/zeroshot/<m>/top1``, ``.../top5`` (top-min(5, C)), ``.../samples``: class names x
   ``eval.templates`` through the ``eval.zeroshot.text`` tower, prompt features averaged per class;
   samples of modality ``<m>`` with a label are classified by their nearest classes.
@@ -46,24 +46,14 @@ value under a random order or guess):
 Ranks are 1-based; equal scores are ordered by candidate index. The median rank of a random
 order with one positive among M candidates is about (M + 1) / 2.
 """
+from pretrain.evaluation.config import EvalConfig
 from pretrain.evaluation.embed import SplitFeatures, embed_split
 from pretrain.evaluation.probe import LinearProbe, fit_linear_probe, linear_probe_accuracy
-from pretrain.evaluation.ranking import (
-    dense_first_relevant_rank,
-    first_relevant_rank,
-    median_rank,
-    mip_queries,
-    pairwise_sum_queries,
-    recall_at,
-    recall_chance,
-    sample_negatives,
-    sampled_rank,
-)
-from pretrain.evaluation.runner import TASKS, evaluate, format_metrics, planned_tasks, run_evaluation, write_outputs
+from pretrain.evaluation.runner import evaluate, format_metrics, write_outputs
+from pretrain.evaluation.tasks import EVALUATORS, EvalContext, Evaluator, planned_tasks, register_evaluator
 
 __all__ = [
-    "LinearProbe", "SplitFeatures", "TASKS", "dense_first_relevant_rank", "embed_split", "evaluate",
-    "first_relevant_rank", "fit_linear_probe", "format_metrics", "linear_probe_accuracy", "median_rank",
-    "mip_queries", "pairwise_sum_queries", "planned_tasks", "recall_at", "recall_chance", "run_evaluation",
-    "sample_negatives", "sampled_rank", "write_outputs",
+    "EVALUATORS", "EvalConfig", "EvalContext", "Evaluator", "LinearProbe", "SplitFeatures", "embed_split",
+    "evaluate", "fit_linear_probe", "format_metrics", "linear_probe_accuracy", "planned_tasks",
+    "register_evaluator", "write_outputs",
 ]

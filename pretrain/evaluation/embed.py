@@ -18,9 +18,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, SplitConfig
-from pretrain.data import Batch, build_modalities, make_loader
-from pretrain.losses.gather import all_gather_nograd, batch_layout, is_distributed
+from pretrain.data import Batch, make_loader
+from pretrain.distributed import all_gather_nograd, batch_layout, is_distributed, rank, world_size
 
 
 @dataclass
@@ -79,9 +78,8 @@ def content_ids(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _placeholder_batch(cfg: Config) -> Batch:
+def _placeholder_batch(modalities) -> Batch:
     """One sample of placeholders (mask False): a forward pass for a rank that has no data at all."""
-    modalities, _ = build_modalities(cfg.data, train=False)
     mods = {m.name: m.decoder.placeholder().unsqueeze(0) for m in modalities}
     masks = {m: torch.zeros(1, dtype=torch.bool) for m in mods}
     return Batch(mods, masks, ["placeholder"], torch.full((1,), -1, dtype=torch.long))
@@ -124,10 +122,9 @@ def _capped(loader, limit: int):
 @torch.no_grad()
 def embed_split(
     model,
-    cfg: Config,
-    split: SplitConfig,
-    rank: int,
-    world_size: int,
+    cfg,
+    modalities,
+    split,
     device: torch.device,
     *,
     max_samples: int = 0,
@@ -135,13 +132,15 @@ def embed_split(
     lockstep: bool = False,
 ) -> SplitFeatures:
     """Features of a whole split (all ranks' parts, in rank order). Collective: every rank calls it.
+    ``modalities``: the evaluation decoders; ``split``: a ``SplitConfig`` (its shards);
     ``max_samples``: at most this many in all (split evenly over ranks; 0: everything);
     ``content_of``: modalities whose inputs get content ids (``SplitFeatures.content``)."""
     content_of = [m for m in content_of if m in model.towers]
-    loader = make_loader(split, cfg.data, cfg.eval.batch_size, rank, world_size, cfg.train.seed, train=False)
+    r, world = rank(), world_size()
+    loader = make_loader(split, modalities, cfg.data, cfg.eval.batch_size, r, world, cfg.train.seed, train=False)
     quota = 0
     if max_samples:
-        quota = max_samples // world_size + (1 if rank < max_samples % world_size else 0)
+        quota = max_samples // world + (1 if r < max_samples % world else 0)
         if quota == 0:
             loader = []
     dtype = parameter_dtype(model)
@@ -153,7 +152,7 @@ def embed_split(
     last: Optional[Batch] = None
     for batch, real in _lockstep(_capped(loader, quota), device, lockstep):
         if not real:  # keep the other ranks' collective forward passes company
-            model_features(model, *_inputs(last if last is not None else _placeholder_batch(cfg), device, dtype))
+            model_features(model, *_inputs(last if last is not None else _placeholder_batch(modalities), device, dtype))
             continue
         last = batch
         inputs, batch_masks = _inputs(batch, device, dtype)

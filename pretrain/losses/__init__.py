@@ -8,40 +8,75 @@ shape (1,); ``masks``: modality -> bool (B_local,), False where a sample lacks t
 ``step`` seeds Symile's O(N) negative sampling. ``out["loss"]`` is this rank's share: its mean over
 ranks is the single-process loss of the global batch, and so are the rank-mean gradients. The
 default process group is used when torch.distributed is initialised; one process works unchanged.
+
+Each objective is registered in ``LOSSES`` with its own ``Options`` (the config keys
+``loss.<option>``, type-checked and checked by the objective); ``LossConfig`` is the ``loss``
+section of a recipe.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from pretrain.losses.accumulate import accumulate_step
-from pretrain.losses.base import LossInputError
+from pretrain.losses.base import LOSSES, LossInputError
 from pretrain.losses.clip import ClipLoss
 from pretrain.losses.clip_lite import ClipLiteLoss
-from pretrain.losses.gather import all_gather_with_grad, batch_layout, ring_shift
+from pretrain.losses.gather import all_gather_with_grad, ring_shift
 from pretrain.losses.siglip import SigLipLoss
 from pretrain.losses.symile import SymileLoss
-
-LOSSES: dict[str, type] = {cls.name: cls for cls in (ClipLoss, ClipLiteLoss, SymileLoss, SigLipLoss)}
+from pretrain.options import ConfigError, from_dict, require, to_dict
 
 
 def loss_options(name: str) -> list[str]:
-    params = inspect.signature(LOSSES[name].__init__).parameters
-    return [p for p in params if p != "self"]
+    return [f.name for f in dataclasses.fields(LOSSES.get(name, "loss.name").Options)]
+
+
+@dataclass
+class LossConfig:
+    """``loss.name`` and that objective's options (``loss.<option>``, flat beside the name)."""
+
+    name: str = "clip"
+    options: Any = None  # the objective's Options (its defaults when None)
+
+    def __post_init__(self):
+        if self.options is None:
+            self.options = LOSSES.get(self.name, "loss.name").Options()
+
+    @classmethod
+    def from_config(cls, values: dict, key: str = "loss") -> "LossConfig":
+        # an option left unset (or null, as configs written by earlier versions list every one) takes the default
+        values = {k: v for k, v in values.items() if v is not None}
+        name = values.pop("name", "clip")
+        require(isinstance(name, str), f"{key}.name", f"expected a string, got {name!r}")
+        options_cls = LOSSES.get(name, f"{key}.name").Options
+        known = [f.name for f in dataclasses.fields(options_cls)]
+        for k in values:
+            require(k in known, f"{key}.{k}", f"not an option of {name} (its options: {', '.join(known) or 'none'})")
+        return cls(name, from_dict(options_cls, values, key))
+
+    def __getattr__(self, name: str):  # cfg.loss.anchor: the objective's option
+        if name.startswith("_") or name == "options":
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def to_config(self) -> dict:
+        return {"name": self.name, **to_dict(self.options)}
+
+    def build(self):
+        return LOSSES.get(self.name, "loss.name")(**dataclasses.asdict(self.options))
 
 
 def build_loss(options: dict):
-    options = {k: v for k, v in dict(options).items() if v is not None}
-    name = options.pop("name", None)
-    if name not in LOSSES:
-        raise LossInputError(f"loss.name: unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
-    known = loss_options(name)
-    for key in options:
-        if key not in known:
-            raise LossInputError(f"loss.{key}: not an option of {name} (its options: {', '.join(known) or 'none'})")
-    return LOSSES[name](**options)
+    """An objective from ``{"name": ..., **options}`` (``LossInputError`` naming a bad option)."""
+    try:
+        return LossConfig.from_config(dict(options)).build()
+    except ConfigError as err:
+        raise LossInputError(str(err)) from None
 
 
 __all__ = [
-    "LOSSES", "LossInputError", "accumulate_step", "all_gather_with_grad", "batch_layout",
-    "build_loss", "loss_options", "ring_shift",
+    "LOSSES", "ClipLiteLoss", "ClipLoss", "LossConfig", "LossInputError", "SigLipLoss", "SymileLoss",
+    "accumulate_step", "all_gather_with_grad", "build_loss", "loss_options", "ring_shift",
 ]

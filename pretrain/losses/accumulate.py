@@ -21,16 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-
-def _rng_state():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+from pretrain.distributed import set_rng_state, torch_rng_state
 
 
 def accumulate_step(
@@ -68,13 +59,13 @@ def accumulate_step(
     states, cached = [], []
     with torch.no_grad():
         for i, mb in enumerate(micro_batches):
-            states.append(_rng_state())
+            states.append(torch_rng_state())
             feats_mb, scale0, bias0 = run(mb)
             cached.append({m: f.detach() for m, f in feats_mb.items()})
             if i == 0:
                 scale_value = scale0.detach()
                 bias_value = None if bias0 is None else bias0.detach()
-    after = _rng_state()
+    after = torch_rng_state()
     names = sorted(cached[0])
     sizes = [cached_mb[names[0]].shape[0] for cached_mb in cached]
     feats = {m: torch.cat([c[m] for c in cached]).requires_grad_(True) for m in names}
@@ -86,7 +77,7 @@ def accumulate_step(
     with torch.enable_grad():
         out = loss_fn(feats, scale, bias, masks=all_masks, step=step)
     if check is not None and not check(out):
-        _set_rng_state(after)
+        set_rng_state(after)
         return {k: v.detach() for k, v in out.items()}
     leaves = [feats[m] for m in names] + [scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(out["loss"], leaves, allow_unused=True)
@@ -95,7 +86,7 @@ def accumulate_step(
     bias_grad = grads[len(names) + 1] if bias is not None else None
     start = 0
     for i, (mb, state, n) in enumerate(zip(micro_batches, states, sizes)):
-        _set_rng_state(state)
+        set_rng_state(state)
         fresh, fresh_scale, fresh_bias = run(mb)
         surrogate = sum((fresh[m].to(feat_grads[m].dtype) * feat_grads[m][start : start + n]).sum() for m in names)
         if i == 0:  # the temperature and bias get their gradient once, unscaled
@@ -105,5 +96,5 @@ def accumulate_step(
                 surrogate = surrogate + (fresh_bias.to(bias_grad.dtype) * bias_grad).sum()
         backward(surrogate)
         start += n
-    _set_rng_state(after)
+    set_rng_state(after)
     return {k: v.detach() for k, v in out.items()}

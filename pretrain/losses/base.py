@@ -6,11 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.losses.gather import BatchLayout, all_gather_nograd, all_gather_with_grad, batch_layout
+from pretrain.distributed import BatchLayout, all_gather_nograd, batch_layout
+from pretrain.losses.gather import all_gather_with_grad
+from pretrain.options import Registry
 
 
 class LossInputError(ValueError):
     """Features, masks or options a loss cannot take; the message says which."""
+
+
+# objective name -> class with an ``Options`` dataclass (its config keys ``loss.<option>``),
+# ``uses_bias`` and ``__call__(features, logit_scale, logit_bias=None, masks=None, step=None)``
+LOSSES = Registry("loss")
 
 
 @dataclass

@@ -13,10 +13,13 @@ left out of the mean. ``logit_bias`` has no effect (softmax is shift-invariant) 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LossInputs, modality_pairs, mean_of_terms, prepare, touch
+from pretrain.losses.base import LOSSES, LossInputs, modality_pairs, mean_of_terms, prepare, touch
 
 
 def infonce_rows(
@@ -33,9 +36,14 @@ def infonce_rows(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+@LOSSES.register("clip")
 class ClipLoss:
     name = "clip"
     uses_bias = False
+
+    @dataclass
+    class Options:
+        anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
 
     def __init__(self, anchor: str | None = None):
         self.anchor = anchor

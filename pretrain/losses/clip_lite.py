@@ -23,20 +23,28 @@ optimiser step, so it is not offered here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LossInputError, LossInputs, modality_pairs, mean_of_terms, prepare, touch
-from pretrain.losses.gather import BatchLayout, all_gather_with_grad
+from pretrain.losses.base import LOSSES, LossInputs, modality_pairs, mean_of_terms, prepare
+from pretrain.distributed import BatchLayout
+from pretrain.losses.gather import all_gather_with_grad
 
 
+@LOSSES.register("clip_lite")
 class ClipLiteLoss:
     name = "clip_lite"
     uses_bias = False
 
+    @dataclass
+    class Options:
+        negative: Literal["global", "local"] = "global"  # the next sample of the global batch, or of the rank's
+        anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
+
     def __init__(self, negative: str = "global", anchor: str | None = None):
-        if negative not in ("global", "local"):
-            raise LossInputError(f"loss.negative: must be 'global' or 'local', got {negative!r}")
         self.negative, self.anchor = negative, anchor
 
     def _partners(self, inp: LossInputs, fb: torch.Tensor, valid_local: torch.Tensor, valid_global: torch.Tensor):

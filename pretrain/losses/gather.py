@@ -1,4 +1,4 @@
-"""Collectives with gradient, and the batch bookkeeping every objective shares.
+"""Collectives with gradient (the batch layout and the plain collectives are in pretrain.distributed).
 
 ``all_gather_with_grad(x)`` returns the concatenation of every rank's ``x`` (ranks may hold
 different batch sizes) and routes gradients back: the backward pass sums, over all ranks, the
@@ -11,53 +11,10 @@ gradient of one process holding the whole global batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """Where this rank's rows sit in the global batch."""
-
-    rank: int
-    sizes: tuple[int, ...]  # local batch size of every rank
-
-    @property
-    def world(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def offset(self) -> int:
-        return sum(self.sizes[: self.rank])
-
-    @property
-    def local(self) -> int:
-        return self.sizes[self.rank]
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-
-def batch_layout(n: int, device: torch.device) -> BatchLayout:
-    """Every rank's local batch size (one small all_gather)."""
-    if not is_distributed():
-        return BatchLayout(0, (n,))
-    local = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, local)
-    return BatchLayout(dist.get_rank(), tuple(int(s.item()) for s in sizes))
-
-
-# torch >= 2.14 names the flat-buffer collectives *_single; older releases *_into_tensor / *_tensor.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from pretrain.distributed import BatchLayout, all_gather_nograd, batch_layout, is_distributed, reduce_scatter_flat
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -68,16 +25,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         ctx.layout = layout
-        longest = max(layout.sizes)
-        if longest == 0:
-            return x.new_zeros((0, *x.shape[1:]))
-        padded = x.new_zeros((longest, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        flat = x.new_empty((layout.world * longest, *x.shape[1:]))
-        _all_gather_flat(flat, padded)
-        if len(set(layout.sizes)) == 1:
-            return flat
-        return torch.cat([flat[r * longest : r * longest + n] for r, n in enumerate(layout.sizes)])
+        return all_gather_nograd(x, layout)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -94,7 +42,7 @@ class _GatherWithGrad(torch.autograd.Function):
                 flat[r * longest : r * longest + n] = grad[start : start + n]
                 start += n
         mine = grad.new_empty((longest, *grad.shape[1:]))
-        _reduce_scatter_flat(mine, flat, op=dist.ReduceOp.SUM)
+        reduce_scatter_flat(mine, flat, op=dist.ReduceOp.SUM)
         return mine[: layout.local], None
 
 
@@ -106,16 +54,6 @@ def all_gather_with_grad(x: torch.Tensor, layout: BatchLayout | list[int] | None
         layout = batch_layout(x.shape[0], x.device)
     elif not isinstance(layout, BatchLayout):
         layout = BatchLayout(dist.get_rank(), tuple(layout))
-    return _GatherWithGrad.apply(x, layout)
-
-
-@torch.no_grad()
-def all_gather_nograd(x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-    """Concatenated ``x`` of all ranks (masks, labels): no gradient."""
-    if not is_distributed():
-        return x
-    if x.dtype == torch.bool:
-        return all_gather_nograd(x.to(torch.uint8), layout).bool()
     return _GatherWithGrad.apply(x, layout)
 
 

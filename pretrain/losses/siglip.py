@@ -10,10 +10,13 @@ with masks only samples holding both modalities take part, as rows and columns.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LossInputError, modality_pairs, mean_of_terms, prepare, touch
+from pretrain.losses.base import LOSSES, LossInputError, modality_pairs, mean_of_terms, prepare, touch
 from pretrain.losses.gather import ring_shift
 
 
@@ -28,13 +31,17 @@ def _sigmoid_sum(rows, cols, scale, bias, pos_row, pos_col, row_valid, col_valid
     return torch.where(keep, losses, torch.zeros_like(losses)).sum()
 
 
+@LOSSES.register("siglip")
 class SigLipLoss:
     name = "siglip"
     uses_bias = True
 
+    @dataclass
+    class Options:
+        exchange: Literal["all_gather", "ring"] = "all_gather"  # how the columns reach each rank
+        anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
+
     def __init__(self, exchange: str = "all_gather", anchor: str | None = None):
-        if exchange not in ("all_gather", "ring"):
-            raise LossInputError(f"loss.exchange: must be 'all_gather' or 'ring', got {exchange!r}")
         self.exchange, self.anchor = exchange, anchor
 
     def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):

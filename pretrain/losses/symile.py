@@ -24,11 +24,14 @@ encoders a placeholder plus a missing/present indicator and passes no masks here
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LossInputError, prepare, touch
+from pretrain.losses.base import LOSSES, prepare, touch
+from pretrain.options import require
 
 
 def _prefix_products(prefixes: list[torch.Tensor], start: int, stop: int, like: torch.Tensor):
@@ -112,15 +115,21 @@ def combination_logsumexp(x: torch.Tensor, ys: list[torch.Tensor], chunk_size: i
     return _CombinationLogSumExp.apply(x, chunk_size, *ys)
 
 
+@LOSSES.register("symile")
 class SymileLoss:
     name = "symile"
     uses_bias = False
 
+    @dataclass
+    class Options:
+        negative_sampling: Literal["n", "n_squared"] = "n"  # one shared permutation, or all combinations
+        chunk_size: int = 1 << 22  # n_squared: logits per chunk (memory bound)
+        seed: int = 0  # n: permutation seed
+
+        def check(self, key: str) -> None:
+            require(self.chunk_size > 0, f"{key}.chunk_size", f"must be > 0, got {self.chunk_size}")
+
     def __init__(self, negative_sampling: str = "n", chunk_size: int = 1 << 22, seed: int = 0):
-        if negative_sampling not in ("n", "n_squared"):
-            raise LossInputError(f"loss.negative_sampling: must be 'n' or 'n_squared', got {negative_sampling!r}")
-        if chunk_size <= 0:
-            raise LossInputError(f"loss.chunk_size: must be > 0, got {chunk_size}")
         self.negative_sampling, self.chunk_size, self.seed = negative_sampling, chunk_size, seed
         self._calls = 0
 

@@ -19,31 +19,22 @@ its options; every tower gets the same wrapping (``EncoderTower``):
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import ConfigError, ModelConfig, TowerConfig
-from pretrain.models.towers import (
-    Backbone,
-    TowerContext,
-    get_tower_class,
-    load_weights_file,
-    register_tower,
-    tower_names,
-)
+from pretrain.models.config import ModelConfig, TowerConfig, default_tower
+from pretrain.models.towers import TOWERS, Backbone, TowerContext, load_weights_file, register_tower, tower_names
+from pretrain.options import ConfigError
 
 
 class EncoderTower(nn.Module):
     def __init__(self, cfg: TowerConfig, embed_dim: int, ctx: TowerContext):
         super().__init__()
-        from pretrain.config import _build
-
-        cls = get_tower_class(cfg.type, f"{ctx.key}.type")
-        options = _build(cls.Options, dict(cfg.options or {}), f"{ctx.key}.options")
-        self.backbone: Backbone = cls(options, ctx)
+        options = cfg.typed_options(ctx.key)
+        self.backbone: Backbone = TOWERS.get(cfg.type, f"{ctx.key}.type")(options, ctx)
         width = self.backbone.width
         self.missing_embedding = nn.Parameter(torch.zeros(2, width)) if cfg.missing == "indicator" else None
         if cfg.head == "linear":
@@ -81,12 +72,11 @@ class EncoderTower(nn.Module):
 class ContrastiveModel(nn.Module):
     """One tower per modality; forward gives L2-normalised features and the logit scale/bias."""
 
-    def __init__(self, cfg: ModelConfig, contexts: dict[str, TowerContext], with_bias: bool = False):
+    def __init__(self, cfg: ModelConfig, towers: dict[str, TowerConfig], contexts: dict[str, TowerContext],
+                 with_bias: bool = False):
         super().__init__()
         self.embed_dim = cfg.embed_dim
-        self.towers = nn.ModuleDict(
-            {m: EncoderTower(cfg.towers[m], cfg.embed_dim, ctx) for m, ctx in contexts.items()}
-        )
+        self.towers = nn.ModuleDict({m: EncoderTower(towers[m], cfg.embed_dim, ctx) for m, ctx in contexts.items()})
         # Shape (1,), not a 0-dim tensor: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
@@ -115,7 +105,7 @@ class ContrastiveModel(nn.Module):
         return features, *self.scales()
 
 
-def tower_contexts(modalities: list) -> dict[str, TowerContext]:
+def tower_contexts(modalities) -> dict[str, TowerContext]:
     """What each tower learns of its modality's data: the decoded shape, dtype and decoder."""
     return {
         m.name: TowerContext(m.name, f"model.towers.{m.name}", getattr(m.decoder, "output_shape", None),
@@ -124,23 +114,23 @@ def tower_contexts(modalities: list) -> dict[str, TowerContext]:
     }
 
 
-def build_model(cfg: ModelConfig, data: Any, with_bias: bool = False) -> ContrastiveModel:
-    """The model for ``data`` (a DataConfig): one tower per configured modality."""
-    from pretrain.data import build_modalities
-
-    modalities, _ = build_modalities(data, train=True)
-    names = [m.name for m in modalities]
-    for m in names:
-        if m not in cfg.towers:
-            raise ConfigError(f"model.towers.{m}: data.modalities has {m!r} (decoder "
-                              f"{data.modalities[m].decoder or m!r}): configure a tower for it")
+def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> ContrastiveModel:
+    """The model for the built ``modalities`` (``pretrain.data.build_modalities``): one tower per
+    modality, the configured one or its decoder's default."""
+    towers = {}
+    for m in modalities:
+        tower = cfg.towers.get(m.name) or default_tower(m.decoder_name, m.decoder.options)
+        if tower is None:
+            raise ConfigError(f"model.towers.{m.name}: data.modalities has {m.name!r} (decoder "
+                              f"{m.decoder_name!r}): configure a tower for it")
+        towers[m.name] = tower
     for m in cfg.towers:
-        if m not in names:
-            raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(names)})")
-    return ContrastiveModel(cfg, tower_contexts(modalities), with_bias)
+        if m not in towers:
+            raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(towers)})")
+    return ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias)
 
 
 __all__ = [
-    "Backbone", "ContrastiveModel", "EncoderTower", "TowerContext", "build_model", "load_weights_file",
-    "register_tower", "tower_contexts", "tower_names",
+    "Backbone", "ContrastiveModel", "EncoderTower", "ModelConfig", "TOWERS", "TowerConfig", "TowerContext",
+    "build_model", "default_tower", "load_weights_file", "register_tower", "tower_contexts", "tower_names",
 ]

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError
+from pretrain.options import ConfigError, NoOptions, Registry
 
 
 @dataclass
@@ -42,15 +42,10 @@ class TowerContext:
     decoder: Any  # the modality's data decoder (its tokenizer, for text)
 
 
-@dataclass
-class _NoOptions:
-    pass
-
-
 class Backbone(nn.Module):
     """Base class: set ``self.width`` (pooled feature size) in ``__init__``."""
 
-    Options: ClassVar[type] = _NoOptions
+    Options: ClassVar[type] = NoOptions
     width: int
 
     def __init__(self, options: Any, ctx: TowerContext):
@@ -61,33 +56,16 @@ class Backbone(nn.Module):
         raise ConfigError(f"{self.ctx.key}.grad_checkpointing: tower type {type(self).__name__} does not support it")
 
 
-_TOWERS: dict[str, type[Backbone]] = {}
+TOWERS = Registry("tower type", base=Backbone, hint="a module that registers more can be listed in data.imports")
 
 
 def register_tower(name: str, cls: Optional[type[Backbone]] = None, *, replace: bool = False):
     """Registers a ``Backbone`` subclass under ``name``; usable as a decorator."""
-
-    def add(c: type[Backbone]) -> type[Backbone]:
-        if not (isinstance(c, type) and issubclass(c, Backbone)):
-            raise TypeError(f"register_tower({name!r}): {c!r} is not a Backbone subclass")
-        if name in _TOWERS and _TOWERS[name] is not c and not replace:
-            raise ValueError(f"tower {name!r} is already registered ({_TOWERS[name].__qualname__}); pass replace=True")
-        _TOWERS[name] = c
-        return c
-
-    return add(cls) if cls is not None else add
+    return TOWERS.register(name, cls, replace=replace)
 
 
 def tower_names() -> list[str]:
-    return sorted(_TOWERS)
-
-
-def get_tower_class(name: str, key: str) -> type[Backbone]:
-    if not name:
-        raise ConfigError(f"{key}: required (one of {', '.join(tower_names())})")
-    if name not in _TOWERS:
-        raise ConfigError(f"{key}: unknown tower type {name!r} (known: {', '.join(tower_names())})")
-    return _TOWERS[name]
+    return TOWERS.names()
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,47 @@
+"""What every command-line tool does with an error: one line on stderr and an exit code.
+
+    sys.exit(run_cli(lambda: work(args), errors=[(BuildError, FAILED)], interrupted="run it again to resume"))
+
+- ``ConfigError`` (a bad key, value, flag or path): ``config error: <message>``, exit 2 (USAGE);
+- each ``(exception types, code[, format])`` of ``errors``: ``error: <message>`` (or ``format(err)``);
+- KeyboardInterrupt: the ``interrupted`` line, exit 130 (re-raised when no line is given);
+- anything else is a bug or an unexpected failure: its traceback, exit 1.
+
+Used by ``python -m pretrain.train``, ``pretrain.eval``, ``pretrain.export``, ``data_tools`` and
+``launch.slurm``. Imports nothing heavy.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+from pretrain.options import ConfigError
+
+OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+
+
+def run_cli(body: Callable[[], Optional[int]], *, errors: Sequence[tuple] = (), prog: str = "",
+            interrupted: Optional[str] = None, cleanup: Optional[Callable[[], None]] = None) -> int:
+    """``body()``'s exit code (None counts as 0), or the code of the first matching error."""
+    lead = f"{prog}: " if prog else ""
+    try:
+        code = body()
+        return OK if code is None else code
+    except ConfigError as err:
+        print(f"{lead}config error: {err}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"{lead}{interrupted}", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:
+        for entry in errors:
+            types, code, fmt = (*entry, None)[:3]
+            if isinstance(err, types):
+                print(f"{lead}error: {fmt(err) if fmt else err}", file=sys.stderr)
+                return code
+        raise
+    finally:
+        if cleanup is not None:
+            cleanup()

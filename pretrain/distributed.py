@@ -1,0 +1,211 @@
+"""Process state in one place: the process group, rank helpers, collectives without gradient, RNG
+capture and restore, free ports and the stop-signal protocol.
+
+Every launcher (``python``, ``torchrun``, ``accelerate launch``, ``srun`` through submitit) ends in
+``init_distributed()``: the group is initialised from the environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT; a lone process gets a one-rank group on loopback) and rank and world size
+are read back from torch.distributed, never from a launcher's own state. Training, evaluation,
+tests and benchmarks all use it. The collectives *with* gradient live in ``pretrain.losses.gather``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ------------------------------------------------------------------------------ the process group
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None, port: Optional[int] = None,
+                     cpu: bool = False) -> DistInfo:
+    """Joins (or makes) the default process group: NCCL on a GPU (``cuda:LOCAL_RANK``), gloo on CPU
+    (or with ``cpu``). Launchers give the rendezvous in the environment; a process started by hand
+    (``torch.multiprocessing.spawn`` in tests and benchmarks) passes ``rank``, ``world_size`` and
+    ``port`` (loopback) instead."""
+    if rank is not None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and not cpu:
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)  # env:// (DeepSpeed adopts this group)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------ collectives without gradient
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where this rank's rows sit in the global batch."""
+
+    rank: int
+    sizes: tuple[int, ...]  # local batch size of every rank
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def local(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def batch_layout(n: int, device: torch.device) -> BatchLayout:
+    """Every rank's local batch size (one small all_gather)."""
+    if not is_distributed():
+        return BatchLayout(0, (n,))
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    return BatchLayout(dist.get_rank(), tuple(int(s.item()) for s in sizes))
+
+
+# torch >= 2.14 names the flat-buffer collectives *_single; older releases *_into_tensor / *_tensor.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    """Every rank's rows of ``x`` (uneven sizes allowed), concatenated in rank order: one flat
+    all-gather with rows padded to the longest rank."""
+    if layout.world == 1 or not is_distributed():
+        return x
+    if x.dtype == torch.bool:
+        return all_gather_nograd(x.to(torch.uint8), layout).bool()
+    longest = max(layout.sizes)
+    if longest == 0:
+        return x.new_zeros((0, *x.shape[1:]))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    flat = x.new_empty((layout.world * longest, *x.shape[1:]))
+    all_gather_flat(flat, padded)
+    if len(set(layout.sizes)) == 1:
+        return flat
+    return torch.cat([flat[r * longest : r * longest + n] for r, n in enumerate(layout.sizes)])
+
+
+def mean_over_ranks(values: dict[str, float], device: Optional[torch.device] = None) -> dict[str, float]:
+    """The mean of each value over the ranks (one all_reduce; reads the result on the host)."""
+    names = sorted(values)
+    t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(names, t.tolist()))
+
+
+# -------------------------------------------------------------------------------- random streams
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global generators (CUDA's too when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores what ``rng_state`` (or ``torch_rng_state``) captured."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def torch_rng_state() -> dict:
+    """torch's generators only (what dropout draws from): cheap enough to take per micro-batch."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- the signal protocol
+
+# A training process saves a checkpoint at the next step boundary and returns when it gets one of
+# STOP_SIGNALS (SIGTERM: scancel, a preemption; SIGUSR1: the launcher's "save and stop"); every
+# rank stops at the same step. ``launch.task`` turns Slurm's preemption notice into STOP_SIGNAL.
+STOP_SIGNAL = signal.SIGUSR1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignal:
+    """Remembers the first stop signal received; ``received`` names it (None before)."""
+
+    def __init__(self, signals: tuple = STOP_SIGNALS):
+        self.received: Optional[str] = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name

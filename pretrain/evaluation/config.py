@@ -1,0 +1,104 @@
+"""The evaluation section of a recipe (``eval.*``; ``pretrain.evaluation``, ``python -m pretrain.eval``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pretrain.data.config import SplitConfig
+from pretrain.evaluation.tasks import EVALUATORS
+from pretrain.options import require
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (``pretrain.evaluation``; ``python -m pretrain.eval``). ``tasks`` unset
+    runs every task that applies: zero-shot with class names, retrieval, Symile retrieval with 3+
+    modalities; the linear probe only when listed."""
+
+    @dataclass
+    class ZeroShot:
+        text: str = "text"  # the modality whose tower (and decoder's tokenizer) encodes the prompts
+        modalities: Optional[list[str]] = None  # modalities classified (None: every other one)
+
+    @dataclass
+    class Retrieval:
+        pairs: Optional[list[list[str]]] = None  # [query, candidate] modality pairs (None: every ordered pair)
+        class_aware: bool = True  # also count a hit by class where labels exist (eval/retrieval_class/...)
+
+    @dataclass
+    class Symile:
+        targets: Optional[list[str]] = None  # modalities retrieved given all the others (None: each)
+        scoring: list[Literal["mip", "pairwise"]] = field(default_factory=lambda: ["mip"])  # multilinear / sum of dots
+        candidates: int = 0  # 0: the whole split; k > 0: 1 positive + k negatives per query (seeded)
+        distinct: bool = False  # candidates: the distinct inputs of the target (e.g. all 2^d XOR vectors)
+        seed: int = 0  # negatives' seed
+
+    @dataclass
+    class LinearProbe:
+        modalities: Optional[list[str]] = None  # features probed (None: every modality)
+        split: SplitConfig = field(default_factory=SplitConfig)  # training features (urls unset: data.train)
+        max_train_samples: int = 0  # cap on the training samples embedded (0: the whole split, once)
+        l2: float = 1e-3  # L2 penalty on the weights (standardised features)
+        max_iter: int = 100  # L-BFGS iterations
+
+    enabled: bool = True
+    every: int = 0  # also evaluate every N training steps (0: only at the end)
+    batch_size: int = 128
+    tasks: Optional[list[str]] = None  # registered evaluation tasks (None: all that apply)
+    classnames: list[str] = field(default_factory=list)  # index = label in the .cls member
+    templates: list[str] = field(default_factory=lambda: ["{}"])  # zero-shot prompt templates
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@k reported
+    chunk_size: int = 4096  # scores are computed in blocks of chunk_size x chunk_size (memory bound)
+    plots: bool = True  # PNGs under output_dir/eval/plots (recall vs step, a similarity matrix)
+    zeroshot: ZeroShot = field(default_factory=ZeroShot)
+    retrieval: Retrieval = field(default_factory=Retrieval)
+    symile: Symile = field(default_factory=Symile)
+    linear_probe: LinearProbe = field(default_factory=LinearProbe)
+
+    def check(self, key: str = "eval") -> None:
+        """What the section alone decides (``check_against`` checks the names it uses)."""
+        require(self.every >= 0, f"{key}.every", f"must be >= 0, got {self.every}")
+        require(self.batch_size > 0, f"{key}.batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.chunk_size > 0, f"{key}.chunk_size", f"must be > 0, got {self.chunk_size}")
+        require(bool(self.recall_at) and all(k > 0 for k in self.recall_at), f"{key}.recall_at",
+                f"must be positive integers, got {self.recall_at}")
+        for i, tmpl in enumerate(self.templates):
+            require("{}" in tmpl, f"{key}.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
+        for i, task in enumerate(self.tasks or []):
+            EVALUATORS.get(task, f"{key}.tasks[{i}]")
+        require(self.symile.candidates >= 0, f"{key}.symile.candidates", f"must be >= 0, got {self.symile.candidates}")
+        require(bool(self.symile.scoring), f"{key}.symile.scoring", "needs mip and/or pairwise")
+        p = self.linear_probe
+        require(p.max_train_samples >= 0, f"{key}.linear_probe.max_train_samples",
+                f"must be >= 0, got {p.max_train_samples}")
+        require(p.l2 >= 0, f"{key}.linear_probe.l2", f"must be >= 0, got {p.l2}")
+        require(p.max_iter > 0, f"{key}.linear_probe.max_iter", f"must be > 0, got {p.max_iter}")
+        require(not p.split.sources, f"{key}.linear_probe.split.sources", f"give {key}.linear_probe.split.urls")
+
+    def check_against(self, data, key: str = "eval") -> None:
+        """The modalities, labels and class names it names exist in ``data`` (a DataConfig)."""
+        names = list(data.modalities)
+
+        def known(where: str, value: str) -> None:
+            require(value in names, where, f"no such modality in data.modalities ({', '.join(names)})")
+
+        tasks = self.tasks if self.tasks is not None else []
+        if "zeroshot" in tasks or (self.tasks is None and self.classnames):
+            require(len(self.classnames) >= 2, f"{key}.classnames", "needs at least 2 class names for zero-shot")
+            known(f"{key}.zeroshot.text", self.zeroshot.text)
+            require(data.labels is not None, "data.labels", "zero-shot needs class labels (a class_label decoder)")
+        for i, m in enumerate(self.zeroshot.modalities or []):
+            known(f"{key}.zeroshot.modalities[{i}]", m)
+        for i, pair in enumerate(self.retrieval.pairs or []):
+            require(len(pair) == 2 and pair[0] != pair[1], f"{key}.retrieval.pairs[{i}]",
+                    f"a pair is [query, candidate] of two different modalities, got {pair}")
+            for j, m in enumerate(pair):
+                known(f"{key}.retrieval.pairs[{i}][{j}]", m)
+        if "symile" in tasks:
+            require(len(names) >= 2, f"{key}.tasks", "symile retrieval needs at least 2 modalities")
+        for i, m in enumerate(self.symile.targets or []):
+            known(f"{key}.symile.targets[{i}]", m)
+        if "linear_probe" in tasks:
+            require(data.labels is not None, "data.labels", "the linear probe needs class labels (a class_label decoder)")
+        for i, m in enumerate(self.linear_probe.modalities or []):
+            known(f"{key}.linear_probe.modalities[{i}]", m)

@@ -1,0 +1,63 @@
+"""The model section of a recipe (``model.*``): the shared feature size, the temperature and one
+tower per modality, checked against the tower registry (nothing is built here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from pretrain.models.towers import TOWERS
+from pretrain.options import require
+
+
+@dataclass
+class TowerConfig:
+    """One modality's encoder (``model.towers.<modality>``; the name matches data.modalities)."""
+
+    type: str = ""  # required: a registered backbone: timm, text_transformer, hf_text, audio_cnn, hf_audio, mlp
+    options: dict[str, Any] = field(default_factory=dict)  # the backbone's options (see pretrain/models/towers.py)
+    head: Literal["linear", "mlp"] = "linear"  # projection to model.embed_dim
+    freeze: Literal["none", "backbone", "all"] = "none"  # lock the backbone (LiT) or the whole tower
+    missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
+    grad_checkpointing: bool = False  # recompute backbone activations in backward
+
+    def typed_options(self, key: str):
+        """The backbone's own ``Options``, type-checked (errors name ``key.options.<field>``)."""
+        return TOWERS.options(self.type, self.options, f"{key}.type", f"{key}.options")
+
+
+def default_tower(decoder: str, decoder_options: Any) -> Optional[TowerConfig]:
+    """The tower a modality gets when ``model.towers`` names none for it, by its decoder (and,
+    for audio, its ``features`` option; options as a mapping or the decoder's typed options)."""
+    get = decoder_options.get if isinstance(decoder_options, dict) else lambda k: getattr(decoder_options, k, None)
+    if decoder == "image":
+        return TowerConfig(type="timm", options={"name": "resnet10t"})
+    if decoder == "text":
+        return TowerConfig(type="text_transformer", options={"width": 128, "layers": 2, "heads": 4})
+    if decoder == "audio" and get("features") == "log_mel":
+        return TowerConfig(type="audio_cnn")
+    if decoder in ("npy", "json"):
+        return TowerConfig(type="mlp")
+    return None
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 64
+    # one per data modality; a modality left out gets its decoder's default (image: timm resnet10t,
+    # text: text_transformer, audio log-mel: audio_cnn, npy/json: mlp)
+    towers: dict[str, TowerConfig] = field(default_factory=dict)
+    init_temperature: float = 0.07  # logit_scale starts at log(1/T)
+    init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
+    max_logit_scale: float = 100.0  # the temperature clamp: 1/T never exceeds this
+
+    def check(self, key: str = "model") -> None:
+        require(self.embed_dim > 0, f"{key}.embed_dim", f"must be > 0, got {self.embed_dim}")
+        require(self.init_temperature > 0, f"{key}.init_temperature", "must be > 0")
+
+    def check_towers(self, modalities: list[str], key: str = "model") -> None:
+        """Tower types and option types, each tower named after a data modality (towers from a
+        module in ``data.imports`` need it imported first: ``DataConfig.check`` does that)."""
+        for name, tower in self.towers.items():
+            where = f"{key}.towers.{name}"
+            require(name in modalities, where, f"no such modality in data.modalities ({', '.join(modalities)})")
+            tower.typed_options(where)

@@ -1,0 +1,326 @@
+"""The trainer: every part built once from a checked ``Config``, and a loop that reads on one screen.
+
+    trainer = Trainer(cfg)      # process group, decoders, model, loss, engine, loader, resume
+    trainer.train()             # next batch, step, maybe log, maybe evaluate, maybe save, stop?
+
+Each part owns its cadence: the logger decides which steps log (``train.log_every``), the
+periodic evaluation which steps evaluate (``eval.every``), the checkpointer which steps save
+(``train.checkpoint_every``, the last one, a stop). ``ContrastiveStep`` (``pretrain.step``) is one
+step; ``TrainState`` is everything a checkpoint holds beside the engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pretrain.checkpoint import CheckpointConfig, Checkpointer
+from pretrain.data import Loader, build_modalities, make_loader
+from pretrain.distributed import (
+    StopSignal,
+    barrier,
+    init_distributed,
+    mean_over_ranks,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from pretrain.engine import EngineConfig, build_engine
+from pretrain.evaluation import evaluate, format_metrics
+from pretrain.metrics import MetricsWriter, StepMeter
+from pretrain.models import build_model
+from pretrain.optim import OptimConfig
+from pretrain.options import ConfigError, require, to_dict
+from pretrain.step import ContrastiveStep, StepOutput
+
+# DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a checkpoint that does not fit, ...)."""
+
+
+@dataclass
+class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
+    """``train.*``: the loop's fields here, the optimizer's (``OptimConfig``), the engine's
+    (``EngineConfig``) and the checkpoints' (``CheckpointConfig``) beside their code, one flat
+    section."""
+
+    steps: int = 100
+    micro_batch_size: int = 32
+    grad_accumulation_steps: int = 1  # micro-batches per step; negatives span all of them (exact feature caching)
+    seed: int = 0
+    global_batch_size: int = 0  # if set, must equal micro_batch_size x grad_accumulation_steps x world size
+    log_every: int = 10
+    log_keys: bool = False  # write the sample keys of every step to output_dir/keys/rank{r}.jsonl
+    stop_at_step: int = 0  # end this run early at that step with a checkpoint (schedule unchanged)
+    peak_tflops: float = 0.0  # one device's peak for the MFU metric (0: known GPUs' datasheet value; CPU: none)
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses (steps skipped) before the run stops
+
+    def check(self, key: str = "train") -> None:
+        require(self.steps > 0, f"{key}.steps", f"must be > 0, got {self.steps}")
+        require(self.micro_batch_size > 0, f"{key}.micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        require(self.grad_accumulation_steps >= 1, f"{key}.grad_accumulation_steps",
+                f"must be >= 1, got {self.grad_accumulation_steps}")
+        require(self.log_every > 0, f"{key}.log_every", f"must be > 0, got {self.log_every}")
+        require(self.stop_at_step >= 0, f"{key}.stop_at_step", f"must be >= 0, got {self.stop_at_step}")
+        require(self.max_nonfinite_steps >= 1, f"{key}.max_nonfinite_steps",
+                f"must be >= 1, got {self.max_nonfinite_steps}")
+        require(self.peak_tflops >= 0, f"{key}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+        require(self.global_batch_size >= 0, f"{key}.global_batch_size", f"must be >= 0, got {self.global_batch_size}")
+        self.check_optim(key)
+        self.check_engine(key)
+        self.check_checkpoint(key)
+        require(self.optimizer != "lamb" or self.zero_stage == 0, f"{key}.optimizer",
+                "lamb computes a trust ratio per parameter, which ZeRO stages 1-3 cut into flat partitions: "
+                f"use {key}.zero_stage=0 with lamb")
+
+    @property
+    def end_step(self) -> int:
+        return min(self.steps, self.stop_at_step) if self.stop_at_step else self.steps
+
+
+class TrainState:
+    """What a checkpoint saves beside the engine, per rank: the step, the skip counters, the data
+    loader's position and the random streams."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
+        self.nonfinite_in_row = 0
+
+    def record(self, finite: bool) -> None:
+        self.step += 1
+        self.skipped_steps += not finite
+        self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "nonfinite_in_row": self.nonfinite_in_row,
+                "loader": self.loader.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))  # checkpoints of earlier versions lack them
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.loader.load_state_dict(state["loader"])  # the data stream continues where it stopped
+        set_rng_state(state["rng"])
+
+
+class StepLogger:
+    """Logs every ``train.log_every`` steps and the last: the rank-mean loss and its terms, the
+    schedule, throughput and MFU, the bad-data counts; to metrics.jsonl, TensorBoard and stdout."""
+
+    def __init__(self, cfg: TrainConfig, writer: MetricsWriter, meter: StepMeter, engine, scheduler, loader: Loader,
+                 global_batch: int, rank: int):
+        self.cfg, self.writer, self.meter, self.engine = cfg, writer, meter, engine
+        self.scheduler, self.loader, self.global_batch, self.rank = scheduler, loader, global_batch, rank
+        self.last: dict[str, float] = {}
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.end_step
+
+    def log(self, state: TrainState, out: StepOutput) -> dict[str, float]:
+        """Collective (every rank calls it at the same steps)."""
+        window = self.meter.figures()
+        values = {k: float(v) for k, v in out.losses.items()}
+        values["data_wait_fraction"] = window.pop("data_wait_fraction")
+        values = mean_over_ranks(values)
+        values.update(window, global_batch=float(self.global_batch), lr=self.scheduler.get_last_lr()[0],
+                      temperature=1.0 / float(out.logit_scale), skipped_steps=float(state.skipped_steps))
+        grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        if out.logit_bias is not None:
+            values["logit_bias"] = float(out.logit_bias)
+        values.update(self.loader.metrics(all_ranks=True))  # bad-data counts by reason, summed over ranks
+        self.writer.log(state.step, values)
+        self.meter.reset()
+        if self.rank == 0:
+            print(f"[train] step {state.step}/{self.cfg.steps} loss {values['loss']:.4f} lr {values['lr']:.2e} "
+                  f"T {values['temperature']:.4f} {values['samples_per_s']:.0f} samples/s "
+                  f"data wait {100 * values['data_wait_fraction']:.1f}%", flush=True)
+        self.last = values
+        return values
+
+
+class PeriodicEvaluation:
+    """Held-out evaluation every ``eval.every`` steps and at the end (when ``data.val.urls`` is set)."""
+
+    def __init__(self, cfg, model, device: torch.device, output_dir: Path):
+        self.cfg, self.model, self.device, self.output_dir = cfg, model, device, output_dir
+        self.enabled = cfg.eval.enabled and bool(cfg.data.val.urls)
+        self.modalities = build_modalities(cfg.data, train=False) if self.enabled else None
+
+    def should_run(self, step: int, end_step: int) -> bool:
+        every = self.cfg.eval.every
+        return self.enabled and bool(every) and step % every == 0 and step < end_step
+
+    def run(self, step: int) -> dict[str, float]:
+        return evaluate(self.model, self.cfg, self.modalities, self.device, step=step, output_dir=self.output_dir)
+
+
+class KeyLog:
+    """``train.log_keys``: every step's sample keys of this rank, in ``output_dir/keys/rank{r}.jsonl``."""
+
+    def __init__(self, enabled: bool, output_dir: Path, rank: int, append: bool):
+        self.file = None
+        if enabled:
+            (output_dir / "keys").mkdir(parents=True, exist_ok=True)
+            self.file = open(output_dir / "keys" / f"rank{rank}.jsonl", "a" if append else "w")
+
+    def write(self, step: int, batches: list) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg, t = cfg, cfg.train
+        self.info = info = init_distributed()
+        self.rank, self.world = info.rank, info.world_size
+        self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
+        if t.global_batch_size and t.global_batch_size != self.global_batch:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} asked, but micro_batch_size "
+                              f"{t.micro_batch_size} x grad_accumulation_steps {t.grad_accumulation_steps} x world "
+                              f"size {self.world} = {self.global_batch}")
+        self.out = Path(cfg.output_dir)
+        self._prepare_run_folder()
+        self.stop_signal = StopSignal()
+        seed_everything(t.seed)
+        modalities = build_modalities(cfg.data, train=True)
+        loss_fn = cfg.loss.build()
+        model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias)
+        self.engine, _, self.scheduler = build_engine(model, t, self.world)
+        self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
+                                  t.seed, train=True)
+        self.state = TrainState(self.loader)
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
+        try:
+            self.resumed_from = self.checkpointer.resume(self.state)
+        except RuntimeError as err:
+            raise TrainingError(str(err)) from None
+        self.batches = iter(self.loader)
+        self.step = ContrastiveStep(self.engine, self.scheduler, loss_fn, info.device, t.dtype, self.stop_signal)
+        self.writer = MetricsWriter(self.out, enabled=self.rank == 0)
+        self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
+        self.logger = StepLogger(t, self.writer, self.meter, self.engine, self.scheduler, self.loader,
+                                 self.global_batch, self.rank)
+        self.evaluation = PeriodicEvaluation(cfg, self.engine.module, info.device, self.out)
+        self.keys = KeyLog(t.log_keys, self.out, self.rank, append=self.resumed_from is not None)
+
+    def train(self) -> dict[str, float]:
+        """The loop: next batch, step, maybe log, maybe evaluate, maybe save, stop?"""
+        state, end = self.state, self.cfg.train.end_step
+        self._announce()
+        self.progress = self._progress_bar(end)
+        while state.step < end:
+            with self.meter.waiting():
+                batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
+            with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
+                out = self.step(batches, state.step)
+            state.record(out.finite)
+            self._after_step(out, batches)
+            if self.logger.should_log(state.step):
+                self.logger.log(state, out)
+            if out.stop:
+                return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
+            if self.evaluation.should_run(state.step, end):
+                self.writer.log(state.step, self.evaluation.run(state.step))
+                self.meter.reset()  # evaluation time is not step time
+            self.checkpointer.save(state)
+        return self._finish()
+
+    # -- the parts of the loop
+
+    def _after_step(self, out: StepOutput, batches: list) -> None:
+        """The skip policy, the key log and the progress bar."""
+        state, limit = self.state, self.cfg.train.max_nonfinite_steps
+        if not out.finite:
+            if self.rank == 0:
+                print(f"[train] step {state.step}: non-finite loss, step skipped ({state.nonfinite_in_row} in a row)",
+                      flush=True)
+            if state.nonfinite_in_row >= limit:
+                raise TrainingError(
+                    f"{state.nonfinite_in_row} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
+                    f"{limit}): lower train.lr, raise model.init_temperature, use fp32, or check the data")
+        self.keys.write(state.step, batches)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def _finish(self, stopped_by: Optional[str] = None) -> dict[str, float]:
+        """The last checkpoint, the final evaluation (a finished run), the closing lines."""
+        if self.progress is not None:
+            self.progress.close()
+        self.checkpointer.save(self.state, last=True)
+        self.keys.close()
+        results = {"loss": self.logger.last.get("loss", float("nan"))}
+        if stopped_by is not None:
+            if self.rank == 0:
+                print(f"[train] stopped by {stopped_by} at step {self.state.step}; resume with the same command",
+                      flush=True)
+        elif self.evaluation.enabled and self.state.step >= self.cfg.train.steps:
+            results.update(self._final_evaluation())
+        if self.rank == 0 and stopped_by is None:
+            print(f"[train] tensorboard logs: {self.writer.tb_dir}  (tensorboard --logdir {self.writer.tb_dir})",
+                  flush=True)
+            print(f"[train] metrics: {self.writer.path}", flush=True)
+        self.writer.close()
+        dist.barrier()
+        return results
+
+    def _final_evaluation(self) -> dict[str, float]:
+        step = self.state.step
+        metrics = self.evaluation.run(step)
+        self.writer.log(step, metrics)
+        if self.rank == 0:
+            (self.out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
+            print(format_metrics(metrics), flush=True)
+            print(f"[eval] all metrics: {self.out / 'eval' / f'step{step:06d}.json'}; plots: "
+                  f"{self.out / 'eval' / 'index.html'}", flush=True)
+        return metrics
+
+    # -- set-up
+
+    def _prepare_run_folder(self) -> None:
+        """The run's config.yaml (rank 0) and what each rank saw of the job (``ranks/rank{r}.json``)."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        barrier()
+        import deepspeed
+
+        (self.out / "ranks").mkdir(exist_ok=True)
+        record = {"rank": self.rank, "world_size": self.world, "local_rank": self.info.local_rank,
+                  "backend": dist.get_backend(), "device": str(self.info.device), "pid": os.getpid(),
+                  "host": os.uname().nodename, "python": sys.version.split()[0], "torch": torch.__version__,
+                  "deepspeed": deepspeed.__version__}
+        (self.out / "ranks" / f"rank{self.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    def _announce(self) -> None:
+        if self.rank == 0:
+            t = self.cfg.train
+            resumed = f" resumed_from={self.resumed_from} at step {self.state.step}" if self.resumed_from else ""
+            print(f"[train] world_size={self.world} micro_batch={t.micro_batch_size} accumulation="
+                  f"{t.grad_accumulation_steps} global_batch={self.global_batch} steps={t.steps} zero_stage="
+                  f"{t.zero_stage} precision={t.precision} device={self.info.device}{resumed}", flush=True)
+
+    def _progress_bar(self, end: int):
+        if self.rank != 0 or not sys.stdout.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=end, initial=self.state.step, desc="train", unit="step")

@@ -1,0 +1,64 @@
+"""The trainer with a fault injected, for the tests: ``python -m tests.faults --config ... [overrides]``
+runs ``pretrain.train.main()`` after patching one part as ``PRETRAIN_FAULT`` says (the production
+code has no fault hooks):
+
+- ``nan_loss:A-B``: rank 0's loss is NaN (a real NaN through the real finiteness check) at steps A..B;
+- ``die:R:S``: rank R exits at once (code 13, no clean-up) when it starts step S;
+- ``crash_in_save:S``: every rank exits (code 17) in the middle of the save at step S, after its
+  files are written and before the checkpoint is marked complete.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch.distributed as dist
+
+from pretrain import checkpoint, train
+from pretrain.step import ContrastiveStep
+
+
+def _steps(spec: str) -> range:
+    lo, _, hi = spec.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def install(spec: str) -> None:
+    kind, _, arg = spec.partition(":")
+    if kind == "nan_loss":
+        steps, guarded = _steps(arg), ContrastiveStep.guarded_loss
+
+        def nan_loss(self, features, scale, bias, masks=None, step=None):
+            out = guarded(self, features, scale, bias, masks=masks, step=step)
+            if dist.get_rank() == 0 and step is not None and step + 1 in steps:
+                out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+
+        ContrastiveStep.guarded_loss = nan_loss
+    elif kind == "die":
+        rank, step = (int(x) for x in arg.split(":"))
+        call = ContrastiveStep.__call__
+
+        def die(self, batches, index):
+            if dist.get_rank() == rank and index + 1 == step:
+                print(f"[train] rank {rank}: injected death at step {step}", flush=True)
+                os._exit(13)
+            return call(self, batches, index)
+
+        ContrastiveStep.__call__ = die
+    elif kind == "crash_in_save":
+        step, commit = int(arg), checkpoint._commit
+
+        def crash(ckpt_dir, folder, at, rank, keep):
+            if at == step:
+                os._exit(17)
+            return commit(ckpt_dir, folder, at, rank, keep)
+
+        checkpoint._commit = crash
+    elif spec:
+        raise SystemExit(f"tests.faults: unknown PRETRAIN_FAULT {spec!r}")
+
+
+if __name__ == "__main__":
+    install(os.environ.get("PRETRAIN_FAULT", ""))
+    sys.exit(train.main())
