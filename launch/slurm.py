@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.task import PREEMPT_SIGNAL, TrainTask
+from pretrain.cli import FAILED, INTERRUPTED, USAGE, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding launch/ and pretrain/
 FINAL_STATES = {
@@ -508,21 +509,18 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
-    try:
-        plan = make_plan(args)
-    except UsageError as err:
-        print(f"python -m launch.slurm: error: {err}\n(python -m launch.slurm --help lists the flags)", file=sys.stderr)
-        return 2
+class SubmissionError(Exception):
+    """sbatch (or submitit) refused the job(s); its own message is the useful part."""
+
+
+def run(args) -> int:
+    plan = make_plan(args)
     if args.dry_run:
         return dry_run(plan)
     try:
         jobs = submit(plan)
     except Exception as err:  # noqa: BLE001 - sbatch's own message is the useful part
-        print(f"python -m launch.slurm: error: submission failed: {err}", file=sys.stderr)
-        return 1
+        raise SubmissionError(f"submission failed: {err}") from None
     report_submitted(plan, jobs)
     if not args.wait:
         return 0
@@ -531,7 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ids = " ".join(str(j.job_id) for j in jobs)
         say(f"stopped waiting; the job(s) keep running ({ids})")
-        return 130
+        return INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    usage = (UsageError, USAGE, lambda err: f"{err}\n(python -m launch.slurm --help lists the flags)")
+    return run_cli(lambda: run(args), prog="python -m launch.slurm", errors=[usage, (SubmissionError, FAILED)])
 
 
 if __name__ == "__main__":

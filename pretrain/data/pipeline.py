@@ -86,332 +86,42 @@ def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
     return Batch(mods, masks, [s["__key__"] for s in samples], labels)
 
 
-# ------------------------------------------------------------------------------ bad-data events
+# ----------------------------------------------------------------------------------- the loader
 
 
-class BadDataLog:
-    """Logs bad-data events at a bounded rate per process: ``per_minute`` lines a minute, then a
-    count of the suppressed ones."""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self.window_start = time.monotonic()
-        self.in_window = 0
-        self.suppressed = 0
-
-    def __call__(self, reason: str, detail: str) -> None:
-        now = time.monotonic()
-        if now - self.window_start >= 60.0:
-            if self.suppressed:
-                log.warning("[data] %d more bad-data messages suppressed in the last minute (still counted)", self.suppressed)
-            self.window_start, self.in_window, self.suppressed = now, 0, 0
-        if self.in_window < self.per_minute:
-            self.in_window += 1
-            log.warning("[data] skipped (%s): %s", reason, detail)
-        else:
-            self.suppressed += 1
-
-
-class _Events:
-    """Counts events into a slot's counters; silent while a window is being re-read on resume
-    (its events are already in the restored counters)."""
-
-    def __init__(self, counters: dict[str, int], logger: BadDataLog):
-        self.counters, self.logger, self.replay = counters, logger, False
-
-    def __call__(self, reason: str, detail: str, index: int = 0) -> None:
-        if self.replay:
-            return
-        self.counters[reason] = self.counters.get(reason, 0) + 1
-        self.logger(reason, detail)
-
-
-# ---------------------------------------------------------------------------------- the stream
-
-
-@dataclass
-class StreamSpec:
-    """Everything a slot needs to make its raw sample stream (picklable, sent to workers)."""
-
-    shards: list[ShardRef]
-    sources: list[SourceInfo]
-    mode: str = "epoch"  # epoch | resampled
-    shuffle: bool = True
-    window: int = 0  # shuffle window in samples (<= 1: shard order)
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    epochs: Optional[int] = None  # None: forever
-    max_member_bytes: int = 256 * 2**20
-
-
-def new_slot_state() -> dict:
-    return {"epoch": 0, "window": 0, "shard": 0, "offset": 0, "emitted": 0, "batches": 0, "dropped": 0, "counters": {}}
-
-
-def _copy_state(st: dict) -> dict:
-    out = dict(st)
-    out["counters"] = dict(st["counters"])
-    return out
-
-
-def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
-    """This slot's shards for an epoch: (shard index, stride k, phase j) -- keep sample i of the
-    shard when i % k == j."""
-    n = len(spec.shards)
-    slots = spec.world_size * num_workers
-    slot = spec.rank * num_workers + worker
-    if spec.mode == "resampled":
-        rng = random.Random(f"{spec.seed}-draws-{epoch}-{spec.rank}-{worker}")
-        # weight per shard draw: the source's weight / its mean samples per shard (0 for an empty source)
-        weights = [s.weight if s.samples is None else (s.weight / s.mean_shard_samples if s.samples else 0.0)
-                   for s in spec.sources]
-        if not any(weights):
-            raise RuntimeError("resampled mode: every source has 0 samples")
-        cum = list(itertools.accumulate(weights))
-        plan = []
-        for _ in range(max(1, math.ceil(n / slots))):
-            src = spec.sources[min(len(cum) - 1, _bisect(cum, rng.random() * cum[-1]))]
-            plan.append((src.first + rng.randrange(src.count), 1, 0))
-        return plan
-    order = list(range(n))
-    if spec.shuffle:
-        random.Random(f"{spec.seed}-shards-{epoch}").shuffle(order)
-    if n >= slots:
-        return [(order[i], 1, 0) for i in range(slot, n, slots)]
-    i = slot % n  # fewer shards than slots: split inside the shard
-    return [(order[i], len(range(i, slots, n)), slot // n)]
-
-
-def _bisect(cum: list[float], x: float) -> int:
-    lo, hi = 0, len(cum)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cum[mid] <= x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, wanted: Optional[frozenset[str]],
-                 events: _Events) -> Iterator[RawSample]:
-    """Raw samples of one slot from position ``st`` on; ``st`` is updated as samples are passed on
-    (after sample i of a window, ``st['emitted'] == i + 1``)."""
-    empty_epochs = 0
-    while spec.epochs is None or st["epoch"] < spec.epochs:
-        plan = slot_plan(spec, st["epoch"], worker, num_workers)
-        pos = [st["shard"], st["offset"]]
-        reader = _read_plan(spec, plan, pos, wanted, events)
-        got = 0
-        while True:
-            events.replay = st["emitted"] > 0  # this window was read (and its events counted) before
-            window = list(itertools.islice(reader, max(1, spec.window)))
-            events.replay = False
-            if not window:
-                break
-            got += len(window)
-            order = list(range(len(window)))
-            if spec.shuffle and spec.window > 1:
-                random.Random(f"{spec.seed}-window-{st['epoch']}-{spec.rank}-{worker}-{st['window']}").shuffle(order)
-            for i in range(st["emitted"], len(window)):
-                raw = window[order[i]]
-                window[order[i]] = None  # type: ignore[call-overload]
-                st["emitted"] = i + 1
-                yield raw
-            st["window"] += 1
-            st["shard"], st["offset"] = pos
-            st["emitted"] = 0
-        reader.close()
-        st["epoch"] += 1
-        st["window"] = st["shard"] = st["offset"] = st["emitted"] = 0
-        empty_epochs = empty_epochs + 1 if got == 0 else 0
-        if spec.epochs is None and empty_epochs >= 3:
-            raise RuntimeError(
-                f"rank {spec.rank} worker {worker}: no samples read in {empty_epochs} epochs in a row from "
-                f"{len(spec.shards)} shards (empty or unreadable shards? counts so far: {st['counters']})"
-            )
-
-
-def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) -> Iterator[RawSample]:
-    while pos[0] < len(plan):
-        shard, k, j = plan[pos[0]]
-        start = pos[1]
-
-        def select(i: int, k=k, j=j, start=start) -> bool:
-            return i % k == j and i // k >= start
-
-        for raw in iter_shard(spec.shards[shard].url, wanted, select, events, spec.max_member_bytes):
-            pos[1] = raw.index // k + 1
-            yield raw
-        pos[0] += 1
-        pos[1] = 0
-
-
-# --------------------------------------------------------------------------------- decoding
-
-
-class _GlobalRng:
-    """For decoders that draw from the global generators (timm's augmentations): seeded per batch.
-    In a worker process the globals are simply seeded; in the main process (workers: 0) they are
-    swapped in and out around each sample, so the training loop's generators are untouched."""
-
-    def __init__(self, in_worker: bool):
-        self.in_worker = in_worker
-        self.own: Optional[tuple] = None
-        self.seed = 0
-
-    def start_batch(self, seed: int) -> None:
-        if self.in_worker:
-            self._seed(seed)
-        else:
-            self.own, self.seed = None, seed
-
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)
-
-    @staticmethod
-    def _get() -> tuple:
-        return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-    @staticmethod
-    def _set(state: tuple) -> None:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-
-    def __enter__(self):
-        if not self.in_worker:
-            self.saved = self._get()
-            if self.own is None:
-                self._seed(self.seed)
-            else:
-                self._set(self.own)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.in_worker:
-            self.own = self._get()
-            self._set(self.saved)
-
-
-class SampleDecoding:
-    """A raw sample -> decoded dict (or None when dropped), counting every problem."""
-
-    def __init__(self, modalities: list[Modality], label: Optional[Modality]):
-        self.modalities, self.label = modalities, label
-        self.names = [m.name for m in modalities]
-        every = list(modalities) + ([label] if label is not None else [])
-        self.wanted = frozenset(e for m in every for e in m.members)
-        self.uses_global_rng = any(m.decoder.uses_global_rng for m in every)
-        self.placeholders = {m.name: (m.decoder.placeholder() if not m.required else None) for m in every}
-        self.shapes = {m.name: m.decoder.output_shape for m in every}
-
-    def _one(self, m: Modality, raw: RawSample, rng: random.Random, events: _Events):
-        """(tensor or None, present)."""
-        ext = next((e for e in m.members if e in raw.members), None)
-        if ext is None:
-            if m.required:
-                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member "
-                                            f"(it has: {', '.join(raw.seen) or 'nothing'}; a modality reads the "
-                                            f"members listed in data.modalities.{m.name}.members)")
-            return None, False
-        try:
-            x = m.decoder.decode(raw.members[ext], ext, rng)
-            want = self.shapes[m.name]
-            if want is None:
-                self.shapes[m.name] = want = tuple(x.shape)
-            if tuple(x.shape) != tuple(want):
-                raise DecodeError("wrong_shape", f"decoded shape {tuple(x.shape)}, expected {tuple(want)}")
-            return x, True
-        except DecodeError as err:
-            reason, detail = err.reason, err.detail
-        except Exception as err:  # noqa: BLE001 - a decoder bug or an unforeseen format problem
-            reason, detail = f"{m.decoder_name}_decoder_error", f"{type(err).__name__}: {err}"
-        events(reason, f"{raw.url}: sample {raw.key!r} ({m.name}, .{ext}): {detail}")
-        return None, False
-
-    def __call__(self, raw: RawSample, rng: random.Random, events: _Events) -> Optional[dict]:
-        out: dict[str, Any] = {"__key__": raw.key}
-        masks: dict[str, bool] = {}
-        for m in self.modalities:
-            x, ok = self._one(m, raw, rng, events)
-            if not ok:
-                if m.required:
-                    return None
-                x = self.placeholders[m.name]
-            out[m.name], masks[m.name] = x, ok
-        if self.label is not None:
-            y, ok = self._one(self.label, raw, rng, events)
-            if not ok and self.label.required:
-                return None
-            out["__label__"] = int(y) if ok else -1
-        out["__masks__"] = masks
-        return out
-
-
-class BatchStream(IterableDataset):
-    """Batches of one rank, each with the slot that made it and that slot's state after it; a
-    finite stream ends with ``(None, slot, final state)``."""
-
-    def __init__(self, spec: StreamSpec, decoding: SampleDecoding, batch_size: int, num_workers: int,
-                 max_consecutive_bad: int = 1000, bad_log_per_minute: int = 10):
-        self.spec, self.decoding, self.batch_size = spec, decoding, batch_size
-        self.num_workers = max(1, num_workers)
-        self.max_consecutive_bad = max_consecutive_bad
-        self.bad_log_per_minute = bad_log_per_minute
-        self.start_states: list[Optional[dict]] = [None] * self.num_workers
-        self.rotation = 0
-
-    def _worker(self) -> tuple[int, bool]:
-        info = get_worker_info()
-        n = info.num_workers if info is not None else 1
-        if n != self.num_workers:
-            raise RuntimeError(f"BatchStream built for {self.num_workers} workers runs under {n}")
-        return ((info.id if info is not None else 0) + self.rotation) % n, info is not None
-
-    def __iter__(self) -> Iterator[tuple[Batch, int, dict]]:
-        worker, in_worker = self._worker()
-        start = self.start_states[worker]
-        st = _copy_state(start) if start is not None else new_slot_state()
-        events = _Events(st["counters"], BadDataLog(self.bad_log_per_minute))
-        grng = _GlobalRng(in_worker) if self.decoding.uses_global_rng else None
-        batch: list[dict] = []
-        rng: Optional[random.Random] = None
-        bad_run = 0
-        for raw in slot_samples(self.spec, st, worker, self.num_workers, self.decoding.wanted, events):
-            if rng is None:
-                rng = random.Random(f"{self.spec.seed}-decode-{self.spec.rank}-{worker}-{st['batches']}")
-                if grng is not None:
-                    grng.start_batch(rng.getrandbits(63))
-            if grng is not None:
-                with grng:
-                    sample = self.decoding(raw, rng, events)
-            else:
-                sample = self.decoding(raw, rng, events)
-            if sample is None:
-                st["dropped"] += 1
-                bad_run += 1
-                if self.max_consecutive_bad and bad_run >= self.max_consecutive_bad:
-                    raise RuntimeError(
-                        f"rank {self.spec.rank} worker {worker}: {bad_run} samples in a row dropped "
-                        f"(data.max_consecutive_bad={self.max_consecutive_bad}); the data or a decoder is "
-                        f"broken. Counts: {json.dumps(st['counters'], sort_keys=True)}"
-                    )
-                continue
-            bad_run = 0
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                st["batches"] += 1
-                yield collate(batch, self.decoding.names), worker, _copy_state(st)
-                batch, rng = [], None
-        if batch:
-            st["batches"] += 1
-            yield collate(batch, self.decoding.names), worker, _copy_state(st)
-        yield None, worker, _copy_state(st)  # the end: counts of what came after the last batch
+def make_loader(
+    split: SplitConfig,
+    modalities: Modalities,
+    data: DataConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    train: bool,
+    *,
+    epochs: Optional[int] = None,
+) -> Loader:
+    """The loader of one rank. Training: endless (epoch after epoch, or resampled), shuffled,
+    sample counts required. Evaluation (``train=False``): one pass in shard order, the last batch
+    may be short. ``epochs`` overrides the number of passes (None: endless when training).
+    ``modalities``: the built decoders (``build_modalities(data, train)``)."""
+    key = "data.train" if train else "data.val"
+    sources = resolve_split(split, key, need_counts=train)
+    spec = StreamSpec(
+        shards=sources.shards,
+        sources=sources.sources,
+        mode=split.mode if train else "epoch",
+        shuffle=train,
+        window=split.shuffle_buffer if train else 0,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        epochs=epochs if epochs is not None else (None if train else 1),
+        max_member_bytes=data.max_member_bytes,
+    )
+    stream = BatchStream(spec, SampleDecoding(modalities.items, modalities.label), batch_size, split.workers,
+                         data.max_consecutive_bad, data.bad_log_per_minute)
+    return Loader(stream, split.workers, sources, key)
 
 
 def _identity(x):
@@ -567,36 +277,332 @@ class Loader:
                 f"{spec.world_size} ranks x {self._slots} streams{per}")
 
 
-def make_loader(
-    split: SplitConfig,
-    modalities: Modalities,
-    data: DataConfig,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    train: bool,
-    *,
-    epochs: Optional[int] = None,
-) -> Loader:
-    """The loader of one rank. Training: endless (epoch after epoch, or resampled), shuffled,
-    sample counts required. Evaluation (``train=False``): one pass in shard order, the last batch
-    may be short. ``epochs`` overrides the number of passes (None: endless when training).
-    ``modalities``: the built decoders (``build_modalities(data, train)``)."""
-    key = "data.train" if train else "data.val"
-    sources = resolve_split(split, key, need_counts=train)
-    spec = StreamSpec(
-        shards=sources.shards,
-        sources=sources.sources,
-        mode=split.mode if train else "epoch",
-        shuffle=train,
-        window=split.shuffle_buffer if train else 0,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        epochs=epochs if epochs is not None else (None if train else 1),
-        max_member_bytes=data.max_member_bytes,
-    )
-    stream = BatchStream(spec, SampleDecoding(modalities.items, modalities.label), batch_size, split.workers,
-                         data.max_consecutive_bad, data.bad_log_per_minute)
-    return Loader(stream, split.workers, sources, key)
+# -------------------------------------------------------------------------- batches of one rank
+
+
+class BatchStream(IterableDataset):
+    """Batches of one rank, each with the slot that made it and that slot's state after it; a
+    finite stream ends with ``(None, slot, final state)``."""
+
+    def __init__(self, spec: StreamSpec, decoding: SampleDecoding, batch_size: int, num_workers: int,
+                 max_consecutive_bad: int = 1000, bad_log_per_minute: int = 10):
+        self.spec, self.decoding, self.batch_size = spec, decoding, batch_size
+        self.num_workers = max(1, num_workers)
+        self.max_consecutive_bad = max_consecutive_bad
+        self.bad_log_per_minute = bad_log_per_minute
+        self.start_states: list[Optional[dict]] = [None] * self.num_workers
+        self.rotation = 0
+
+    def _worker(self) -> tuple[int, bool]:
+        info = get_worker_info()
+        n = info.num_workers if info is not None else 1
+        if n != self.num_workers:
+            raise RuntimeError(f"BatchStream built for {self.num_workers} workers runs under {n}")
+        return ((info.id if info is not None else 0) + self.rotation) % n, info is not None
+
+    def __iter__(self) -> Iterator[tuple[Batch, int, dict]]:
+        worker, in_worker = self._worker()
+        start = self.start_states[worker]
+        st = _copy_state(start) if start is not None else new_slot_state()
+        events = _Events(st["counters"], BadDataLog(self.bad_log_per_minute))
+        grng = _GlobalRng(in_worker) if self.decoding.uses_global_rng else None
+        batch: list[dict] = []
+        rng: Optional[random.Random] = None
+        bad_run = 0
+        for raw in slot_samples(self.spec, st, worker, self.num_workers, self.decoding.wanted, events):
+            if rng is None:
+                rng = random.Random(f"{self.spec.seed}-decode-{self.spec.rank}-{worker}-{st['batches']}")
+                if grng is not None:
+                    grng.start_batch(rng.getrandbits(63))
+            if grng is not None:
+                with grng:
+                    sample = self.decoding(raw, rng, events)
+            else:
+                sample = self.decoding(raw, rng, events)
+            if sample is None:
+                st["dropped"] += 1
+                bad_run += 1
+                if self.max_consecutive_bad and bad_run >= self.max_consecutive_bad:
+                    raise RuntimeError(
+                        f"rank {self.spec.rank} worker {worker}: {bad_run} samples in a row dropped "
+                        f"(data.max_consecutive_bad={self.max_consecutive_bad}); the data or a decoder is "
+                        f"broken. Counts: {json.dumps(st['counters'], sort_keys=True)}"
+                    )
+                continue
+            bad_run = 0
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                st["batches"] += 1
+                yield collate(batch, self.decoding.names), worker, _copy_state(st)
+                batch, rng = [], None
+        if batch:
+            st["batches"] += 1
+            yield collate(batch, self.decoding.names), worker, _copy_state(st)
+        yield None, worker, _copy_state(st)  # the end: counts of what came after the last batch
+
+
+# ------------------------------------------------------------------------------------- decoding
+
+
+class SampleDecoding:
+    """A raw sample -> decoded dict (or None when dropped), counting every problem."""
+
+    def __init__(self, modalities: list[Modality], label: Optional[Modality]):
+        self.modalities, self.label = modalities, label
+        self.names = [m.name for m in modalities]
+        every = list(modalities) + ([label] if label is not None else [])
+        self.wanted = frozenset(e for m in every for e in m.members)
+        self.uses_global_rng = any(m.decoder.uses_global_rng for m in every)
+        self.placeholders = {m.name: (m.decoder.placeholder() if not m.required else None) for m in every}
+        self.shapes = {m.name: m.decoder.output_shape for m in every}
+
+    def _one(self, m: Modality, raw: RawSample, rng: random.Random, events: _Events):
+        """(tensor or None, present)."""
+        ext = next((e for e in m.members if e in raw.members), None)
+        if ext is None:
+            if m.required:
+                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member "
+                                            f"(it has: {', '.join(raw.seen) or 'nothing'}; a modality reads the "
+                                            f"members listed in data.modalities.{m.name}.members)")
+            return None, False
+        try:
+            x = m.decoder.decode(raw.members[ext], ext, rng)
+            want = self.shapes[m.name]
+            if want is None:
+                self.shapes[m.name] = want = tuple(x.shape)
+            if tuple(x.shape) != tuple(want):
+                raise DecodeError("wrong_shape", f"decoded shape {tuple(x.shape)}, expected {tuple(want)}")
+            return x, True
+        except DecodeError as err:
+            reason, detail = err.reason, err.detail
+        except Exception as err:  # noqa: BLE001 - a decoder bug or an unforeseen format problem
+            reason, detail = f"{m.decoder_name}_decoder_error", f"{type(err).__name__}: {err}"
+        events(reason, f"{raw.url}: sample {raw.key!r} ({m.name}, .{ext}): {detail}")
+        return None, False
+
+    def __call__(self, raw: RawSample, rng: random.Random, events: _Events) -> Optional[dict]:
+        out: dict[str, Any] = {"__key__": raw.key}
+        masks: dict[str, bool] = {}
+        for m in self.modalities:
+            x, ok = self._one(m, raw, rng, events)
+            if not ok:
+                if m.required:
+                    return None
+                x = self.placeholders[m.name]
+            out[m.name], masks[m.name] = x, ok
+        if self.label is not None:
+            y, ok = self._one(self.label, raw, rng, events)
+            if not ok and self.label.required:
+                return None
+            out["__label__"] = int(y) if ok else -1
+        out["__masks__"] = masks
+        return out
+
+
+class _GlobalRng:
+    """For decoders that draw from the global generators (timm's augmentations): seeded per batch.
+    In a worker process the globals are simply seeded; in the main process (workers: 0) they are
+    swapped in and out around each sample, so the training loop's generators are untouched."""
+
+    def __init__(self, in_worker: bool):
+        self.in_worker = in_worker
+        self.own: Optional[tuple] = None
+        self.seed = 0
+
+    def start_batch(self, seed: int) -> None:
+        if self.in_worker:
+            self._seed(seed)
+        else:
+            self.own, self.seed = None, seed
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+
+    @staticmethod
+    def _get() -> tuple:
+        return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+    @staticmethod
+    def _set(state: tuple) -> None:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+    def __enter__(self):
+        if not self.in_worker:
+            self.saved = self._get()
+            if self.own is None:
+                self._seed(self.seed)
+            else:
+                self._set(self.own)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.in_worker:
+            self.own = self._get()
+            self._set(self.saved)
+
+
+# ---------------------------------------------------------------------- raw samples of one slot
+
+
+def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, wanted: Optional[frozenset[str]],
+                 events: _Events) -> Iterator[RawSample]:
+    """Raw samples of one slot from position ``st`` on; ``st`` is updated as samples are passed on
+    (after sample i of a window, ``st['emitted'] == i + 1``)."""
+    empty_epochs = 0
+    while spec.epochs is None or st["epoch"] < spec.epochs:
+        plan = slot_plan(spec, st["epoch"], worker, num_workers)
+        pos = [st["shard"], st["offset"]]
+        reader = _read_plan(spec, plan, pos, wanted, events)
+        got = 0
+        while True:
+            events.replay = st["emitted"] > 0  # this window was read (and its events counted) before
+            window = list(itertools.islice(reader, max(1, spec.window)))
+            events.replay = False
+            if not window:
+                break
+            got += len(window)
+            order = list(range(len(window)))
+            if spec.shuffle and spec.window > 1:
+                random.Random(f"{spec.seed}-window-{st['epoch']}-{spec.rank}-{worker}-{st['window']}").shuffle(order)
+            for i in range(st["emitted"], len(window)):
+                raw = window[order[i]]
+                window[order[i]] = None  # type: ignore[call-overload]
+                st["emitted"] = i + 1
+                yield raw
+            st["window"] += 1
+            st["shard"], st["offset"] = pos
+            st["emitted"] = 0
+        reader.close()
+        st["epoch"] += 1
+        st["window"] = st["shard"] = st["offset"] = st["emitted"] = 0
+        empty_epochs = empty_epochs + 1 if got == 0 else 0
+        if spec.epochs is None and empty_epochs >= 3:
+            raise RuntimeError(
+                f"rank {spec.rank} worker {worker}: no samples read in {empty_epochs} epochs in a row from "
+                f"{len(spec.shards)} shards (empty or unreadable shards? counts so far: {st['counters']})"
+            )
+
+
+def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) -> Iterator[RawSample]:
+    while pos[0] < len(plan):
+        shard, k, j = plan[pos[0]]
+        start = pos[1]
+
+        def select(i: int, k=k, j=j, start=start) -> bool:
+            return i % k == j and i // k >= start
+
+        for raw in iter_shard(spec.shards[shard].url, wanted, select, events, spec.max_member_bytes):
+            pos[1] = raw.index // k + 1
+            yield raw
+        pos[0] += 1
+        pos[1] = 0
+
+
+@dataclass
+class StreamSpec:
+    """Everything a slot needs to make its raw sample stream (picklable, sent to workers)."""
+
+    shards: list[ShardRef]
+    sources: list[SourceInfo]
+    mode: str = "epoch"  # epoch | resampled
+    shuffle: bool = True
+    window: int = 0  # shuffle window in samples (<= 1: shard order)
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epochs: Optional[int] = None  # None: forever
+    max_member_bytes: int = 256 * 2**20
+
+
+def new_slot_state() -> dict:
+    return {"epoch": 0, "window": 0, "shard": 0, "offset": 0, "emitted": 0, "batches": 0, "dropped": 0, "counters": {}}
+
+
+def _copy_state(st: dict) -> dict:
+    out = dict(st)
+    out["counters"] = dict(st["counters"])
+    return out
+
+
+def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
+    """This slot's shards for an epoch: (shard index, stride k, phase j) -- keep sample i of the
+    shard when i % k == j."""
+    n = len(spec.shards)
+    slots = spec.world_size * num_workers
+    slot = spec.rank * num_workers + worker
+    if spec.mode == "resampled":
+        rng = random.Random(f"{spec.seed}-draws-{epoch}-{spec.rank}-{worker}")
+        # weight per shard draw: the source's weight / its mean samples per shard (0 for an empty source)
+        weights = [s.weight if s.samples is None else (s.weight / s.mean_shard_samples if s.samples else 0.0)
+                   for s in spec.sources]
+        if not any(weights):
+            raise RuntimeError("resampled mode: every source has 0 samples")
+        cum = list(itertools.accumulate(weights))
+        plan = []
+        for _ in range(max(1, math.ceil(n / slots))):
+            src = spec.sources[min(len(cum) - 1, _bisect(cum, rng.random() * cum[-1]))]
+            plan.append((src.first + rng.randrange(src.count), 1, 0))
+        return plan
+    order = list(range(n))
+    if spec.shuffle:
+        random.Random(f"{spec.seed}-shards-{epoch}").shuffle(order)
+    if n >= slots:
+        return [(order[i], 1, 0) for i in range(slot, n, slots)]
+    i = slot % n  # fewer shards than slots: split inside the shard
+    return [(order[i], len(range(i, slots, n)), slot // n)]
+
+
+def _bisect(cum: list[float], x: float) -> int:
+    lo, hi = 0, len(cum)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cum[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+# ------------------------------------------------------------------------------ bad-data events
+
+
+class BadDataLog:
+    """Logs bad-data events at a bounded rate per process: ``per_minute`` lines a minute, then a
+    count of the suppressed ones."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self.window_start = time.monotonic()
+        self.in_window = 0
+        self.suppressed = 0
+
+    def __call__(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= 60.0:
+            if self.suppressed:
+                log.warning("[data] %d more bad-data messages suppressed in the last minute (still counted)", self.suppressed)
+            self.window_start, self.in_window, self.suppressed = now, 0, 0
+        if self.in_window < self.per_minute:
+            self.in_window += 1
+            log.warning("[data] skipped (%s): %s", reason, detail)
+        else:
+            self.suppressed += 1
+
+
+class _Events:
+    """Counts events into a slot's counters; silent while a window is being re-read on resume
+    (its events are already in the restored counters)."""
+
+    def __init__(self, counters: dict[str, int], logger: BadDataLog):
+        self.counters, self.logger, self.replay = counters, logger, False
+
+    def __call__(self, reason: str, detail: str, index: int = 0) -> None:
+        if self.replay:
+            return
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+        self.logger(reason, detail)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import is_distributed, rank, rng_state, set_rng_state, world_size
 from pretrain.evaluation.embed import SplitFeatures, embed_split
+from pretrain.evaluation.plots import write_plots
 from pretrain.evaluation.tasks import EVALUATORS, EvalContext, WorkSplit, planned_tasks
 
 
@@ -111,8 +112,6 @@ def write_outputs(metrics: dict[str, float], example: Optional[dict], output_dir
     tmp.write_text(json.dumps({"step": step, **{k: _json_value(v) for k, v in metrics.items()}}, indent=1) + "\n")
     tmp.replace(path)
     if plots:
-        from pretrain.evaluation.plots import write_plots
-
         write_plots(folder, step, example)
     return path
 

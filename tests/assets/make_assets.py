@@ -5,8 +5,9 @@
 
 ``shards``: 8x8 PNG images (one colour pattern per class, 4 classes), captions "class number N"
 and ``.cls`` labels, built with the project's own shard CLI (6 samples a shard) into
-``shards/train`` and ``shards/val``, each with its ``index.json``. The build is deterministic, so
-running it again gives the same bytes.
+``shards/train`` and ``shards/val``, each with its ``index.json``. The build is deterministic:
+running it again gives the same tars (index.json differs only in the temporary manifest path it
+records).
 
 ``checkpoint``: one process trains the tiny CLIP of ``TINY_RUN`` below on those shards for 4 steps
 with a checkpoint every 2, then keeps ``run_v1/``: the run's ``config.yaml`` and ``metrics.jsonl``
@@ -16,18 +17,15 @@ it with today's code and compares steps 3 and 4 with the losses recorded then.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages
 SHARDS = HERE / "shards"
 RUN = HERE / "run_v1"
 
@@ -57,31 +55,14 @@ TINY_RUN = [
 ]
 
 
-def caption_manifest(folder: Path, n: int, seed: int, classes: int = 4) -> Path:
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    manifest = folder / "manifest.jsonl"
-    with open(manifest, "w") as f:
-        for i in range(n):
-            label = i % classes
-            pixels = rng.integers(0, 60, size=(8, 8, 3), dtype=np.uint8)
-            pixels[:, :, label % 3] += np.uint8(120 + 40 * (label // 3))
-            rel = f"images/s{i:05d}.png"
-            Image.fromarray(pixels, mode="RGB").save(folder / rel)
-            f.write(json.dumps({"key": f"s{i:05d}", "image": rel, "caption": f"class number {label}",
-                                "label": label}) + "\n")
-    return manifest
-
-
 def make_shards() -> None:
-    from data_tools.build import build_shards
+    from tests.helpers import build, make_caption_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         for split, n, seed in (("train", 48, 1), ("val", 12, 2)):
             out = SHARDS / split
             shutil.rmtree(out, ignore_errors=True)
-            build_shards(caption_manifest(Path(tmp) / split, n, seed), out, shard_size=6,
-                         mapping={"image": "png", "caption": "txt", "label": "cls"})
+            build(make_caption_dataset(Path(tmp) / split, n, seed=seed), out, shard_size=6)
 
 
 def make_checkpoint() -> None:
