@@ -1,6 +1,7 @@
 """The code's shape, checked: no import circles among pretrain/ modules (imports inside functions
 count), and the training loop fits on one screen."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,27 @@ def test_no_import_circles_in_pretrain():
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_training_loop_fits_a_screen_without_closures():
+    tree = ast.parse((PACKAGE / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    loop = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    assert loop.end_lineno - loop.lineno + 1 <= 60
+    nested = [n for n in ast.walk(loop) if n is not loop and isinstance(n, (ast.FunctionDef, ast.Lambda, ast.ClassDef))]
+    assert not nested, [getattr(n, "name", "lambda") for n in nested]
+
+
+def test_the_readme_layout_names_the_package_as_it_is():
+    """Every module and subpackage of pretrain/ appears in the README's layout block, and every
+    pretrain file or folder the block names exists."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w/]+\.py|\b\w+/", block))
+    present = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert present <= named, sorted(present - named)
+    pretrain_part = block.split("pretrain/", 1)[1].split("launch/", 1)[0]
+    for name in set(re.findall(r"\b\w+\.py", pretrain_part)) | set(re.findall(r"(?m)^\s+(\w+/)", pretrain_part)):
+        found = list(PACKAGE.rglob(name.rstrip("/")))
+        assert found, f"README layout names {name}, which pretrain/ does not have"
