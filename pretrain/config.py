@@ -78,7 +78,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(tree: dict) -> Config:
-    """A checked ``Config`` from plain data (a loaded YAML, a run's config.yaml)."""
+    """A checked ``Config`` from plain data (a loaded YAML, a run's config.yaml). The data section
+    goes first: its ``imports`` register the decoders, towers, losses and evaluation tasks that
+    other sections may name."""
+    if isinstance(tree, dict):
+        tree = {k: tree[k] for k in sorted(tree, key=lambda k: k != "data")}
     return from_dict(Config, tree)
 
 

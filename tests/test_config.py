@@ -97,3 +97,41 @@ def test_deepspeed_extras_merge_and_owned_keys_are_refused():
                        ("{zero_optimization: {stage: 3}}", "train.deepspeed.zero_optimization.stage: set by train.zero_stage")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(QUICKSTART, [f"train.deepspeed={extra}"])
+
+
+def test_a_module_in_data_imports_registers_a_loss_and_an_evaluation_task(tmp_path, monkeypatch):
+    """Every registry works the same way: a plugin module named in data.imports registers a loss (with
+    its own options) and an evaluation task; sections that name them may come before data."""
+    (tmp_path / "my_plugin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from pretrain.evaluation import Evaluator, register_evaluator\n"
+        "from pretrain.losses import LOSSES, ClipLoss\n"
+        "from pretrain.options import require\n\n"
+        "@LOSSES.register('scaled_clip')\n"
+        "class ScaledClip(ClipLoss):\n"
+        "    @dataclass\n"
+        "    class Options:\n"
+        "        factor: float = 1.0\n"
+        "        def check(self, key):\n"
+        "            require(self.factor > 0, f'{key}.factor', 'must be > 0')\n"
+        "    def __init__(self, factor=1.0):\n"
+        "        super().__init__()\n"
+        "        self.factor = factor\n\n"
+        "@register_evaluator('count')\n"
+        "class Count(Evaluator):\n"
+        "    def run(self, ctx):\n"
+        "        return {'eval/count': float(len(ctx.val))}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from pretrain.config import config_from_dict
+
+    tree = {"loss": {"name": "scaled_clip", "factor": 2.0}, "eval": {"tasks": ["count"]},
+            "data": {"train": {"urls": "x.tar"}, "imports": ["my_plugin"]}}
+    cfg = config_from_dict(tree)
+    assert cfg.loss.build().factor == 2.0 and cfg.loss.factor == 2.0
+    from pretrain.evaluation import planned_tasks
+
+    assert planned_tasks(cfg, ["image", "text"]) == ["count"]
+    with pytest.raises(ConfigError, match=r"^loss\.factor: must be > 0"):
+        config_from_dict({**tree, "loss": {"name": "scaled_clip", "factor": -1}})
+    with pytest.raises(ConfigError, match=r"^loss\.scale: not an option of scaled_clip \(its options: factor\)"):
+        config_from_dict({**tree, "loss": {"name": "scaled_clip", "scale": 1}})

@@ -64,8 +64,6 @@ class EvalConfig:
                 f"must be positive integers, got {self.recall_at}")
         for i, tmpl in enumerate(self.templates):
             require("{}" in tmpl, f"{key}.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
-        for i, task in enumerate(self.tasks or []):
-            EVALUATORS.get(task, f"{key}.tasks[{i}]")
         require(self.symile.candidates >= 0, f"{key}.symile.candidates", f"must be >= 0, got {self.symile.candidates}")
         require(bool(self.symile.scoring), f"{key}.symile.scoring", "needs mip and/or pairwise")
         p = self.linear_probe
@@ -78,6 +76,8 @@ class EvalConfig:
     def check_against(self, data, key: str = "eval") -> None:
         """The modalities, labels and class names it names exist in ``data`` (a DataConfig)."""
         names = list(data.modalities)
+        for i, task in enumerate(self.tasks or []):  # after data.imports (tasks may come from there)
+            EVALUATORS.get(task, f"{key}.tasks[{i}]")
 
         def known(where: str, value: str) -> None:
             require(value in names, where, f"no such modality in data.modalities ({', '.join(names)})")
