@@ -110,3 +110,12 @@ def test_the_readme_layout_names_the_package_as_it_is():
     for name in set(re.findall(r"\b\w+\.py", pretrain_part)) | set(re.findall(r"(?m)^\s+(\w+/)", pretrain_part)):
         found = list(PACKAGE.rglob(name.rstrip("/")))
         assert found, f"README layout names {name}, which pretrain/ does not have"
+
+
+def test_tests_import_shared_builders_from_helpers_only():
+    offenders = []
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("tests.test_", "tests.conftest")):
+                offenders.append(f"{path.name}: from {node.module}")
+    assert not offenders, offenders
