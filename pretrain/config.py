@@ -24,6 +24,7 @@ from pretrain.data.config import DataConfig
 from pretrain.evaluation.config import EvalConfig
 from pretrain.losses import LossConfig
 from pretrain.models.config import ModelConfig
+from pretrain.models.interop import follow_init_from
 from pretrain.options import ConfigError, from_dict, to_dict
 from pretrain.trainer import TrainConfig
 
@@ -82,7 +83,7 @@ def config_from_dict(tree: dict) -> Config:
     goes first: its ``imports`` register the decoders, towers, losses and evaluation tasks that
     other sections may name."""
     if isinstance(tree, dict):
-        tree = {k: tree[k] for k in sorted(tree, key=lambda k: k != "data")}
+        tree = follow_init_from({k: tree[k] for k in sorted(tree, key=lambda k: k != "data")})
     return from_dict(Config, tree)
 
 

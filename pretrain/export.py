@@ -3,7 +3,11 @@
     python -m pretrain.export --checkpoint RUN/checkpoints/step000200 --output exported/
 
 writes ``model.safetensors`` (full fp32 weights; ZeRO-partitioned states consolidated) and
-``config.yaml`` (the run's resolved config). Then::
+``config.yaml`` (the run's resolved config). ``--format open_clip`` writes OpenCLIP's layout instead
+(``open_clip_config.json`` + ``open_clip_model.safetensors``: ``open_clip.add_model_config`` of the
+JSON, then ``open_clip.create_model("open_clip_config")`` and ``load_state_dict``), ``--format hf`` a
+``save_pretrained`` folder of transformers (CLIPModel or SiglipModel), for models whose towers have
+those architectures (``pretrain.models.interop``); other models are refused with the reason. Then::
 
     from pretrain.export import Embedder
     emb = Embedder.load("exported/")
@@ -14,6 +18,7 @@ writes ``model.safetensors`` (full fp32 weights; ZeRO-partitioned states consoli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import random
 import sys
@@ -26,7 +31,7 @@ from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint
 from pretrain.cli import USAGE, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
-from pretrain.models import ContrastiveModel, build_model
+from pretrain.models import FORMATS, ContrastiveModel, build_model
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -40,9 +45,12 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
-def model_from_state(cfg: Config, state: dict[str, torch.Tensor], modalities: Modalities) -> ContrastiveModel:
-    """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit)."""
-    model = build_model(cfg.model, modalities, with_bias="logit_bias" in state)
+def model_from_state(cfg: Config, state: dict[str, torch.Tensor], modalities: Modalities,
+                     init: bool = False) -> ContrastiveModel:
+    """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit);
+    ``model.init_from`` is not read again (``init``) since ``state`` holds every weight."""
+    model_cfg = cfg.model if init else dataclasses.replace(cfg.model, init_from=None)
+    model = build_model(model_cfg, modalities, with_bias="logit_bias" in state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -64,7 +72,9 @@ def load_weights(found: FoundCheckpoint, cfg: Config, modalities: Modalities) ->
         ) from None
 
 
-def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
+def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native") -> Path:
+    """The checkpoint's full weights in ``output``: our native layout, or (``fmt``) a registered
+    format of the field (``open_clip``, ``hf``)."""
     from safetensors.torch import save_file
 
     found = find_checkpoint(checkpoint_folder)
@@ -75,6 +85,11 @@ def export(checkpoint_folder: str | Path, output: str | Path) -> Path:
     cfg = config_from_dict(yaml.safe_load(found.config.read_text()))
     state = consolidated_state_dict(found.folder)
     output = Path(output)
+    if fmt != "native":
+        fmt_cls = FORMATS.get(fmt, "--format")
+        model = model_from_state(cfg, state, build_modalities(cfg.data, train=False), init=False)
+        fmt_cls().export(model, cfg, output)
+        return output
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(output / EXPORT_WEIGHTS))
     (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -140,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/stepNNNNNN) or a run")
     parser.add_argument("--output", required=True, help="folder for model.safetensors and config.yaml")
+    parser.add_argument("--format", default="native", help="native (default), open_clip or hf")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        out = export(args.checkpoint, args.output)
-        print(f"exported {out / EXPORT_WEIGHTS} and {out / 'config.yaml'}")
+        out = export(args.checkpoint, args.output, args.format)
+        print(f"exported ({args.format}) to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
     return run_cli(run, errors=[(CheckpointError, USAGE)])
 

@@ -167,6 +167,8 @@ class Registry:
             if check is not None:
                 check(name, c)
             self._classes[name] = c
+            if "registered_name" not in vars(c):
+                c.registered_name = name  # the name configs use for it
             return c
 
         return add(cls) if cls is not None else add

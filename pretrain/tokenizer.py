@@ -56,8 +56,49 @@ class HFTokenizer:
         return self.tok.decode(ids.tolist(), skip_special_tokens=True)
 
 
+class OpenClipTokenizer:
+    """OpenCLIP's tokenizer, offline: ``open_clip`` is its BPE (the vocabulary ships inside the
+    package), ``open_clip:NAME`` the tokenizer open_clip pairs with model NAME (refused when that is
+    a Hugging Face tokenizer, which would be downloaded). Ids: start, text, end, then 0 (padding)."""
+
+    def __init__(self, spec: str, context_length: int):
+        import open_clip
+
+        name = spec.partition(":")[2]
+        if name:
+            cfg = open_clip.get_model_config(name)
+            if cfg is None:
+                raise ValueError(f"open_clip has no model {name!r}")
+            if cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+                raise ValueError(f"open_clip {name!r} uses the Hugging Face tokenizer "
+                                 f"{cfg['text_cfg']['hf_tokenizer_name']!r}; give a local folder holding it")
+            self.tok = open_clip.get_tokenizer(name, context_length=context_length)
+        else:
+            self.tok = open_clip.SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.pad_id = 0
+        self.vocab_size = int(self.tok.vocab_size)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return self.tok([text])[0].long()
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.tok(texts).long()
+
+    def decode(self, ids: torch.Tensor) -> str:
+        body = [int(i) for i in ids.tolist() if int(i) not in (0, self.tok.sot_token_id, self.tok.eot_token_id)]
+        return self.tok.decode(body).strip()
+
+
+def is_open_clip(spec: str) -> bool:
+    return spec == "open_clip" or spec.startswith("open_clip:")
+
+
 def make_tokenizer(spec: str, context_length: int):
-    """``byte`` (offline, no vocabulary) or a local folder holding a transformers tokenizer."""
+    """``byte`` (offline, no vocabulary), ``open_clip`` / ``open_clip:MODEL`` (OpenCLIP's BPE,
+    offline), or a local folder holding a transformers tokenizer."""
     if spec == "byte":
         return ByteTokenizer(context_length)
+    if is_open_clip(spec):
+        return OpenClipTokenizer(spec, context_length)
     return HFTokenizer(spec, context_length)

@@ -297,10 +297,10 @@ def vector_overrides(shards: Path, out: Path, steps: int, micro_batch: int, dim:
 
 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
-             module: str = "pretrain.train"):
+             module: str = "pretrain.train", config: Path = QUICKSTART):
     """``torchrun`` of the trainer (or ``module``: tests.faults runs it with faults injected)."""
     cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", module, "--config", str(QUICKSTART), *args]
+           "-m", module, "--config", str(config), *args]
     return run_cmd(cmd, timeout=timeout, env=env)
 
 

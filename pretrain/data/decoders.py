@@ -46,7 +46,7 @@ import torch
 
 from pretrain.data.tarstream import is_refused
 from pretrain.options import ConfigError, NoOptions, Registry, require
-from pretrain.tokenizer import make_tokenizer
+from pretrain.tokenizer import is_open_clip, make_tokenizer
 
 
 class DecodeError(Exception):
@@ -270,11 +270,12 @@ class TextDecoder(Decoder):
         captions: Literal["auto", "random", "first"] = "auto"
         split_lines: bool = False
         fields: list[str] = field(default_factory=lambda: ["captions", "caption", "text"])
-        tokenizer: str = "byte"  # byte, or a local folder with a transformers tokenizer (the text tower's)
+        tokenizer: str = "byte"  # byte, open_clip (OpenCLIP's BPE), or a local transformers tokenizer folder
 
         def check(self, key: str) -> None:
-            require(self.tokenizer == "byte" or Path(self.tokenizer).is_dir(), f"{key}.tokenizer",
-                    f"'byte' or a local tokenizer folder; no such folder: {self.tokenizer}")
+            require(self.tokenizer == "byte" or is_open_clip(self.tokenizer) or Path(self.tokenizer).is_dir(),
+                    f"{key}.tokenizer", f"'byte', 'open_clip' or a local tokenizer folder; no such folder: "
+                    f"{self.tokenizer}")
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models import openclip  # noqa: F401 - registers the OpenCLIP towers and checkpoint format
 from pretrain.models.config import ModelConfig, TowerConfig, default_tower
+from pretrain.models.interop import FORMATS, load_init
 from pretrain.models.towers import TOWERS, Backbone, TowerContext, load_weights_file, register_tower, tower_names
 from pretrain.options import ConfigError
 
@@ -37,7 +39,12 @@ class EncoderTower(nn.Module):
         self.backbone: Backbone = TOWERS.get(cfg.type, f"{ctx.key}.type")(options, ctx)
         width = self.backbone.width
         self.missing_embedding = nn.Parameter(torch.zeros(2, width)) if cfg.missing == "indicator" else None
-        if cfg.head == "linear":
+        if cfg.head == "none":  # the backbone projects itself (OpenCLIP, CLIP, SigLIP towers)
+            if width != embed_dim:
+                raise ConfigError(f"{ctx.key}.head: none keeps the backbone's output ({width} wide), which "
+                                  f"must equal model.embed_dim ({embed_dim})")
+            self.head = nn.Identity()
+        elif cfg.head == "linear":
             self.head = nn.Linear(width, embed_dim, bias=False)
         else:
             self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
@@ -127,10 +134,13 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> Contra
     for m in cfg.towers:
         if m not in towers:
             raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(towers)})")
-    return ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias)
+    model = ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias)
+    if cfg.init_from is not None:
+        load_init(model, cfg.init_from)
+    return model
 
 
 __all__ = [
-    "Backbone", "ContrastiveModel", "EncoderTower", "ModelConfig", "TOWERS", "TowerConfig", "TowerContext",
+    "Backbone", "ContrastiveModel", "EncoderTower", "FORMATS", "ModelConfig", "TOWERS", "TowerConfig", "TowerContext",
     "build_model", "default_tower", "load_weights_file", "register_tower", "tower_contexts", "tower_names",
 ]

@@ -3,6 +3,7 @@ tower per modality, checked against the tower registry (nothing is built here)."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pretrain.models.towers import TOWERS
@@ -15,7 +16,7 @@ class TowerConfig:
 
     type: str = ""  # required: a registered backbone: timm, text_transformer, hf_text, audio_cnn, hf_audio, mlp
     options: dict[str, Any] = field(default_factory=dict)  # the backbone's options (see pretrain/models/towers.py)
-    head: Literal["linear", "mlp"] = "linear"  # projection to model.embed_dim
+    head: Literal["linear", "mlp", "none"] = "linear"  # projection to model.embed_dim (none: the backbone projects)
     freeze: Literal["none", "backbone", "all"] = "none"  # lock the backbone (LiT) or the whole tower
     missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
     grad_checkpointing: bool = False  # recompute backbone activations in backward
@@ -41,6 +42,32 @@ def default_tower(decoder: str, decoder_options: Any) -> Optional[TowerConfig]:
 
 
 @dataclass
+class InitFrom:
+    """``model.init_from``: the whole model from a checkpoint of the field: towers, projections,
+    temperature (and bias). ``format: open_clip``: ``path`` a local OpenCLIP checkpoint, ``model``
+    its architecture name (``model_config``: the model-config JSON of one open_clip does not ship);
+    ``format: hf``: ``path`` a local Hugging Face ``save_pretrained`` folder (CLIPModel, SiglipModel)."""
+
+    format: Literal["open_clip", "hf"] = "open_clip"
+    path: str = ""
+    model: Optional[str] = None
+    model_config: Optional[str] = None
+    towers: Optional[list[str]] = None  # modalities whose towers load (None: every tower of this format)
+    temperature: bool = True  # the logit scale (and bias) from the checkpoint
+
+    def check(self, key: str) -> None:
+        require(bool(self.path), f"{key}.path", "is required (a local checkpoint file or folder)")
+        if self.format == "open_clip":
+            require(bool(self.model), f"{key}.model", "is required with format: open_clip (the architecture, "
+                    "e.g. ViT-B-32)")
+        else:
+            require(self.model is None and self.model_config is None, f"{key}.model",
+                    "goes with format: open_clip (a Hugging Face folder holds its own config)")
+        require(self.model_config is None or Path(self.model_config).is_file(), f"{key}.model_config",
+                f"no such file: {self.model_config}")
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 64
     # one per data modality; a modality left out gets its decoder's default (image: timm resnet10t,
@@ -49,12 +76,16 @@ class ModelConfig:
     init_temperature: float = 0.07  # logit_scale starts at log(1/T)
     init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
     max_logit_scale: float = 100.0  # the temperature clamp: 1/T never exceeds this
+    init_from: Optional[InitFrom] = None  # towers, projections and temperature from a checkpoint of the field
 
     def check(self, key: str = "model") -> None:
         require(self.embed_dim > 0, f"{key}.embed_dim", f"must be > 0, got {self.embed_dim}")
         require(self.init_temperature > 0, f"{key}.init_temperature", "must be > 0")
 
     def check_towers(self, modalities: list[str], key: str = "model") -> None:
+        for i, m in enumerate((self.init_from.towers or []) if self.init_from else []):
+            require(m in modalities, f"{key}.init_from.towers[{i}]",
+                    f"no such modality in data.modalities ({', '.join(modalities)})")
         """Tower types and option types, each tower named after a data modality (towers from a
         module in ``data.imports`` need it imported first: ``DataConfig.check`` does that)."""
         for name, tower in self.towers.items():

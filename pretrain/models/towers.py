@@ -71,7 +71,7 @@ def tower_names() -> list[str]:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _local_path(path: str, key: str) -> Path:
+def local_path(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"{key}: no such file or folder: {path} (weights load only from local paths)")
@@ -160,7 +160,7 @@ class TimmBackbone(Backbone):
             raise ConfigError(f"{key}.kwargs: timm.create_model({options.name!r}) refused them: {err}") from None
         self.width = self.model.num_features
         if options.pretrained:
-            state = load_weights_file(_local_path(options.pretrained, f"{key}.pretrained"), f"{key}.pretrained")
+            state = load_weights_file(local_path(options.pretrained, f"{key}.pretrained"), f"{key}.pretrained")
             own = self.model.state_dict()
             state = {k: v for k, v in state.items() if k in own or not _is_classifier(k)}
             shapes = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -246,7 +246,7 @@ def _hf_model(options, key: str, kind: str, vocab_size: Optional[int] = None):
     if bool(options.path) == bool(options.config):
         raise ConfigError(f"{key}: give exactly one of path (a local pretrained folder) or config (random init)")
     if options.path:
-        folder = _local_path(options.path, f"{key}.path")
+        folder = local_path(options.path, f"{key}.path")
         try:
             model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:

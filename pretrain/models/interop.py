@@ -1,0 +1,84 @@
+"""The field's checkpoint formats, in and out: ``model.init_from`` and ``pretrain.export --format``.
+
+A format (``open_clip``: ``pretrain.models.openclip``; ``hf``: ``pretrain.models.hf_clip``) is a
+registered ``CheckpointFormat`` that knows three things, all through the field's own library:
+
+- ``follow(tree, init)``: with ``model.init_from`` set and no ``model.towers``, the recipe follows
+  the loaded model (its towers with ``head: none``, ``model.embed_dim``, the text decoder's
+  tokenizer and context length, the image decoder's size and normalisation); applied to the plain
+  recipe before it is checked, so the run's ``config.yaml`` says what was used;
+- ``load(model, init)``: the checkpoint's weights into the built towers of this format (those named
+  in ``init.towers``, default all), the temperature and bias too unless ``init.temperature`` is
+  false; a missing, unexpected or mis-shaped tensor stops with a ``ConfigError`` naming it;
+- ``export(model, cfg, out)``: the trained model in the library's own layout, or a ``ConfigError``
+  saying why this model cannot be written so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.options import ConfigError, Registry
+
+
+class CheckpointFormat:
+    tower_types: tuple[str, ...] = ()  # the tower types whose weights this format holds
+
+    def follow(self, tree: dict, init: dict) -> dict:
+        raise NotImplementedError
+
+    def load(self, model, init) -> None:
+        raise NotImplementedError
+
+    def export(self, model, cfg, out: Path) -> list[Path]:
+        raise NotImplementedError
+
+
+FORMATS = Registry("checkpoint format", base=CheckpointFormat)
+
+
+def follow_init_from(tree: Any) -> Any:
+    """The plain recipe with what ``model.init_from`` implies filled in (see the module docstring);
+    unchanged without ``init_from`` or when ``model.towers`` is given."""
+    model = tree.get("model") if isinstance(tree, dict) else None
+    init = model.get("init_from") if isinstance(model, dict) else None
+    if not isinstance(init, dict) or model.get("towers"):
+        return tree
+    fmt = FORMATS.get(init.get("format", "open_clip"), "model.init_from.format")()
+    return fmt.follow(tree, init)
+
+
+def load_init(model, init) -> None:
+    """Applies ``model.init_from`` to a built model."""
+    FORMATS.get(init.format, "model.init_from.format")().load(model, init)
+
+
+def towers_of(model, types: tuple[str, ...], only=None) -> dict[str, Any]:
+    """modality -> tower, for the towers whose backbone is one of ``types`` (and in ``only``)."""
+    out = {}
+    for m, tower in model.towers.items():
+        if getattr(tower.backbone, "registered_name", None) in types and (only is None or m in only):
+            out[m] = tower
+    return out
+
+
+def check_fit(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], prefixes: list[str], what: str,
+              key: str = "model.init_from") -> None:
+    """Every tensor of ``own`` under ``prefixes`` is in ``loaded`` with its shape, and ``loaded``
+    holds nothing else; otherwise a ``ConfigError`` naming the keys."""
+    mine = {k: v for k, v in own.items() if any(k.startswith(p) for p in prefixes)}
+    missing = sorted(set(mine) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    shapes = [f"{k} {tuple(loaded[k].shape)} vs {tuple(mine[k].shape)}" for k in sorted(set(mine) & set(loaded))
+              if tuple(loaded[k].shape) != tuple(mine[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:4]}")
+        if shapes:
+            parts.append(f"{len(shapes)} of other shapes, e.g. {shapes[:3]}")
+        raise ConfigError(f"{key}: {what} does not fit this model: " + "; ".join(parts))

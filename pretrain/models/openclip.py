@@ -1,0 +1,251 @@
+"""OpenCLIP's towers, checkpoints and model configs, through open_clip itself (offline).
+
+Towers (``model.towers.<m>.type``), each with options ``model`` (an open_clip architecture name:
+ViT-B-32, ViT-B-16, ViT-L-14, convnext_base, ...) and ``model_config`` (the model-config JSON of an
+architecture open_clip does not ship, registered with ``open_clip.add_model_config``):
+
+- ``open_clip_image``: the model's ``visual`` module (its projection included): ``(B, embed_dim)``;
+- ``open_clip_text``: the model's text transformer and ``encode_text`` (causal, pooled at the end of
+  text as OpenCLIP does, projected): ``(B, embed_dim)``. Its input length is the model's context
+  length; the text decoder's tokenizer is OpenCLIP's BPE (``tokenizer: open_clip``).
+
+Both are built by ``open_clip.create_model(name, pretrained=None)``; their forward passes are the
+library's own. With ``head: none`` they give OpenCLIP's embeddings. Weights: ``model.init_from:
+{format: open_clip, model: NAME, path: FILE}`` (an OpenCLIP checkpoint: .safetensors, or .pt/.bin
+read with ``weights_only=True``); ``python -m pretrain.export --format open_clip`` writes one back.
+Key layout: OpenCLIP's ``visual.*`` is our ``towers.<image>.backbone.visual.*``; its text keys
+(``token_embedding``, ``transformer``, ... or ``text.*``) are ``towers.<text>.backbone.model.*``;
+``logit_scale`` / ``logit_bias`` are scalars there and of shape (1,) here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pretrain.models.interop import FORMATS, CheckpointFormat, check_fit, towers_of
+from pretrain.models.towers import TOWERS, Backbone, load_weights_file, local_path
+from pretrain.options import ConfigError, require
+
+IMAGE, TEXT = "open_clip_image", "open_clip_text"
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def model_config(name: str, config_file: Optional[str], key: str) -> dict:
+    """open_clip's config of architecture ``name`` (``config_file`` registered first)."""
+    import open_clip
+
+    if config_file:
+        path = Path(config_file)
+        require(path.is_file(), f"{key}.model_config", f"no such file: {config_file}")
+        open_clip.add_model_config(path)
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ConfigError(f"{key}.model: open_clip has no model {name!r} (e.g. ViT-B-32, ViT-B-16, ViT-L-14; "
+                          f"model_config: a JSON file for another architecture)")
+    return copy.deepcopy(cfg)
+
+
+def create(name: str, config_file: Optional[str], key: str) -> nn.Module:
+    """A randomly initialised open_clip model (nothing downloaded)."""
+    import open_clip
+
+    model_config(name, config_file, key)
+    return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False)
+
+
+@dataclass
+class _Options:
+    model: str = "ViT-B-32"
+    model_config: Optional[str] = None  # the model-config JSON of an architecture open_clip does not ship
+
+
+@TOWERS.register(IMAGE)
+class OpenClipImage(Backbone):
+    """OpenCLIP's image tower (projection included)."""
+
+    Options = _Options
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        key = f"{ctx.key}.options"
+        cfg = model_config(options.model, options.model_config, key)
+        size = cfg["vision_cfg"].get("image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if ctx.input_shape is not None and tuple(ctx.input_shape[1:]) != size:
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.size: open_clip {options.model!r} takes "
+                              f"{size[0]}x{size[1]} images, the decoder gives {tuple(ctx.input_shape[1:])}")
+        self.visual = create(options.model, options.model_config, key).visual
+        self.width = cfg["embed_dim"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.visual.set_grad_checkpointing(enabled)
+
+
+@TOWERS.register(TEXT)
+class OpenClipText(Backbone):
+    """OpenCLIP's text tower: the model without its image tower, run by its own ``encode_text``."""
+
+    Options = _Options
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        key = f"{ctx.key}.options"
+        cfg = model_config(options.model, options.model_config, key)
+        model = create(options.model, options.model_config, key)
+        del model.visual, model.logit_scale  # the image tower and the temperature live elsewhere
+        if getattr(model, "logit_bias", None) is not None:
+            del model.logit_bias
+        self.model = model
+        self.width = cfg["embed_dim"]
+        tok = getattr(ctx.decoder, "tokenizer", None)
+        if tok is None:
+            raise ConfigError(f"{ctx.key}.type: {TEXT} needs a text modality (data.modalities.{ctx.modality} has "
+                              f"no tokenizer)")
+        if ctx.input_shape is not None and ctx.input_shape[0] != model.context_length:
+            raise ConfigError(f"data.context_length: open_clip {options.model!r} reads {model.context_length} "
+                              f"tokens, the text decoder gives {ctx.input_shape[0]}")
+        if tok.vocab_size > model.vocab_size:
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: gives ids up to "
+                              f"{tok.vocab_size - 1}, open_clip {options.model!r} has {model.vocab_size} "
+                              f"(tokenizer: open_clip)")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        if hasattr(self.model, "text"):  # CustomTextCLIP: a text module of its own
+            self.model.text.set_grad_checkpointing(enabled)
+        else:  # CLIP: the text transformer's parts sit on the model (its own switch also touches visual)
+            self.model.transformer.grad_checkpointing = enabled
+
+
+# ------------------------------------------------------------------------------ the checkpoint format
+
+
+def _split(towers: dict) -> tuple[Optional[str], Optional[str]]:
+    image = next((m for m, t in towers.items() if t.backbone.registered_name == IMAGE), None)
+    text = next((m for m, t in towers.items() if t.backbone.registered_name == TEXT), None)
+    return image, text
+
+
+def to_ours(state: dict[str, torch.Tensor], image: Optional[str], text: Optional[str], scales: bool) -> dict:
+    """An OpenCLIP state dict in our keys (the parts of the towers named, and the scales)."""
+    out = {}
+    for k, v in state.items():
+        if k in ("logit_scale", "logit_bias"):
+            if scales:
+                out[k] = v.reshape(1)
+        elif k.startswith("visual."):
+            if image is not None:
+                out[f"towers.{image}.backbone.{k}"] = v
+        elif text is not None:
+            out[f"towers.{text}.backbone.model.{k}"] = v
+    return out
+
+
+def to_open_clip(state: dict[str, torch.Tensor], image: str, text: str) -> dict:
+    """Our state dict in OpenCLIP's keys (scalar scales)."""
+    out = {}
+    for k, v in state.items():
+        if k in ("logit_scale", "logit_bias"):
+            out[k] = v.reshape(())
+        elif k.startswith(f"towers.{image}.backbone."):
+            out[k[len(f"towers.{image}.backbone."):]] = v
+        elif k.startswith(f"towers.{text}.backbone.model."):
+            out[k[len(f"towers.{text}.backbone.model."):]] = v
+        else:
+            raise ConfigError(f"--format open_clip: {k} has no place in an OpenCLIP checkpoint (towers with a "
+                              f"head or a missingness embedding cannot be written so; keep the native format)")
+    return out
+
+
+@FORMATS.register("open_clip")
+class OpenClipFormat(CheckpointFormat):
+    tower_types = (IMAGE, TEXT)
+
+    def follow(self, tree: dict, init: dict) -> dict:
+        tree = copy.deepcopy(tree)
+        name = init.get("model")
+        if not name:
+            raise ConfigError("model.init_from.model: is required with format: open_clip (e.g. ViT-B-32)")
+        cfg = model_config(name, init.get("model_config"), "model.init_from")
+        data = tree.setdefault("data", {})
+        modalities = data.setdefault("modalities", {"image": {"decoder": "image"}, "text": {"decoder": "text"}})
+        options = {"model": name, **({"model_config": init["model_config"]} if init.get("model_config") else {})}
+        towers = {}
+        for m, spec in modalities.items():
+            decoder = (spec or {}).get("decoder") or m
+            if decoder == "image" and IMAGE not in [t["type"] for t in towers.values()]:
+                towers[m] = {"type": IMAGE, "options": dict(options), "head": "none"}
+                size = cfg["vision_cfg"].get("image_size", 224)
+                pre = cfg.get("preprocess_cfg", {})
+                opts = spec.setdefault("options", {})
+                opts.setdefault("size", size if isinstance(size, int) else size[0])
+                opts.setdefault("mean", list(pre.get("mean", OPENAI_MEAN)))
+                opts.setdefault("std", list(pre.get("std", OPENAI_STD)))
+                opts.setdefault("interpolation", pre.get("interpolation", "bicubic"))
+            elif decoder == "text" and TEXT not in [t["type"] for t in towers.values()]:
+                towers[m] = {"type": TEXT, "options": dict(options), "head": "none"}
+                text_cfg = cfg["text_cfg"]
+                if text_cfg.get("hf_tokenizer_name") and "tokenizer" not in spec.get("options", {}):
+                    raise ConfigError(f"data.modalities.{m}.options.tokenizer: open_clip {name!r} uses the Hugging "
+                                      f"Face tokenizer {text_cfg['hf_tokenizer_name']!r}: give a local folder "
+                                      f"holding it (nothing is downloaded)")
+                spec.setdefault("options", {}).setdefault("tokenizer", "open_clip")
+                data.setdefault("context_length", text_cfg.get("context_length", 77))
+        tree.setdefault("model", {})["towers"] = towers
+        tree["model"]["embed_dim"] = cfg["embed_dim"]
+        return tree
+
+    def load(self, model, init) -> None:
+        state = load_weights_file(local_path(init.path, "model.init_from.path"), "model.init_from.path")
+        towers = towers_of(model, self.tower_types, init.towers)
+        if not towers:
+            raise ConfigError("model.init_from: no tower of this model is an OpenCLIP tower "
+                              f"({IMAGE}, {TEXT}) to load into")
+        image, text = _split(towers)
+        for m, tower in towers.items():
+            if tower.backbone.options.model != init.model:
+                raise ConfigError(f"model.init_from.model: {init.model!r}, but model.towers.{m} is open_clip "
+                                  f"{tower.backbone.options.model!r}")
+        scales = init.temperature
+        mapped = to_ours(state, image, text, scales)
+        if scales and model.logit_bias is None:
+            mapped.pop("logit_bias", None)  # SigLIP's bias, for an objective without one
+        prefixes = [f"towers.{m}.backbone." for m in towers] + (["logit_scale"] if scales else [])
+        if scales and model.logit_bias is not None:
+            prefixes.append("logit_bias")
+        check_fit(model.state_dict(), mapped, prefixes, f"{init.path} (open_clip {init.model})")
+        model.load_state_dict(mapped, strict=False)
+
+    def export(self, model, cfg, out: Path) -> list[Path]:
+        from safetensors.torch import save_file
+
+        image, text = _split(dict(model.towers.items()))
+        if image is None or text is None:
+            raise ConfigError(f"--format open_clip: needs an {IMAGE} and an {TEXT} tower; this model has "
+                              + ", ".join(f"{m}: {t.backbone.registered_name}" for m, t in model.towers.items()))
+        a, b = model.towers[image].backbone.options, model.towers[text].backbone.options
+        if (a.model, a.model_config) != (b.model, b.model_config):
+            raise ConfigError(f"--format open_clip: the towers are of two models ({a.model}, {b.model})")
+        config = model_config(a.model, a.model_config, f"model.towers.{image}.options")
+        state = to_open_clip({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
+                             image, text)
+        if model.logit_bias is not None:
+            config["init_logit_bias"] = float(model.logit_bias.detach())
+        else:  # open_clip makes a bias exactly when the config has one
+            config.pop("init_logit_bias", None)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "open_clip_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        save_file(state, str(out / "open_clip_model.safetensors"))
+        return [out / "open_clip_config.json", out / "open_clip_model.safetensors"]
