@@ -116,8 +116,9 @@ class OpenClipText(Backbone):
                               f"tokens, the text decoder gives {ctx.input_shape[0]}")
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: gives ids up to "
-                              f"{tok.vocab_size - 1}, open_clip {options.model!r} has {model.vocab_size} "
-                              f"(tokenizer: open_clip)")
+                              f"{tok.vocab_size - 1}, open_clip {options.model!r} has {model.vocab_size} tokens "
+                              f"(use the model's own tokenizer: open_clip for OpenAI's BPE, or a local folder "
+                              f"holding its Hugging Face tokenizer)")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(ids)
