@@ -33,7 +33,9 @@ class ByteTokenizer:
 
 class HFTokenizer:
     """A transformers tokenizer from a local folder, with the ByteTokenizer's interface: ``encode``
-    gives (context_length,) ids, truncated and right-padded; ``pad_id``; ``vocab_size``."""
+    gives (context_length,) ids, truncated and right-padded; ``pad_id``; ``vocab_size``; ``eos_id``,
+    the id it ends every text with (None if it appends none), for the attention mask when it pads
+    with that same token (CLIP)."""
 
     def __init__(self, folder: str, context_length: int):
         from transformers import AutoTokenizer
@@ -44,6 +46,8 @@ class HFTokenizer:
         self.context_length = context_length
         self.pad_id = int(self.tok.pad_token_id)
         self.vocab_size = len(self.tok)
+        eos, ends = self.tok.eos_token_id, self.tok("a")["input_ids"]
+        self.eos_id = int(eos) if eos is not None and ends and ends[-1] == eos else None
 
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tok(text, truncation=True, max_length=self.context_length, padding="max_length")["input_ids"]

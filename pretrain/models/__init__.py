@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import openclip  # noqa: F401 - registers the OpenCLIP towers and checkpoint format
+from pretrain.models import hf_clip  # noqa: F401 - registers the Hugging Face CLIP/SigLIP towers and checkpoint format
 from pretrain.models.config import ModelConfig, TowerConfig, default_tower
 from pretrain.models.interop import FORMATS, load_init
 from pretrain.models.towers import TOWERS, Backbone, TowerContext, load_weights_file, register_tower, tower_names

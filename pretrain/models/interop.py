@@ -15,8 +15,9 @@ registered ``CheckpointFormat`` that knows three things, all through the field's
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -62,6 +63,33 @@ def towers_of(model, types: tuple[str, ...], only=None) -> dict[str, Any]:
         if getattr(tower.backbone, "registered_name", None) in types and (only is None or m in only):
             out[m] = tower
     return out
+
+
+def split_pair(towers: dict, image_type: str, text_type: str) -> tuple[Optional[str], Optional[str]]:
+    """The modalities of the first tower of each type (None where there is none)."""
+    image = next((m for m, t in towers.items() if t.backbone.registered_name == image_type), None)
+    text = next((m for m, t in towers.items() if t.backbone.registered_name == text_type), None)
+    return image, text
+
+
+def export_pair(model, image_type: str, text_type: str, fmt: str, what: str = "") -> tuple[str, str]:
+    """The (image, text) modalities an export of ``fmt`` writes, or a ``ConfigError`` saying why
+    this model has no such pair."""
+    image, text = split_pair(dict(model.towers.items()), image_type, text_type)
+    if image is None or text is None:
+        has = ", ".join(f"{m}: {t.backbone.registered_name}" for m, t in model.towers.items())
+        raise ConfigError(f"--format {fmt}: needs an {image_type} and an {text_type} tower{what}; this model has {has}")
+    return image, text
+
+
+def load_checked(model, mapped: dict[str, torch.Tensor], prefixes: list[str], what: str, path: str) -> None:
+    """Loads ``mapped`` into ``model`` after ``check_fit``; a loaded logit scale above the model's
+    clamp (``model.max_logit_scale``) is refused, since training would silently cut it."""
+    if "logit_scale" in mapped and float(mapped["logit_scale"]) > model.max_log_scale + 1e-6:
+        raise ConfigError(f"model.max_logit_scale: {math.exp(model.max_log_scale):g} clamps the logit scale of "
+                          f"{path} ({math.exp(float(mapped['logit_scale'])):.4g}); raise it")
+    check_fit(model.state_dict(), mapped, prefixes, what)
+    model.load_state_dict(mapped, strict=False)
 
 
 def check_fit(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], prefixes: list[str], what: str,

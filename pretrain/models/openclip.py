@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pretrain.models.interop import FORMATS, CheckpointFormat, check_fit, towers_of
+from pretrain.models.interop import FORMATS, CheckpointFormat, export_pair, load_checked, split_pair, towers_of
 from pretrain.models.towers import TOWERS, Backbone, load_weights_file, local_path
 from pretrain.options import ConfigError, require
 
@@ -133,12 +133,6 @@ class OpenClipText(Backbone):
 # ------------------------------------------------------------------------------ the checkpoint format
 
 
-def _split(towers: dict) -> tuple[Optional[str], Optional[str]]:
-    image = next((m for m, t in towers.items() if t.backbone.registered_name == IMAGE), None)
-    text = next((m for m, t in towers.items() if t.backbone.registered_name == TEXT), None)
-    return image, text
-
-
 def to_ours(state: dict[str, torch.Tensor], image: Optional[str], text: Optional[str], scales: bool) -> dict:
     """An OpenCLIP state dict in our keys (the parts of the towers named, and the scales)."""
     out = {}
@@ -214,7 +208,7 @@ class OpenClipFormat(CheckpointFormat):
         if not towers:
             raise ConfigError("model.init_from: no tower of this model is an OpenCLIP tower "
                               f"({IMAGE}, {TEXT}) to load into")
-        image, text = _split(towers)
+        image, text = split_pair(towers, IMAGE, TEXT)
         for m, tower in towers.items():
             if tower.backbone.options.model != init.model:
                 raise ConfigError(f"model.init_from.model: {init.model!r}, but model.towers.{m} is open_clip "
@@ -226,16 +220,12 @@ class OpenClipFormat(CheckpointFormat):
         prefixes = [f"towers.{m}.backbone." for m in towers] + (["logit_scale"] if scales else [])
         if scales and model.logit_bias is not None:
             prefixes.append("logit_bias")
-        check_fit(model.state_dict(), mapped, prefixes, f"{init.path} (open_clip {init.model})")
-        model.load_state_dict(mapped, strict=False)
+        load_checked(model, mapped, prefixes, f"{init.path} (open_clip {init.model})", init.path)
 
     def export(self, model, cfg, out: Path) -> list[Path]:
         from safetensors.torch import save_file
 
-        image, text = _split(dict(model.towers.items()))
-        if image is None or text is None:
-            raise ConfigError(f"--format open_clip: needs an {IMAGE} and an {TEXT} tower; this model has "
-                              + ", ".join(f"{m}: {t.backbone.registered_name}" for m, t in model.towers.items()))
+        image, text = export_pair(model, IMAGE, TEXT, "open_clip")
         a, b = model.towers[image].backbone.options, model.towers[text].backbone.options
         if (a.model, a.model_config) != (b.model, b.model_config):
             raise ConfigError(f"--format open_clip: the towers are of two models ({a.model}, {b.model})")

@@ -11,7 +11,7 @@ Registered types:
   decoder's tokenizer (the byte tokenizer by default).
 - ``hf_text``: any transformers text encoder, from a local pretrained folder (``path``) or from a
   config (``config``: ``{model_type: ..., ...}``, random init); pooling ``cls``, ``mean``, ``last``
-  or ``pooler``.
+  or ``pooler``. (CLIP and SigLIP towers as the library computes them: ``pretrain.models.hf_clip``.)
 - ``audio_cnn``: a convolutional tower over log-mel spectrograms ``(n_mels, frames)``.
 - ``hf_audio``: any transformers audio encoder (wav2vec2, HuBERT, Whisper's encoder, AST, ...) from
   a local folder or a config; waveforms go in as ``input_values``, spectrograms as ``input_features``.
@@ -104,6 +104,17 @@ def load_weights_file(path: Path, key: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{key}: {path} is not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def text_attention_mask(ids: torch.Tensor, pad_id: int, eos_id: Optional[int] = None) -> torch.Tensor:
+    """(B, L) 1 on each text, 0 on the right padding after it. A tokenizer that pads with its end
+    token (CLIP's: pad id == eos id, ``eos_id`` the id it ends every text with) keeps the first end
+    token, the real end of the text, as the tokenizer's own attention mask does."""
+    mask = ids != pad_id
+    if eos_id is not None and eos_id == pad_id:
+        is_end = ids == eos_id
+        mask = mask | (is_end & (is_end.cumsum(1) == 1))
+    return mask.long()
 
 
 def _pool(hidden: torch.Tensor, attn: Optional[torch.Tensor], how: str) -> torch.Tensor:
@@ -215,7 +226,7 @@ class TextTransformer(Backbone):
         if options.width % options.heads:
             raise ConfigError(f"{key}.heads: must divide width ({options.width}), got {options.heads}")
         tok = _tokenizer_of(ctx)
-        self.pad_id = tok.pad_id
+        self.pad_id, self.eos_id = tok.pad_id, getattr(tok, "eos_id", None)
         hf_cfg = BertConfig(
             vocab_size=tok.vocab_size,
             hidden_size=options.width,
@@ -231,7 +242,7 @@ class TextTransformer(Backbone):
         self.width = options.width
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        attn = (ids != self.pad_id).long()
+        attn = text_attention_mask(ids, self.pad_id, self.eos_id)
         hidden = self.encoder(input_ids=ids, attention_mask=attn).last_hidden_state
         return _pool(hidden, attn, self.options.pooling)
 
@@ -294,7 +305,9 @@ def _hf_grad_checkpointing(model, enabled: bool, key: str) -> None:
 @register_tower("hf_text")
 class HFText(Backbone):
     """Any transformers text encoder; the data side must use its tokenizer
-    (``data.modalities.<m>.options.tokenizer`` = the same folder) when it is pretrained."""
+    (``data.modalities.<m>.options.tokenizer`` = the same folder) when it is pretrained. Of a dual
+    encoder's folder (CLIPModel, SiglipModel) it takes the text model, without the projection
+    (``hf_clip_text`` gives the library's projected text features)."""
 
     @dataclass
     class Options:
@@ -307,17 +320,19 @@ class HFText(Backbone):
         key = f"{ctx.key}.options"
         tok = _tokenizer_of(ctx)
         self.model = _hf_model(options, key, "text", vocab_size=tok.vocab_size)
+        if hasattr(self.model, "text_model") and hasattr(self.model, "vision_model"):
+            self.model = self.model.text_model  # CLIPModel, SiglipModel, ...: the text encoder alone
         vocab = self.model.get_input_embeddings().num_embeddings
         if tok.vocab_size > vocab:
             raise ConfigError(
                 f"data.modalities.{ctx.modality}.options.tokenizer: gives ids up to {tok.vocab_size - 1} but the "
                 f"model of {key} has {vocab} embeddings (use the model's own tokenizer folder)"
             )
-        self.pad_id = tok.pad_id
+        self.pad_id, self.eos_id = tok.pad_id, getattr(tok, "eos_id", None)
         self.width = _hf_width(self.model)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        attn = (ids != self.pad_id).long()
+        attn = text_attention_mask(ids, self.pad_id, self.eos_id)
         out = self.model(input_ids=ids, attention_mask=attn)
         if self.options.pooling == "pooler":
             if getattr(out, "pooler_output", None) is None:

@@ -1,0 +1,385 @@
+"""Hugging Face CLIP and SigLIP: towers, checkpoints and configs, through transformers itself (offline).
+
+Towers (``model.towers.<m>.type``), each with options ``path`` (a local ``save_pretrained`` folder of
+a CLIPModel, CLIPVisionModelWithProjection, CLIPTextModelWithProjection, SiglipModel,
+SiglipVisionModel or SiglipTextModel) or ``config`` (a mapping for random init: ``{model_type: clip,
+text_config: {...}, vision_config: {...}, projection_dim: 512}``, ``siglip``, ``clip_vision_model``,
+...); ``pretrained: false`` takes only the architecture of ``path`` (random init; ``model.init_from``
+then loads the weights):
+
+- ``hf_clip_image``: the model's ``vision_model`` (and CLIP's ``visual_projection``): what
+  ``get_image_features`` computes, ``(B, projection size)``;
+- ``hf_clip_text``: the model's ``text_model`` (and CLIP's ``text_projection``): what
+  ``get_text_features`` computes, with the attention mask of the text decoder's tokenizer (CLIP's
+  pads with its end token: the first one stays in the mask, as the tokenizer's own mask has it);
+  ``attention_mask: false`` gives ids alone (how Google's SigLIP checkpoints were trained).
+
+Their forward passes are the library's own; with ``head: none`` they give its features. Weights:
+``model.init_from: {format: hf, path: FOLDER}`` (the recipe follows the folder: towers, embed_dim,
+tokenizer, context length, image size and normalisation from ``preprocessor_config.json``, SigLIP's
+loss); ``python -m pretrain.export --format hf`` writes a folder that ``CLIPModel.from_pretrained``
+(``SiglipModel``) loads, with the tokenizer and image processor the run used. Key layout: the HF
+model's ``vision_model.*`` / ``visual_projection.*`` are ``towers.<image>.backbone.`` + the same
+keys, ``text_model.*`` / ``text_projection.*`` ``towers.<text>.backbone.`` + them; ``logit_scale``
+(a log, like ours) and SigLIP's ``logit_bias`` are of shape (1,) here (CLIP's scale is a scalar).
+The towers keep reading ``path`` when built again (export, ``Embedder.load``): keep the folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from pretrain.models.config import ModelConfig
+from pretrain.models.interop import FORMATS, CheckpointFormat, export_pair, load_checked, towers_of
+from pretrain.models.towers import TOWERS, Backbone, _hf_grad_checkpointing, _tokenizer_of, local_path, \
+    text_attention_mask
+from pretrain.options import ConfigError
+
+IMAGE, TEXT = "hf_clip_image", "hf_clip_text"
+# the transformers classes these towers read: class -> the parts it holds
+CLASSES = {
+    "CLIPModel": ("image", "text"), "CLIPVisionModelWithProjection": ("image",),
+    "CLIPTextModelWithProjection": ("text",), "SiglipModel": ("image", "text"), "SiglipVisionModel": ("image",),
+    "SiglipTextModel": ("text",),
+}
+BY_TYPE = {  # a config's model_type -> the class (for configs that name no architecture)
+    "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection",
+    "clip_text_model": "CLIPTextModelWithProjection", "siglip": "SiglipModel",
+    "siglip_vision_model": "SiglipVisionModel", "siglip_text_model": "SiglipTextModel",
+}
+DUAL = ("CLIPModel", "SiglipModel")
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes in preprocessor_config.json
+
+
+def hf_config(path: Optional[str], config: dict, key: str, vocab: Optional[dict] = None):
+    """(transformers config, class name) of a folder or a config mapping; ``key`` names the options
+    (errors name ``key.path`` / ``key.config``). ``vocab``: text-config entries to fill in when unset."""
+    from transformers import AutoConfig
+
+    if bool(path) == bool(config):
+        raise ConfigError(f"{key}: give exactly one of path (a local save_pretrained folder) or config (random init)")
+    if path:
+        folder = local_path(path, f"{key}.path")
+        try:
+            cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{key}.path: {folder} is not a Hugging Face model folder (config.json of a CLIP or "
+                              f"SigLIP model): {err}") from None
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        name = arch if arch in CLASSES else (BY_TYPE.get(cfg.model_type) if arch is None else None)
+        if name is None:
+            raise ConfigError(f"{key}.path: {folder} holds a {arch or cfg.model_type}, not one of {', '.join(CLASSES)} "
+                              f"(other transformers encoders: tower types hf_text, hf_audio)")
+        return cfg, name
+    conf = copy.deepcopy(dict(config))
+    model_type = conf.pop("model_type", None)
+    if model_type not in BY_TYPE:
+        raise ConfigError(f"{key}.config.model_type: one of {', '.join(BY_TYPE)}, got {model_type!r}")
+    if vocab:
+        text = conf.setdefault("text_config", {}) if model_type in ("clip", "siglip") else conf
+        for k, v in vocab.items():
+            text.setdefault(k, v)
+    try:
+        return AutoConfig.for_model(model_type, **conf), BY_TYPE[model_type]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{key}.config: transformers cannot build it: {err}") from None
+
+
+def from_pretrained(name: str, folder: Path, key: str) -> nn.Module:
+    """``name``.from_pretrained(folder) in fp32; a tensor missing, unexpected or of another shape
+    than the folder's own config says stops with a ``ConfigError``."""
+    import transformers
+
+    try:
+        model, info = getattr(transformers, name).from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{key}: cannot load a {name} from {folder}: {err}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("position_ids"))
+    shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or [])]
+    if missing or unexpected or shapes:
+        parts = [f"missing {len(missing)} tensors, e.g. {missing[:4]}"] if missing else []
+        parts += [f"unexpected {len(unexpected)}, e.g. {unexpected[:4]}"] if unexpected else []
+        parts += [f"{len(shapes)} of other shapes than its config.json says, e.g. {shapes[:3]}"] if shapes else []
+        raise ConfigError(f"{key}: the weights in {folder} do not fit its {name}: " + "; ".join(parts))
+    return model.float()
+
+
+def build(options, key: str, part: str, vocab: Optional[dict] = None) -> nn.Module:
+    """The whole transformers model of a tower's options (its ``part`` is taken from it)."""
+    cfg, name = hf_config(options.path, options.config, key, vocab)
+    if part not in CLASSES[name]:
+        where = f"{key}.path" if options.path else f"{key}.config.model_type"
+        raise ConfigError(f"{where}: a {name} has no {part} model (tower type "
+                          f"{IMAGE if part == 'image' else TEXT})")
+    if options.path and options.pretrained:
+        return from_pretrained(name, local_path(options.path, f"{key}.path"), f"{key}.path")
+    import transformers
+
+    return getattr(transformers, name)(cfg).float()
+
+
+def parts(model: nn.Module, part: str) -> dict[str, nn.Module]:
+    """attribute -> module of a transformers model's image or text part (what a tower holds)."""
+    if part == "image":  # SiglipVisionModel is its own vision model
+        found = {"vision_model": getattr(model, "vision_model", model), "visual_projection":
+                 getattr(model, "visual_projection", None)}
+    else:
+        found = {"text_model": getattr(model, "text_model", model), "text_projection":
+                 getattr(model, "text_projection", None)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+@dataclass
+class _Options:
+    path: Optional[str] = None  # a local save_pretrained folder (CLIPModel, SiglipModel, ...)
+    config: dict[str, Any] = field(default_factory=dict)  # or: {model_type: clip, ...}, random init
+    pretrained: bool = True  # with path: its weights (false: only its architecture, random init)
+
+
+@TOWERS.register(IMAGE)
+class HFClipImage(Backbone):
+    """CLIP's or SigLIP's image tower in transformers (projection included)."""
+
+    Options = _Options
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        for name, module in parts(build(options, f"{ctx.key}.options", "image"), "image").items():
+            setattr(self, name, module)
+        vc = self.vision_model.config
+        if getattr(vc, "vision_use_head", True) is False:
+            raise ConfigError(f"{ctx.key}.options: this SigLIP vision model has no pooling head (vision_use_head: "
+                              f"false), so no image features")
+        size = vc.image_size if isinstance(vc.image_size, (list, tuple)) else (vc.image_size, vc.image_size)
+        if ctx.input_shape is not None and tuple(ctx.input_shape[1:]) != tuple(size):
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.size: the model takes {size[0]}x{size[1]} "
+                              f"images, the decoder gives {tuple(ctx.input_shape[1:])}")
+        proj = getattr(self, "visual_projection", None)
+        self.width = proj.out_features if proj is not None else vc.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=x).pooler_output
+        proj = getattr(self, "visual_projection", None)
+        return proj(pooled) if proj is not None else pooled
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        _hf_grad_checkpointing(self.vision_model, enabled, self.ctx.key)
+
+
+@TOWERS.register(TEXT)
+class HFClipText(Backbone):
+    """CLIP's or SigLIP's text tower in transformers (projection included), over the text decoder's
+    tokenizer (the model's own)."""
+
+    @dataclass
+    class Options(_Options):
+        attention_mask: bool = True  # the tokenizer's mask (false: ids alone, as SigLIP was trained)
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        key = f"{ctx.key}.options"
+        tok = _tokenizer_of(ctx)
+        self.pad_id, self.eos_id = tok.pad_id, getattr(tok, "eos_id", None)
+        vocab = {"vocab_size": tok.vocab_size, **({"eos_token_id": self.eos_id} if self.eos_id is not None else {})}
+        for name, module in parts(build(options, key, "text", vocab), "text").items():
+            setattr(self, name, module)
+        tc = self.text_model.config
+        if ctx.input_shape is not None and ctx.input_shape[0] > tc.max_position_embeddings:
+            raise ConfigError(f"data.context_length: the text model reads at most {tc.max_position_embeddings} "
+                              f"tokens, the text decoder gives {ctx.input_shape[0]}")
+        if tok.vocab_size > tc.vocab_size:
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: gives ids up to "
+                              f"{tok.vocab_size - 1}, the text model has {tc.vocab_size} (use the model's own "
+                              f"tokenizer folder)")
+        eos = getattr(tc, "eos_token_id", None)
+        if tc.model_type.startswith("clip") and self.eos_id is not None and eos not in (2, self.eos_id):
+            raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: ends texts with id {self.eos_id}, "
+                              f"the CLIP text model pools at its eos_token_id {eos} (use the model's own tokenizer)")
+        proj = getattr(self, "text_projection", None)
+        self.width = proj.out_features if proj is not None else self.text_model.head.out_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = text_attention_mask(ids, self.pad_id, self.eos_id) if self.options.attention_mask else None
+        pooled = self.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        proj = getattr(self, "text_projection", None)
+        return proj(pooled) if proj is not None else pooled
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        _hf_grad_checkpointing(self.text_model, enabled, self.ctx.key)
+
+
+# ------------------------------------------------------------------------------ the checkpoint format
+
+
+def embed_dim(cfg, name: str) -> int:
+    """The size of the features a model of class ``name`` gives."""
+    if name.startswith("CLIP"):
+        return cfg.projection_dim
+    if name == "SiglipModel":
+        return cfg.vision_config.hidden_size
+    return cfg.hidden_size if name == "SiglipVisionModel" else cfg.projection_size
+
+
+def image_options(folder: Path, cfg, name: str) -> dict:
+    """The image decoder's options of a model: its input size; normalisation, interpolation and crop
+    from the folder's ``preprocessor_config.json`` when it has one."""
+    vc = cfg.vision_config if name in DUAL else cfg
+    size = vc.image_size
+    out: dict[str, Any] = {"size": size if isinstance(size, int) else size[0]}
+    pre = folder / "preprocessor_config.json"
+    if not pre.is_file():
+        return out
+    p = json.loads(pre.read_text())
+    for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+        if isinstance(p.get(theirs), list) and len(p[theirs]) == 3:
+            out[ours] = [float(v) for v in p[theirs]]
+    resample = p.get("resample")
+    if resample in _RESAMPLE or resample in _RESAMPLE.values():
+        out["interpolation"] = _RESAMPLE.get(resample, resample)
+    resize = p.get("size") if isinstance(p.get("size"), dict) else {}
+    if "height" in resize and "width" in resize and not p.get("do_center_crop"):
+        out["crop_mode"] = "squash"  # SigLIP: resized to the square, nothing cropped
+    elif p.get("do_center_crop"):  # CLIP: the short side resized, the centre cropped
+        out["crop_mode"] = "center"
+        short, crop = resize.get("shortest_edge"), p.get("crop_size")
+        crop = crop.get("height") if isinstance(crop, dict) else crop
+        if isinstance(short, int) and isinstance(crop, int) and crop < short:
+            out["crop_pct"] = crop / short
+    return out
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
+
+
+def peek_logit_scale(folder: Path) -> Optional[float]:
+    """The checkpoint's log logit scale, read alone from its safetensors (None if not there)."""
+    from safetensors import safe_open
+
+    file, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if index.is_file():
+        file = folder / json.loads(index.read_text()).get("weight_map", {}).get("logit_scale", "-")
+    if not file.is_file():
+        return None
+    with safe_open(str(file), "pt") as f:
+        return float(f.get_tensor("logit_scale").reshape(-1)[0]) if "logit_scale" in f.keys() else None
+
+
+@FORMATS.register("hf")
+class HFFormat(CheckpointFormat):
+    tower_types = (IMAGE, TEXT)
+
+    def follow(self, tree: dict, init: dict) -> dict:
+        tree = copy.deepcopy(tree)
+        if not init.get("path"):
+            raise ConfigError("model.init_from.path: is required (a local save_pretrained folder)")
+        path = init["path"]
+        folder = local_path(path, "model.init_from.path")
+        cfg, name = hf_config(path, {}, "model.init_from")
+        data = tree.setdefault("data", {})
+        modalities = data.setdefault("modalities", {"image": {"decoder": "image"}, "text": {"decoder": "text"}})
+        options = {"path": path, "pretrained": False}  # the architecture; init_from loads the weights
+        towers: dict[str, dict] = {}
+        for m in list(modalities):
+            spec = modalities[m] = dict(modalities[m] or {})
+            decoder, types = spec.get("decoder") or m, [t["type"] for t in towers.values()]
+            if decoder == "image" and "image" in CLASSES[name] and IMAGE not in types:
+                towers[m] = {"type": IMAGE, "options": dict(options), "head": "none"}
+                opts = spec.setdefault("options", {})
+                for k, v in image_options(folder, cfg, name).items():
+                    opts.setdefault(k, v)
+            elif decoder == "text" and "text" in CLASSES[name] and TEXT not in types:
+                towers[m] = {"type": TEXT, "options": dict(options), "head": "none"}
+                opts = spec.setdefault("options", {})
+                if "tokenizer" not in opts:
+                    if not has_tokenizer(folder):
+                        raise ConfigError(f"data.modalities.{m}.options.tokenizer: {path} holds no tokenizer: give a "
+                                          f"local folder holding the model's own")
+                    opts["tokenizer"] = path
+                tc = cfg.text_config if name in DUAL else cfg
+                data.setdefault("context_length", tc.max_position_embeddings)
+        if not towers:
+            raise ConfigError(f"model.init_from.path: a {name} has no tower for data.modalities "
+                              f"({', '.join(modalities)}: it takes decoder {' and '.join(CLASSES[name])})")
+        model = tree.setdefault("model", {})
+        model["towers"] = towers
+        model["embed_dim"] = embed_dim(cfg, name)
+        scale = peek_logit_scale(folder) if init.get("temperature", True) else None
+        if scale is not None and math.exp(scale) > ModelConfig.max_logit_scale:  # SigLIP's ~117: keep it
+            model.setdefault("max_logit_scale", float(math.ceil(math.exp(scale))))
+        if name == "SiglipModel":
+            tree.setdefault("loss", {}).setdefault("name", "siglip")
+        return tree
+
+    def load(self, model, init) -> None:
+        folder = local_path(init.path, "model.init_from.path")
+        towers = towers_of(model, self.tower_types, init.towers)
+        if not towers:
+            raise ConfigError(f"model.init_from: no tower of this model is a Hugging Face CLIP tower ({IMAGE}, "
+                              f"{TEXT}) to load into")
+        _, name = hf_config(init.path, {}, "model.init_from")
+        hf = from_pretrained(name, folder, "model.init_from.path")
+        mapped = {}
+        for m, tower in towers.items():
+            part = "image" if tower.backbone.registered_name == IMAGE else "text"
+            if part not in CLASSES[name]:
+                raise ConfigError(f"model.init_from.path: {init.path} holds a {name}, which has no {part} model for "
+                                  f"model.towers.{m}")
+            for attr, module in parts(hf, part).items():
+                mapped.update({f"towers.{m}.backbone.{attr}.{k}": v for k, v in module.state_dict().items()})
+        prefixes = [f"towers.{m}.backbone." for m in towers]
+        if init.temperature:
+            for k in ("logit_scale", "logit_bias"):
+                if getattr(hf, k, None) is not None and getattr(model, k) is not None:
+                    mapped[k] = getattr(hf, k).detach().reshape(1)
+                    prefixes.append(k)
+        load_checked(model, mapped, prefixes, f"{init.path} (hf {name})", init.path)
+
+    def export(self, model, cfg, out: Path) -> list[Path]:
+        import transformers
+
+        image, text = export_pair(model, IMAGE, TEXT, "hf", " of one CLIPModel or SiglipModel")
+        a, b = model.towers[image].backbone.options, model.towers[text].backbone.options
+        if (a.path, a.config) != (b.path, b.config):
+            raise ConfigError(f"--format hf: the towers are of two models ({a.path or a.config}, "
+                              f"{b.path or b.config}); one CLIPModel or SiglipModel holds both")
+        key = f"model.towers.{image}.options"
+        hf_cfg, name = hf_config(a.path, a.config, key)
+        if name not in DUAL:
+            raise ConfigError(f"--format hf: the towers are of a {name}, not one CLIPModel or SiglipModel holding both")
+        ours = (f"towers.{image}.backbone.", f"towers.{text}.backbone.", "logit_scale", "logit_bias")
+        extra = [k for k in model.state_dict() if not k.startswith(ours)]
+        if extra:
+            raise ConfigError(f"--format hf: {extra[0]} has no place in a {name} (towers with a head or a missingness "
+                              f"embedding cannot be written so; keep the native format)")
+        if name == "CLIPModel" and model.logit_bias is not None:
+            raise ConfigError("--format hf: a CLIPModel has no logit_bias, and this model learned one (loss siglip); "
+                              "keep the native format")
+        hf = getattr(transformers, name)(hf_cfg).float()
+        for m, part in ((image, "image"), (text, "text")):
+            for attr, module in parts(hf, part).items():
+                module.load_state_dict(getattr(model.towers[m].backbone, attr).state_dict(), strict=True)
+        with torch.no_grad():
+            scale = model.logit_scale.detach().clamp(max=model.max_log_scale)  # the scale in use
+            hf.logit_scale.copy_(scale.reshape(hf.logit_scale.shape))
+            if name == "SiglipModel":  # a model trained without a bias: 0 keeps its logits
+                bias = model.logit_bias.detach() if model.logit_bias is not None else torch.zeros(1)
+                hf.logit_bias.copy_(bias.reshape(hf.logit_bias.shape))
+        out.mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(out))
+        spec = cfg.data.modalities[text].options.get("tokenizer")
+        if spec and Path(spec).is_dir():  # the tokenizer the run used
+            transformers.AutoTokenizer.from_pretrained(spec, local_files_only=True).save_pretrained(str(out))
+        if a.path and (Path(a.path) / "preprocessor_config.json").is_file():
+            shutil.copyfile(Path(a.path) / "preprocessor_config.json", out / "preprocessor_config.json")
+        return sorted(out.iterdir())

@@ -1,0 +1,291 @@
+"""Hugging Face CLIP and SigLIP in and out (``model.init_from: {format: hf}``, ``hf_clip_*`` towers,
+``pretrain.export --format hf``), proven equal to transformers itself: tiny random CLIPModel and
+SiglipModel folders with a CLIP BPE tokenizer built offline; features, logit scale and bias, and
+zero-shot predictions match the library's in fp32; bad inputs stop with messages naming the key; a
+trained checkpoint exported as a CLIPModel folder reproduces our embeddings."""
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pretrain.config import ConfigError, config_from_dict
+from pretrain.data import build_modalities
+from pretrain.models import FORMATS, build_model
+from pretrain.models.towers import text_attention_mask
+from tests.helpers import ASSET_SHARDS, ASSETS, ok, png_bytes, single
+
+ATOL = 1e-5
+TEXTS = ["a cat", "the cat sat on the mat", "x", "a photo of a cat on a mat with the hat of the cat " * 3]
+CLASSES = ["cat", "mat", "hat", "bat"]
+TINY = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
+def clip_tokenizer():
+    """A CLIP BPE tokenizer over the 256 byte symbols and a few merges (518 ids), built offline."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(chars)})
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("a", "t</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def text_ids(tok, positions: int) -> dict:
+    # the tokenizer's own ids at their places in the config (the CLIP text model pools at eos_token_id)
+    return dict(vocab_size=len(tok), max_position_embeddings=positions, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY)
+
+
+def save_clip(folder, tok, seed=0):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text_ids(tok, 77), projection_dim=12, logit_scale_init_value=3.1,
+                                 vision_config=dict(image_size=16, patch_size=8, **TINY)))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16).save_pretrained(folder)
+    return folder
+
+
+def save_siglip(folder, tok, seed=1):
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=text_ids(tok, 12), vision_config=dict(image_size=16, patch_size=8,
+                                                                                       **TINY)))
+    with torch.no_grad():
+        model.logit_scale.fill_(4.8)  # exp: 121.5, above our default clamp (100), as Google's SigLIP
+        model.logit_bias.fill_(-3.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)  # SigLIP pads with its end token too, like this one
+    SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hf")
+    tok = clip_tokenizer()
+    return {"clip": save_clip(base / "clip", tok), "siglip": save_siglip(base / "siglip", tok), "base": base}
+
+
+def tree(path=None, model: dict | None = None, data: dict | None = None, **top) -> dict:
+    init = {"init_from": {"format": "hf", "path": str(path)}} if path else {}
+    return {"data": {"train": {"urls": "unused.tar"}, **(data or {})}, "model": {**init, **(model or {})},
+            "eval": {"enabled": False}, **top}
+
+
+def ours(t: dict, with_bias: bool = False):
+    cfg = config_from_dict(t)
+    mods = build_modalities(cfg.data, train=False)
+    return cfg, mods, build_model(cfg.model, mods, with_bias=with_bias).eval()
+
+
+def features(out) -> torch.Tensor:
+    return F.normalize(getattr(out, "pooler_output", out), dim=-1)  # transformers 5: an output; 4: a tensor
+
+
+def images(mods, n=8) -> torch.Tensor:
+    dec, rng = mods["image"].decoder, random.Random(0)
+    return torch.stack([dec.decode(png_bytes(i, size=(20, 17)), "png", rng) for i in range(n)])
+
+
+def test_clip_folder_gives_the_librarys_features_scale_and_zero_shot(folders):
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = folders["clip"]
+    cfg, mods, model = ours(tree(folder))
+    # the recipe followed the folder
+    assert {m: (t.type, t.head) for m, t in cfg.model.towers.items()} == {
+        "image": ("hf_clip_image", "none"), "text": ("hf_clip_text", "none")}
+    assert cfg.model.embed_dim == 12 and cfg.data.context_length == 77
+    assert cfg.data.modalities["text"].options["tokenizer"] == str(folder)
+    image_opts = cfg.data.modalities["image"].options
+    assert image_opts["size"] == 16 and image_opts["interpolation"] == "bicubic"
+    assert image_opts["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    ref = CLIPModel.from_pretrained(folder).eval()
+    lib_tok = AutoTokenizer.from_pretrained(folder)
+    x = images(mods)
+    ids = mods["text"].decoder.tokenizer(TEXTS)
+    lib = lib_tok(TEXTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        img, txt = model.encode("image", x), model.encode("text", ids)
+        ref_img = features(ref.get_image_features(pixel_values=x))
+        ref_txt = features(ref.get_text_features(**lib))
+        # CLIP pads with its end token: masking every pad id would hide the real end of text
+        naive = features(ref.get_text_features(input_ids=ids, attention_mask=(ids != lib_tok.pad_token_id).long()))
+        prompts = lib_tok([f"a photo of a {c}" for c in CLASSES], padding=True, return_tensors="pt")
+        ref_logits = ref(pixel_values=x, **prompts).logits_per_image
+        cls = model.encode("text", mods["text"].decoder.tokenizer([f"a photo of a {c}" for c in CLASSES]))
+    assert len(set(lib["attention_mask"].sum(1).tolist())) == len(TEXTS)  # padding happened, and truncation
+    assert torch.equal(ids[:, :lib["input_ids"].shape[1]], lib["input_ids"])
+    mask = text_attention_mask(ids, mods["text"].decoder.tokenizer.pad_id, mods["text"].decoder.tokenizer.eos_id)
+    assert torch.equal(mask[:, :lib["attention_mask"].shape[1]], lib["attention_mask"]) and not mask[:, lib[
+        "attention_mask"].shape[1]:].any()
+    torch.testing.assert_close(img, ref_img, atol=ATOL, rtol=0)
+    torch.testing.assert_close(txt, ref_txt, atol=ATOL, rtol=0)
+    assert (naive - ref_txt).abs().max() > 1e-2
+    scale, bias = model.scales()
+    assert bias is None and float(scale.detach()) == pytest.approx(float(ref.logit_scale.detach().exp()), abs=ATOL)
+    logits = scale * img @ cls.T
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-5)
+    labels = torch.arange(len(x)) % len(CLASSES)  # a labelled set: the same predictions, so the same accuracy
+    assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
+    assert float((logits.argmax(1) == labels).float().mean()) == float((ref_logits.argmax(1) == labels).float().mean())
+    assert (logits.topk(2).values.diff(dim=1).abs() > 100 * ATOL).all()  # no near-ties decide them
+
+
+def test_siglip_folder_gives_the_librarys_features_scale_and_bias(folders):
+    from transformers import AutoTokenizer, SiglipModel
+
+    folder = folders["siglip"]
+    cfg, mods, model = ours(tree(folder), with_bias=True)
+    assert cfg.loss.name == "siglip" and cfg.model.embed_dim == 16 and cfg.data.context_length == 12
+    assert cfg.model.max_logit_scale == 122  # raised to keep the checkpoint's scale
+    assert cfg.data.modalities["image"].options["crop_mode"] == "squash"
+    ref = SiglipModel.from_pretrained(folder).eval()
+    x = images(mods, 6)
+    ids = mods["text"].decoder.tokenizer(TEXTS)
+    lib = AutoTokenizer.from_pretrained(folder)(TEXTS, padding="max_length", truncation=True, max_length=12,
+                                                return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode("image", x), features(ref.get_image_features(pixel_values=x)),
+                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.encode("text", ids), features(ref.get_text_features(**lib)), atol=ATOL, rtol=0)
+    scale, bias = model.scales()
+    assert float(scale.detach()) == pytest.approx(float(ref.logit_scale.detach().exp()), abs=ATOL)
+    assert float(bias.detach()) == pytest.approx(-3.5) and float(ref.logit_bias.detach()) == pytest.approx(-3.5)
+
+    with pytest.raises(ConfigError, match=r"model\.max_logit_scale: 100 clamps the logit scale of .* \(121\.5\)"):
+        ours(tree(folder, model={"max_logit_scale": 100}), with_bias=True)
+
+    # towers named by hand, weights from the tower's own path; ids alone, as SigLIP was trained
+    towers = {"image": {"type": "hf_clip_image", "options": {"path": str(folder)}, "head": "none"},
+              "text": {"type": "hf_clip_text", "options": {"path": str(folder), "attention_mask": False},
+                       "head": "none"}}
+    data = {"context_length": 12, "modalities": {"image": {"decoder": "image", "options": {"size": 16}},
+                                                 "text": {"decoder": "text", "options": {"tokenizer": str(folder)}}}}
+    _, _, by_hand = ours(tree(model={"towers": towers, "embed_dim": 16}, data=data))
+    with torch.no_grad():
+        torch.testing.assert_close(by_hand.encode("text", ids), features(ref.get_text_features(input_ids=ids)),
+                                   atol=ATOL, rtol=0)
+
+
+def test_init_from_towers_and_temperature_are_respected(folders):
+    from transformers import CLIPModel
+
+    folder = folders["clip"]
+    init = {"format": "hf", "path": str(folder), "towers": ["image"], "temperature": False}
+    cfg, mods, model = ours(tree(model={"init_from": init, "init_temperature": 0.5}))
+    ref = CLIPModel.from_pretrained(folder).eval()
+    x, ids = images(mods, 3), mods["text"].decoder.tokenizer(TEXTS[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode("image", x), features(ref.get_image_features(pixel_values=x)),
+                                   atol=ATOL, rtol=0)
+        lib_txt = features(ref.get_text_features(input_ids=ids, attention_mask=text_attention_mask(
+            ids, mods["text"].decoder.tokenizer.pad_id, mods["text"].decoder.tokenizer.eos_id)))
+        assert (model.encode("text", ids) - lib_txt).abs().max() > 1e-2  # the text tower kept its random init
+    assert float(model.scales()[0].detach()) == pytest.approx(2.0)  # 1 / init_temperature, not the checkpoint's
+
+
+def test_bad_folders_weights_and_keys_stop_with_clear_messages(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    clip = folders["clip"]
+    not_model = tmp_path / "only_tokenizer"
+    clip_tokenizer().save_pretrained(not_model)
+    with pytest.raises(ConfigError, match=r"model\.init_from\.path: .*only_tokenizer is not a Hugging Face model"):
+        config_from_dict(tree(not_model))
+    with pytest.raises(ConfigError, match=r"model\.init_from\.path: no such file or folder"):
+        config_from_dict(tree(tmp_path / "absent"))
+    towers = {"image": {"type": "hf_clip_image", "options": {"path": str(not_model)}, "head": "none"}}
+    with pytest.raises(ConfigError, match=r"model\.towers\.image\.options\.path: .* is not a Hugging Face model"):
+        ours(tree(model={"towers": towers, "embed_dim": 12}, data={"modalities": {"image": {"decoder": "image"}}}))
+    BertModel(BertConfig(vocab_size=50, **TINY)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match=r"model\.init_from\.path: .* holds a BertModel, not one of CLIPModel"):
+        config_from_dict(tree(tmp_path / "bert"))
+
+    # weights that do not fit the folder's own config: named with both shapes
+    bad = tmp_path / "bad"
+    shutil.copytree(clip, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["visual_projection.weight"] = torch.zeros(7, 16)
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"init_from\.path: .*visual_projection\.weight \(7, 16\) vs \(12, 16\)"):
+        ours(tree(bad))
+    # a folder that does not fit towers configured otherwise
+    other = {"model_type": "clip", "projection_dim": 12, "vision_config": dict(TINY, image_size=16, patch_size=4),
+             "text_config": dict(TINY, vocab_size=10)}
+    towers = {"image": {"type": "hf_clip_image", "options": {"config": other}, "head": "none"}}
+    with pytest.raises(ConfigError, match=r"model\.init_from: .* does not fit this model: .*position_embedding"):
+        ours(tree(clip, model={"towers": towers, "embed_dim": 12},
+                  data={"modalities": {"image": {"decoder": "image", "options": {"size": 16}}}}))
+    with pytest.raises(ConfigError, match=r"model\.init_from\.towers\[0\]: no such modality"):
+        config_from_dict(tree(model={"init_from": {"format": "hf", "path": str(clip), "towers": ["nope"]}}))
+
+    # export refuses what a CLIPModel cannot hold, saying why
+    cfg, mods, model = ours(tree(clip))
+    cfg.model.towers["image"].head = "linear"
+    with pytest.raises(ConfigError, match=r"--format hf: towers\.image\.head\.weight has no place in a CLIPModel"):
+        FORMATS.get("hf", "--format")().export(build_model(cfg.model, mods), cfg, tmp_path / "out")
+
+
+def test_hf_text_takes_the_text_model_of_a_clip_folder(folders):
+    towers = {"text": {"type": "hf_text", "options": {"path": str(folders["clip"]), "pooling": "pooler"}}}
+    data = {"context_length": 16, "modalities": {"text": {"decoder": "text", "options": {
+        "tokenizer": str(folders["clip"])}}}}
+    _, mods, model = ours(tree(model={"towers": towers, "embed_dim": 8}, data=data))
+    assert model.encode("text", mods["text"].decoder.tokenizer(TEXTS)).shape == (len(TEXTS), 8)
+
+
+@pytest.mark.slow
+def test_a_trained_checkpoint_exports_as_a_clip_model_folder(folders, tmp_path, capsys):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from pretrain.export import consolidated_state_dict, export, main, model_from_state
+
+    run = tmp_path / "run"
+    ok(single([f"output_dir={run}", f"data.train.urls={ASSET_SHARDS}/train/shard-{{000000..000007}}.tar",
+               "data.val.urls=", "data.train.shuffle_buffer=4", "data.train.workers=0", "model.towers={}",
+               f"model.init_from={{format: hf, path: {folders['clip']}}}", "train.steps=2",
+               "train.micro_batch_size=6", "train.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
+               "eval.classnames=[]"], timeout=300))
+    ckpt = run / "checkpoints" / "step000002"
+    out = export(ckpt, tmp_path / "hf", fmt="hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in out.iterdir()}
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    mods = build_modalities(cfg.data, train=False)
+    trained = model_from_state(cfg, consolidated_state_dict(ckpt), mods).eval()
+    lib, before = CLIPModel.from_pretrained(out).eval(), CLIPModel.from_pretrained(folders["clip"]).eval()
+    lib_tok = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, truncation=True,
+                                                 max_length=cfg.data.context_length, return_tensors="pt")
+    assert cfg.data.context_length == 40  # the recipe's own, kept (the model reads up to 77)
+    x, ids = images(mods, 4), mods["text"].decoder.tokenizer(TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(trained.encode("image", x), features(lib.get_image_features(pixel_values=x)),
+                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(trained.encode("text", ids), features(lib.get_text_features(**lib_tok)),
+                                   atol=ATOL, rtol=0)
+        assert (features(before.get_image_features(pixel_values=x)) - trained.encode("image", x)).abs().max() > 1e-4
+    assert float(trained.scales()[0].detach()) == pytest.approx(float(lib.logit_scale.detach().exp()), abs=ATOL)
+
+    # a model of other towers is refused, with the reason, by the command line too
+    capsys.readouterr()
+    assert main(["--checkpoint", str(ASSETS / "run_v1" / "checkpoints" / "step000002"), "--output",
+                 str(tmp_path / "refused"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: --format hf: needs an hf_clip_image and an hf_clip_text tower" in err
+    assert "this model has image: mlp, text: text_transformer" in err
