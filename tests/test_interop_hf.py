@@ -17,7 +17,7 @@ from pretrain.config import ConfigError, config_from_dict
 from pretrain.data import build_modalities
 from pretrain.models import FORMATS, build_model
 from pretrain.models.towers import text_attention_mask
-from tests.helpers import ASSET_SHARDS, ASSETS, ok, png_bytes, single
+from tests.helpers import ASSET_SHARDS, ASSETS, ok, png_bytes, torchrun
 
 ATOL = 1e-5
 TEXTS = ["a cat", "the cat sat on the mat", "x", "a photo of a cat on a mat with the hat of the cat " * 3]
@@ -251,13 +251,13 @@ def test_hf_text_takes_the_text_model_of_a_clip_folder(folders):
 
 
 @pytest.mark.slow
-def test_a_trained_checkpoint_exports_as_a_clip_model_folder(folders, tmp_path, capsys):
+def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folders, tmp_path, capsys):
     from transformers import AutoTokenizer, CLIPModel
 
     from pretrain.export import consolidated_state_dict, export, main, model_from_state
 
     run = tmp_path / "run"
-    ok(single([f"output_dir={run}", f"data.train.urls={ASSET_SHARDS}/train/shard-{{000000..000007}}.tar",
+    ok(torchrun([f"output_dir={run}", f"data.train.urls={ASSET_SHARDS}/train/shard-{{000000..000007}}.tar",
                "data.val.urls=", "data.train.shuffle_buffer=4", "data.train.workers=0", "model.towers={}",
                f"model.init_from={{format: hf, path: {folders['clip']}}}", "train.steps=2",
                "train.micro_batch_size=6", "train.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
