@@ -37,6 +37,7 @@ class StepOutput:
     logit_scale: torch.Tensor  # detached, float
     logit_bias: Optional[torch.Tensor]
     stop: bool  # some rank received a stop signal
+    lr: float  # the learning rate of this step's update (the schedule has moved on when it returns)
 
 
 class ContrastiveStep:
@@ -50,6 +51,7 @@ class ContrastiveStep:
 
     def __call__(self, batches: list, step: int) -> StepOutput:
         self._stop = False
+        lr = self.scheduler.get_last_lr()[0]
         loss_masks = [self.model.loss_masks({m: k.to(self.device) for m, k in b.masks.items()}) for b in batches]
         if len(batches) == 1:
             features, scale, bias = self.forward(batches[0])
@@ -64,7 +66,7 @@ class ContrastiveStep:
         if not self._finite:
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
         scale, bias = self._scales
-        return StepOutput(self._finite, losses, scale, bias, self._stop)
+        return StepOutput(self._finite, losses, scale, bias, self._stop, lr)
 
     def forward(self, batch):
         """(features as float32, logit scale, logit bias or None) of one micro-batch."""

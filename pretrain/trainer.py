@@ -135,7 +135,7 @@ class StepLogger:
         values = {k: float(v) for k, v in out.losses.items()}
         values["data_wait_fraction"] = window.pop("data_wait_fraction")
         values = mean_over_ranks(values)
-        values.update(window, global_batch=float(self.global_batch), lr=self.scheduler.get_last_lr()[0],
+        values.update(window, global_batch=float(self.global_batch), lr=out.lr,
                       temperature=1.0 / float(out.logit_scale), skipped_steps=float(state.skipped_steps))
         grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         if grad_norm is not None:
