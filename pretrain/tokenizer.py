@@ -66,7 +66,11 @@ class OpenClipTokenizer:
     a Hugging Face tokenizer, which would be downloaded). Ids: start, text, end, then 0 (padding)."""
 
     def __init__(self, spec: str, context_length: int):
-        import open_clip
+        try:
+            import open_clip
+        except ImportError:
+            raise ValueError("OpenCLIP's tokenizer needs the open-clip-torch package: pip install -e '.[openclip]'") \
+                from None
 
         name = spec.partition(":")[2]
         if name:

@@ -37,9 +37,19 @@ OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def library(key: str):
+    """The open_clip package (an optional dependency: ``pip install multimodal-pretrain[openclip]``)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError(f"{key}: OpenCLIP's models need the open-clip-torch package: pip install -e '.[openclip]'") \
+            from None
+    return open_clip
+
+
 def model_config(name: str, config_file: Optional[str], key: str) -> dict:
     """open_clip's config of architecture ``name`` (``config_file`` registered first)."""
-    import open_clip
+    open_clip = library(key)
 
     if config_file:
         path = Path(config_file)
@@ -54,8 +64,7 @@ def model_config(name: str, config_file: Optional[str], key: str) -> dict:
 
 def create(name: str, config_file: Optional[str], key: str) -> nn.Module:
     """A randomly initialised open_clip model (nothing downloaded)."""
-    import open_clip
-
+    open_clip = library(key)
     model_config(name, config_file, key)
     return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False)
 
