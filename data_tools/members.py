@@ -356,12 +356,52 @@ def finish_member(name: str, data: bytes, from_file: bool, p: Processing) -> tup
     return name, data
 
 
+# the member names webdataset, img2dataset and OpenCLIP read (and this project's decoders by default)
+TEXT_FIELDS = frozenset({"caption", "captions", "text", "txt", "title", "description", "prompt", "sentence"})
+LABEL_FIELDS = frozenset({"label", "labels", "cls", "class", "class_id", "category", "target"})
+
+
+def _bare_names(raws: list, fields: dict, mapping: dict) -> dict[str, str]:
+    """field -> its member name by the shared convention, for the fields that get one: a file under
+    its own extension (``jpg``, ``png``, ``flac``), text as ``txt`` (a caption-like field name, or
+    the sample's only text), an integer in a label-like field as ``cls``; the first claimant of a
+    name wins (caption-like fields before other text), the rest keep ``<field>.<ext>``."""
+    taken = set(mapping.values())
+    texts = [f for f, _, _, ext in raws if ext == "txt" and f not in mapping]
+    claims = []
+    for order, (field, _name, from_file, ext) in enumerate(raws):
+        value = fields[field]
+        if field in mapping:
+            continue
+        if from_file and ext not in ("bin", "json", "txt"):
+            claims.append((0, order, field, ext))
+        elif ext == "txt" and (field.lower() in TEXT_FIELDS or len(texts) == 1):
+            claims.append((0 if field.lower() in TEXT_FIELDS else 1, order, field, "txt"))
+        elif (ext == "json" and isinstance(value, int) and not isinstance(value, bool)
+              and field.lower() in LABEL_FIELDS):
+            claims.append((0, order, field, "cls"))
+    out = {}
+    for _, _, field, name in sorted(claims):
+        if name not in taken:
+            out[field] = name
+            taken.add(name)
+    return out
+
+
 def make_members(fields: dict, *, base_dir: str, mapping: dict, folder: bool, processing: Processing) -> dict[str, bytes]:
     members: dict[str, bytes] = {}
+    raws = []
     for field_name, value in fields.items():
         try:
             name, data, from_file = raw_member(field_name, value, base_dir=base_dir, mapping=mapping, folder=folder)
-            name, data = finish_member(name, data, from_file, processing)
+        except SampleFailure as err:
+            err.field = field_name
+            raise
+        raws.append((field_name, name, from_file, data))
+    bare = {} if folder else _bare_names([(f, n, ff, last_ext(n)) for f, n, ff, _ in raws], fields, mapping)
+    for field_name, name, from_file, data in raws:
+        try:
+            name, data = finish_member(bare.get(field_name, name), data, from_file, processing)
         except SampleFailure as err:
             err.field = field_name
             raise

@@ -82,7 +82,7 @@ def test_parquet_round_trip_value_types(tmp_path):
         assert got[r["key"]] == {
             "png": (raw / r["image"]).read_bytes(), "txt": r["caption"].encode(), "cls": str(r["label"]).encode(),
             "tags.json": json.dumps(r["tags"]).encode(), "meta.json": json.dumps(r["meta"]).encode(),
-            "score.json": json.dumps(r["score"]).encode(), "blob.bin": r["blob"], "hf.jpg": r["hf"]["bytes"],
+            "score.json": json.dumps(r["score"]).encode(), "blob.bin": r["blob"], "jpg": r["hf"]["bytes"],
         }
 
 

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.config import DataConfig, SplitConfig
 from pretrain.data.decoders import DecodeError, Modalities, Modality
 from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, resolve_split
-from pretrain.data.tarstream import RawSample, iter_shard
+from pretrain.data.tarstream import RawSample, count_samples, iter_shard
 
 log = logging.getLogger("pretrain.data")
 
@@ -106,7 +106,7 @@ def make_loader(
     may be short. ``epochs`` overrides the number of passes (None: endless when training).
     ``modalities``: the built decoders (``build_modalities(data, train)``)."""
     key = "data.train" if train else "data.val"
-    sources = resolve_split(split, key, need_counts=train)
+    sources = resolve_split(split, key, need_counts=train, count=count_samples)
     spec = StreamSpec(
         shards=sources.shards,
         sources=sources.sources,

@@ -8,13 +8,16 @@
 - ``resolve_split``: the sources of a split with their weights and per-shard sample counts, from
   an explicit number, an ``index.json`` written by ``python -m data_tools build`` (``shards[]`` with
   ``name`` and ``samples``, names relative to the index's folder), or OpenCLIP's ``sizes.json``
-  (shard file name -> samples). Local shards find these files beside them (or one folder up, where
-  ``data_tools`` puts the index of a split build). A count that is needed and cannot be found is an
-  error that says how to give one, never a guess.
+  (shard file name -> samples), or img2dataset's ``<shard>_stats.json`` (its ``successes``). Local
+  shards find these files beside them (or one folder up, where ``data_tools`` puts the index of a
+  split build); local shards with none of them are counted from their tar headers (one log line says
+  so). A count that is needed and cannot be found for remote shards is an error that says how to
+  give one, never a guess.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ import braceexpand
 
 from pretrain.options import ConfigError
 from pretrain.shard_index import INDEX, SIZES, ShardIndexError, shard_counts
+
+log = logging.getLogger("pretrain.data")
 
 
 class DataSourceError(ConfigError):
@@ -168,7 +173,21 @@ class _LocalCounts:
             hit = self._load_dir(folder).get(resolved)
             if hit is not None:
                 return hit
-        return None
+        return self._img2dataset(resolved)
+
+    def _img2dataset(self, path: Path) -> Optional[tuple[int, str]]:
+        """img2dataset writes ``00000_stats.json`` beside ``00000.tar``; its ``successes`` are the
+        samples in the tar."""
+        stats = path.with_name(path.stem + "_stats.json")
+        if not stats.is_file():
+            return None
+        try:
+            n = json.loads(stats.read_text()).get("successes")
+        except (ValueError, AttributeError) as err:
+            raise DataSourceError(f"{self.key}: {stats} is not img2dataset's stats JSON: {err}") from None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DataSourceError(f"{self.key}: {stats}: 'successes' is not a sample count ({n!r})")
+        return n, "_stats.json"
 
 
 def _match_remote(url: str, table: dict[str, int]) -> Optional[int]:
@@ -184,7 +203,7 @@ def _match_remote(url: str, table: dict[str, int]) -> Optional[int]:
 
 
 def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str, source_id: int,
-                    need_counts: bool, check_local: bool) -> tuple[list[ShardRef], Optional[int], str]:
+                    need_counts: bool, check_local: bool, count=None) -> tuple[list[ShardRef], Optional[int], str]:
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataSourceError(f"{key}: no shard URLs (got {urls!r})")
@@ -225,8 +244,17 @@ def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str
                 origins.add(name)
         origin = "+".join(sorted(origins)) or "unknown"
     missing = [u for u, n in zip(shard_urls, counts) if n is None]
+    if missing and need_counts and count is not None and all(local_path(u) is not None for u in missing):
+        # local shards nobody counted: read their tar headers (member data is skipped)
+        counted = {i: count(u) for i, u in enumerate(shard_urls) if counts[i] is None}
+        for i, n in counted.items():
+            counts[i] = n
+        log.warning("[data] %s: counted %d samples in %d shards from their tar headers (no index.json, sizes.json "
+                    "or _stats.json beside them)", key, sum(counted.values()), len(counted))
+        origin = "+".join(o for o in (origin if origin != "unknown" else "", "tar headers") if o)
+        missing = []
     if missing and need_counts:
-        where = f"the index {index}" if index else "an index.json or sizes.json beside it"
+        where = f"the index {index}" if index else "an index.json, sizes.json or img2dataset _stats.json beside it"
         raise DataSourceError(
             f"{key}: no sample count for {len(missing)} of {len(shard_urls)} shards (first: {missing[0]}) in "
             f"{where}. Give the count: .samples (total samples of these shards), .index (an index.json from "
@@ -237,8 +265,9 @@ def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str
     return [ShardRef(u, source_id, n) for u, n in zip(shard_urls, counts)], total, origin
 
 
-def resolve_split(split, key: str, need_counts: bool, check_local: bool = True) -> SplitSources:
-    """``split`` is a ``SplitConfig``: ``urls`` (+ ``samples``/``index``) or ``sources``."""
+def resolve_split(split, key: str, need_counts: bool, check_local: bool = True, count=None) -> SplitSources:
+    """``split`` is a ``SplitConfig``: ``urls`` (+ ``samples``/``index``) or ``sources``. ``count(url)``
+    (the tar reader's header count) counts local shards that nothing else counts."""
     entries = []
     if split.sources:
         for i, s in enumerate(split.sources):
@@ -248,7 +277,7 @@ def resolve_split(split, key: str, need_counts: bool, check_local: bool = True) 
     shards: list[ShardRef] = []
     sources: list[SourceInfo] = []
     for sid, (urls, samples, index, weight, skey) in enumerate(entries):
-        refs, total, origin = _resolve_source(urls, samples, index, skey, sid, need_counts, check_local)
+        refs, total, origin = _resolve_source(urls, samples, index, skey, sid, need_counts, check_local, count)
         sources.append(SourceInfo(skey, float(weight), len(shards), len(refs), total, origin))
         shards.extend(refs)
     totals = [s.samples for s in sources]

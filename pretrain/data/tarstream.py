@@ -82,6 +82,14 @@ class _Prefixed:
             return out + (self.raw.read(n - len(out)) if n >= 0 else self.raw.read())
         return self.raw.read(n)
 
+    def skip(self, n: int) -> bool:
+        """Moves ``n`` bytes on without reading them where the stream can seek (a local file);
+        False where it cannot (the caller reads instead)."""
+        if self.head or not getattr(self.raw, "seekable", lambda: False)():
+            return False
+        self.raw.seek(n, 1)
+        return True
+
 
 def _number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256
@@ -157,6 +165,8 @@ class TarMembers:
         return data
 
     def _skip(self, n: int) -> None:
+        if isinstance(self.f, _Prefixed) and self.f.skip(n):
+            return
         while n > 0:
             chunk = self.f.read(min(n, 1 << 20))
             if not chunk:
@@ -216,6 +226,18 @@ class TarMembers:
             self.size = size if kind == FILE else 0
             self.pending = padded if kind != OTHER or flag == b"S" else 0
             yield name, kind, self.size, link
+
+
+def count_samples(url: str) -> int:
+    """The samples of a shard, from its tar headers alone (member data is skipped, by seeking in a
+    local uncompressed tar): runs of members sharing a key, as ``iter_shard`` reads them."""
+    count, key = 0, None
+    with open_url(url) as stream:
+        for name, kind, _size, _link in TarMembers(stream):
+            parsed = None if kind == DIR or is_unsafe_name(name) else split_member_name(name)
+            if parsed is not None and parsed[0] != key:
+                count, key = count + 1, parsed[0]
+    return count
 
 
 def iter_shard(
