@@ -231,3 +231,33 @@ def test_outputs_json_and_pngs(tmp_path):
         with Image.open(tmp_path / "eval" / "plots" / name) as img:
             assert img.size[0] > 100 and img.size[1] > 100
     assert "recall_vs_step.png" in (tmp_path / "eval" / "index.html").read_text()
+
+
+def test_multi_caption_retrieval_equals_a_brute_force_count():
+    """COCO-style retrieval: every image with all its captions. image->text hits when any of the
+    image's captions is in the top k; text->image when the caption's own image is."""
+    from pretrain.evaluation.tasks import multi_caption_metrics
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 9, 6
+    images = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    counts = [1 + i % 3 for i in range(n)]  # 1, 2 or 3 captions per image
+    owner = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)])
+    captions = F.normalize(images[owner] + 0.9 * torch.randn(len(owner), d, generator=g), dim=1)
+    split = SplitFeatures({"image": images, "text": captions[:n]},  # per-sample text: not used here
+                          {"image": torch.ones(n, dtype=torch.bool), "text": torch.ones(n, dtype=torch.bool)},
+                          torch.full((n,), -1), multi={"text": (captions, owner)})
+    ks = [1, 2, 5]
+    i2t = multi_caption_metrics(split, "image", "text", "eval/retrieval/image_to_text", ks, 4, WorkSplit(0, 1, 4, CPU))
+    t2i = multi_caption_metrics(split, "text", "image", "eval/retrieval/text_to_image", ks, 4, WorkSplit(0, 1, 4, CPU))
+    sim = images @ captions.T  # brute force: full matrices, stable descending order
+    i2t_rank = [1 + int((sim[i] > sim[i][owner == i].max()).sum()) for i in range(n)]
+    t2i_rank = [1 + int((sim[:, j] > sim[owner[j], j]).sum() + (sim[: owner[j], j] == sim[owner[j], j]).sum())
+                for j in range(len(owner))]
+    for k in ks:
+        assert i2t[f"eval/retrieval/image_to_text/r{k}"] == pytest.approx(sum(r <= k for r in i2t_rank) / n)
+        assert t2i[f"eval/retrieval/text_to_image/r{k}"] == pytest.approx(sum(r <= k for r in t2i_rank) / len(owner))
+    assert i2t["eval/retrieval/image_to_text/queries"] == n and t2i["eval/retrieval/text_to_image/queries"] == len(owner)
+    # chance: one image of n for a caption; for an image, any of its c captions among all of them
+    assert t2i["eval/retrieval/text_to_image/r1/chance"] == pytest.approx(1 / n)
+    assert i2t["eval/retrieval/image_to_text/r1/chance"] == pytest.approx(sum(c / len(owner) for c in counts) / n)

@@ -47,3 +47,33 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
     assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert main(["--checkpoint", str(ckpt), "eval.symile.candidates=-1"]) == 2
     assert main(["--checkpoint", str(ckpt), "eval.retrieval.pairs=[[image,audio]]"]) == 2
+
+
+def test_several_evaluation_datasets_in_one_run(tmp_path):
+    """eval.datasets beside data.val: each reports its own metrics (eval/<name>/...) in the JSON and
+    the printout; class names from a file, templates by name, every caption of a sample retrieved."""
+    import json as _json
+
+    from tests.helpers import ASSETS, png_bytes, write_shard
+
+    caps = [(f"c{i}", {"png": png_bytes(i), "json": _json.dumps({"captions": [f"class number {i % 4}", f"number {i}",
+                                                                               "a picture"][: 1 + i % 3]}).encode()})
+            for i in range(10)]
+    write_shard(tmp_path / "caps" / "caps-000000.tar", caps)
+    (tmp_path / "names.txt").write_text("zero\none\ntwo\nthree\n")
+    datasets = _json.dumps([
+        {"name": "digits", "urls": str(ASSETS / "shards" / "val" / "shard-{000000..000001}.tar"),
+         "tasks": ["zeroshot"], "classnames": str(tmp_path / "names.txt"), "templates": "simple_imagenet"},
+        {"name": "caps", "urls": str(tmp_path / "caps" / "caps-000000.tar"), "tasks": ["retrieval"],
+         "captions": "all", "max_captions": 3},
+    ])
+    out = ok(run_cmd([PYTHON, "-m", "pretrain.eval", "--checkpoint", str(ASSETS / "run_v1"), "--output",
+                      str(tmp_path / "ev"), "eval.plots=false", f"eval.datasets={datasets}"], timeout=300))
+    result = _json.loads((tmp_path / "ev" / "eval" / "step000002.json").read_text())
+    assert result["eval/samples"] == 12 and result["eval/digits/samples"] == 12 and result["eval/caps/samples"] == 10
+    assert result["eval/digits/zeroshot/image/top1/chance"] == 0.25 and "eval/digits/retrieval/image_to_text/r1" not in result
+    assert result["eval/caps/retrieval/text_to_image/queries"] == sum(1 + i % 3 for i in range(10))  # every caption
+    assert result["eval/caps/retrieval/image_to_text/queries"] == 10
+    assert result["eval/caps/retrieval/text_to_image/r1/chance"] == pytest.approx(1 / 10)
+    (line,) = [l for l in out.splitlines() if "digits: zero-shot image top-1" in l]
+    assert "(chance 25.00%)" in line and "[eval] caps: samples: 10" in out and "caps: text->image R@1" in out

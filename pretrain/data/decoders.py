@@ -261,13 +261,16 @@ class TextDecoder(Decoder):
     ``txt``: one caption (with ``split_lines``, one per non-empty line); ``json``: a string, a list
     of strings, or an object whose first present ``fields`` entry holds one of those. With several
     captions, ``captions: auto`` picks one at random in training (seeded) and the first in
-    evaluation; ``random`` / ``first`` force either."""
+    evaluation; ``random`` / ``first`` force either; ``all`` keeps every caption (up to
+    ``max_captions``): ``(max_captions, context_length)``, rows of padding after the last caption
+    (retrieval as COCO and Flickr30k are reported: each image with all its captions)."""
 
     members = ("txt", "json")
 
     @dataclass
     class Options:
-        captions: Literal["auto", "random", "first"] = "auto"
+        captions: Literal["auto", "random", "first", "all"] = "auto"
+        max_captions: int = 5  # with captions: all
         split_lines: bool = False
         fields: list[str] = field(default_factory=lambda: ["captions", "caption", "text"])
         tokenizer: str = "byte"  # byte, open_clip (OpenCLIP's BPE), or a local transformers tokenizer folder
@@ -285,7 +288,8 @@ class TextDecoder(Decoder):
             raise ConfigError(f"data.modalities.{ctx.modality}.options.tokenizer: cannot load {options.tokenizer}: "
                               f"{err}") from None
         self.random_choice = options.captions == "random" or (options.captions == "auto" and ctx.train)
-        self.output_shape = (ctx.data.context_length,)
+        self.output_shape = ((options.max_captions, ctx.data.context_length) if options.captions == "all"
+                             else (ctx.data.context_length,))
         self.dtype = torch.long
 
     def captions(self, data: bytes, ext: str) -> list[str]:
@@ -317,8 +321,18 @@ class TextDecoder(Decoder):
 
     def decode(self, data: bytes, ext: str, rng: random.Random) -> torch.Tensor:
         caps = self.captions(data, ext)
+        if self.options.captions == "all":
+            rows = [self.tokenizer.encode(c) for c in caps[: self.options.max_captions]]
+            rows += [torch.full((self.ctx.data.context_length,), self.tokenizer.pad_id, dtype=torch.long)] * (
+                self.options.max_captions - len(rows))
+            return torch.stack(rows)
         caption = caps[rng.randrange(len(caps))] if self.random_choice and len(caps) > 1 else caps[0]
         return self.tokenizer.encode(caption)
+
+    @property
+    def captions_per_sample(self) -> int:
+        """Rows per sample: ``max_captions`` with ``captions: all``, else 1 (a flat (context,) row)."""
+        return self.options.max_captions if self.options.captions == "all" else 1
 
     def placeholder(self) -> torch.Tensor:
         return torch.full(self.output_shape, self.tokenizer.pad_id, dtype=torch.long)

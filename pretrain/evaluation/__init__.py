@@ -28,6 +28,9 @@ value under a random order or guess):
   samples of modality ``<m>`` with a label are classified by their nearest classes.
 - ``eval/retrieval/<a>_to_<b>/r<k>``, ``.../median_rank``, ``.../queries``: each sample's ``<a>``
   retrieves among all samples' ``<b>`` (samples with both); the hit is its own pair.
+  With ``captions: all`` (``eval.datasets``), every caption of a sample takes part, as COCO and
+  Flickr30k are reported: an image query hits when any of its captions is in the top k, a caption
+  query when its own image is; ``.../queries`` counts images or captions.
 - ``eval/retrieval_class/<a>_to_<b>/...``: the same over labelled samples, a hit being any
   candidate of the query's class (captions that repeat per class); ``eval.retrieval.class_aware``.
 - ``eval/symile/<m>/r<k>``, ``.../median_rank``, ``.../candidates``: ``<m>`` retrieved given all the
@@ -39,6 +42,7 @@ value under a random order or guess):
 - ``eval/linear_probe/<m>/top1``, ``.../top1/chance`` (the largest class share), ``.../train_top1``,
   ``.../train_samples``: multinomial logistic regression on frozen features of
   ``eval.linear_probe.split`` (default data.train), accuracy on data.val.
+- ``eval/<name>/...``: the same keys for each of ``eval.datasets`` (``name`` its name).
 - ``eval/zeroshot_top1``, ``eval/i2t_r1``, ``eval/t2i_r1`` (each with ``/chance``): short names
   kept from the first evaluation: image zero-shot top-1, image->text and text->image R@1
   (class-aware where labels exist).

@@ -2,11 +2,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pretrain.data.config import SplitConfig
+from pretrain.evaluation.prompts import resolve
 from pretrain.evaluation.tasks import EVALUATORS
 from pretrain.options import require
+
+
+@dataclass
+class EvalDataset:
+    """One more held-out dataset (``eval.datasets[i]``), evaluated beside ``data.val`` with the same
+    model and decoders; its metrics are ``eval/<name>/...`` (``data.val``'s stay ``eval/...``)."""
+
+    name: str = ""  # in the metric keys: letters, digits, _
+    urls: Union[str, list[str]] = ""  # its shards (brace pattern(s) or a list)
+    samples: Optional[int] = None
+    index: Optional[str] = None
+    tasks: Optional[list[str]] = None  # default: eval.tasks
+    classnames: Optional[Union[str, list[str]]] = None  # default: eval.classnames; a named set or a file
+    templates: Optional[Union[str, list[str]]] = None  # default: eval.templates; a named set or a file
+    captions: Literal["first", "all"] = "first"  # all: every caption of a sample (COCO / Flickr30k retrieval)
+    max_captions: int = 5  # with captions: all
+
+    def check(self, key: str) -> None:
+        require(self.name.isidentifier(), f"{key}.name", f"letters, digits and _ (it names the metrics), got "
+                f"{self.name!r}")
+        require(bool(self.urls), f"{key}.urls", "is required (shard paths or brace pattern)")
+        require(self.max_captions >= 1, f"{key}.max_captions", f"must be >= 1, got {self.max_captions}")
+        for what in ("classnames", "templates"):
+            if getattr(self, what) is not None:
+                _check_list(resolve(getattr(self, what), what, f"{key}.{what}"), what, f"{key}.{what}")
+
+    def split(self) -> SplitConfig:
+        return SplitConfig(urls=self.urls, samples=self.samples, index=self.index)
+
+
+def _check_list(items: list[str], what: str, key: str) -> None:
+    if what == "templates":
+        require(bool(items), key, "needs at least one template")
+        for i, tmpl in enumerate(items):
+            require("{}" in tmpl, f"{key}[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
 
 
 @dataclass
@@ -45,8 +81,11 @@ class EvalConfig:
     every: int = 0  # also evaluate every N training steps (0: only at the end)
     batch_size: int = 128
     tasks: Optional[list[str]] = None  # registered evaluation tasks (None: all that apply)
-    classnames: list[str] = field(default_factory=list)  # index = label in the .cls member
-    templates: list[str] = field(default_factory=lambda: ["{}"])  # zero-shot prompt templates
+    # index = label in the .cls member; a list, a named set (imagenet) or a text file (one per line)
+    classnames: Union[str, list[str]] = field(default_factory=list)
+    # zero-shot prompts: a list, a named set (openai_imagenet: CLIP's 80, simple_imagenet) or a file
+    templates: Union[str, list[str]] = field(default_factory=lambda: ["{}"])
+    datasets: list[EvalDataset] = field(default_factory=list)  # more held-out datasets beside data.val
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@k reported
     chunk_size: int = 4096  # scores are computed in blocks of chunk_size x chunk_size (memory bound)
     plots: bool = True  # PNGs under output_dir/eval/plots (recall vs step, a similarity matrix)
@@ -62,8 +101,10 @@ class EvalConfig:
         require(self.chunk_size > 0, f"{key}.chunk_size", f"must be > 0, got {self.chunk_size}")
         require(bool(self.recall_at) and all(k > 0 for k in self.recall_at), f"{key}.recall_at",
                 f"must be positive integers, got {self.recall_at}")
-        for i, tmpl in enumerate(self.templates):
-            require("{}" in tmpl, f"{key}.templates[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
+        _check_list(self.template_list(key), "templates", f"{key}.templates")
+        self.class_list(key)
+        names = [d.name for d in self.datasets]
+        require(len(set(names)) == len(names), f"{key}.datasets", f"names must differ, got {names}")
         require(self.symile.candidates >= 0, f"{key}.symile.candidates", f"must be >= 0, got {self.symile.candidates}")
         require(bool(self.symile.scoring), f"{key}.symile.scoring", "needs mip and/or pairwise")
         p = self.linear_probe
@@ -73,18 +114,33 @@ class EvalConfig:
         require(p.max_iter > 0, f"{key}.linear_probe.max_iter", f"must be > 0, got {p.max_iter}")
         require(not p.split.sources, f"{key}.linear_probe.split.sources", f"give {key}.linear_probe.split.urls")
 
+    def class_list(self, key: str = "eval") -> list[str]:
+        """``classnames`` as a list (a named set or a file read)."""
+        return resolve(self.classnames, "classnames", f"{key}.classnames")
+
+    def template_list(self, key: str = "eval") -> list[str]:
+        return resolve(self.templates, "templates", f"{key}.templates")
+
     def check_against(self, data, key: str = "eval") -> None:
         """The modalities, labels and class names it names exist in ``data`` (a DataConfig)."""
         names = list(data.modalities)
         for i, task in enumerate(self.tasks or []):  # after data.imports (tasks may come from there)
             EVALUATORS.get(task, f"{key}.tasks[{i}]")
+        for d in self.datasets:
+            where = f"{key}.datasets.{d.name}"
+            for i, task in enumerate(d.tasks or []):
+                EVALUATORS.get(task, f"{where}.tasks[{i}]")
+            if "zeroshot" in (d.tasks if d.tasks is not None else (self.tasks or [])):
+                classes = resolve(d.classnames, "classnames", f"{where}.classnames") if d.classnames is not None \
+                    else self.class_list(key)
+                require(len(classes) >= 2, f"{where}.classnames", "needs at least 2 class names for zero-shot")
 
         def known(where: str, value: str) -> None:
             require(value in names, where, f"no such modality in data.modalities ({', '.join(names)})")
 
         tasks = self.tasks if self.tasks is not None else []
         if "zeroshot" in tasks or (self.tasks is None and self.classnames):
-            require(len(self.classnames) >= 2, f"{key}.classnames", "needs at least 2 class names for zero-shot")
+            require(len(self.class_list(key)) >= 2, f"{key}.classnames", "needs at least 2 class names for zero-shot")
             known(f"{key}.zeroshot.text", self.zeroshot.text)
             require(data.labels is not None, "data.labels", "zero-shot needs class labels (a class_label decoder)")
         for i, m in enumerate(self.zeroshot.modalities or []):

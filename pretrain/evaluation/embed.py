@@ -30,6 +30,9 @@ class SplitFeatures:
     masks: dict[str, torch.Tensor]  # modality -> (N,) bool, True where the sample has it
     labels: torch.Tensor  # (N,) long, -1 where a sample has no label
     content: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (N,) int64 hash of the input
+    # modality -> (every caption's features (C, d), the sample each belongs to (C,)), for text decoders
+    # with captions: all (``features`` then holds each sample's first caption)
+    multi: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -145,18 +148,25 @@ def embed_split(
             loader = []
     dtype = parameter_dtype(model)
     names = [m for m in model.towers]
+    multi = [m for m in names if m in modalities and getattr(modalities[m].decoder, "captions_per_sample", 1) > 1]
     feats: dict[str, list[torch.Tensor]] = {m: [] for m in names}
     masks: dict[str, list[torch.Tensor]] = {m: [] for m in names}
     content: dict[str, list[torch.Tensor]] = {m: [] for m in content_of}
+    rows: dict[str, list[torch.Tensor]] = {m: [] for m in multi}
+    owners: dict[str, list[torch.Tensor]] = {m: [] for m in multi}
     labels: list[torch.Tensor] = []
     last: Optional[Batch] = None
+    seen = 0
     for batch, real in _lockstep(_capped(loader, quota), device, lockstep):
         if not real:  # keep the other ranks' collective forward passes company
-            model_features(model, *_inputs(last if last is not None else _placeholder_batch(modalities), device, dtype))
+            _forward(model, last if last is not None else _placeholder_batch(modalities), multi, modalities, device, dtype)
             continue
         last = batch
-        inputs, batch_masks = _inputs(batch, device, dtype)
-        out = model_features(model, inputs, batch_masks)
+        out, batch_masks, captions = _forward(model, batch, multi, modalities, device, dtype)
+        for m, (f, owner) in captions.items():
+            rows[m].append(f.float())
+            owners[m].append(owner + seen)
+        seen += len(batch)
         for m in names:
             if m not in out:
                 raise RuntimeError(f"evaluation: the batch has no modality {m!r} (it has {sorted(batch.modalities)})")
@@ -180,7 +190,33 @@ def embed_split(
         out_masks[m] = gather(masks[m], torch.zeros(0, dtype=torch.bool))
     out_content = {m: gather(content[m], torch.zeros(0, dtype=torch.long)) for m in content_of}
     out_labels = gather(labels, torch.zeros(0, dtype=torch.long))
-    return SplitFeatures(out_feats, out_masks, out_labels, out_content)
+    out_multi = {}
+    for m in multi:  # captions: their own layout (ranks hold different numbers); owners made global
+        local_f = torch.cat(rows[m]).to(device) if rows[m] else torch.zeros(0, dim or 0, device=device)
+        local_o = (torch.cat(owners[m]) if owners[m] else torch.zeros(0, dtype=torch.long)).to(device) + layout.offset
+        caption_layout = batch_layout(local_f.shape[0], device)
+        out_multi[m] = (all_gather_nograd(local_f, caption_layout), all_gather_nograd(local_o, caption_layout))
+    return SplitFeatures(out_feats, out_masks, out_labels, out_content, out_multi)
+
+
+def _forward(model, batch: Batch, multi: list[str], modalities, device: torch.device, dtype: torch.dtype):
+    """(per-sample features, masks, {modality: (every caption's features, its sample in the batch)}).
+    A multi-caption modality gives the model its first caption per sample, and all its non-empty
+    caption rows are encoded on their own."""
+    inputs, masks = _inputs(batch, device, dtype)
+    captions = {}
+    for m in multi:
+        x = inputs[m]  # (B, K, context)
+        pad = modalities[m].decoder.tokenizer.pad_id
+        keep = (x != pad).any(-1).reshape(-1)
+        flat = x.reshape(-1, x.shape[-1])
+        owner = torch.arange(x.shape[0], device=device).repeat_interleave(x.shape[1])
+        if bool(keep.any()):
+            captions[m] = (encode(model, m, flat[keep]), owner[keep].cpu())
+        else:  # one forward all the same: under ZeRO-3 every rank takes as many as the others
+            captions[m] = (encode(model, m, flat[:1])[:0], owner[:0].cpu())
+        inputs[m] = x[:, 0]
+    return model_features(model, inputs, masks), masks, captions
 
 
 def _inputs(batch: Batch, device: torch.device, dtype: torch.dtype):

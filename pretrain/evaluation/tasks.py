@@ -129,12 +129,13 @@ def class_embeddings(model, cfg, modalities, device: torch.device) -> torch.Tens
     tokenizer = getattr(decoder, "tokenizer", None)
     if tokenizer is None:
         raise RuntimeError(f"eval.zeroshot.text: modality {text!r} has no tokenizer (is its decoder 'text'?)")
-    prompts = [t.format(name) for name in cfg.eval.classnames for t in cfg.eval.templates]
+    classnames, templates = cfg.eval.class_list(), cfg.eval.template_list()
+    prompts = [t.format(name) for name in classnames for t in templates]
     ids = torch.stack([tokenizer.encode(p) for p in prompts])
     rows = []
     for start in range(0, len(prompts), cfg.eval.batch_size):
         rows.append(encode(model, text, ids[start:start + cfg.eval.batch_size].to(device)).float())
-    emb = torch.cat(rows).reshape(len(cfg.eval.classnames), len(cfg.eval.templates), -1).mean(dim=1)
+    emb = torch.cat(rows).reshape(len(classnames), len(templates), -1).mean(dim=1)
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
@@ -179,6 +180,35 @@ def retrieval_metrics(query: torch.Tensor, cand: torch.Tensor, labels: Optional[
             relevant = torch.bincount(y.cpu())[y.cpu()]
             out.update(recall_metrics(class_prefix, ranks, relevant, lq.shape[0], ks))
     return out
+
+
+def multi_caption_metrics(split: SplitFeatures, a: str, b: str, prefix: str, ks: list[int], chunk_size: int,
+                          shared: WorkSplit) -> dict[str, float]:
+    """Retrieval with several captions per sample, as COCO and Flickr30k are reported: each sample
+    of ``a`` (or each caption, when ``a`` is the multi-caption modality) queries the other side; a
+    sample->captions query hits when any of its captions is in the top k, a caption->sample query
+    when its own sample is. Ranks and chance are counted as for paired retrieval."""
+    device = split.labels.device
+    index = torch.arange(len(split), device=device)
+
+    def side(m: str) -> tuple[torch.Tensor, torch.Tensor]:  # (features, the sample each row belongs to)
+        if m in split.multi:
+            feats, owner = split.multi[m]
+            keep = split.masks[m][owner]
+            return feats[keep], owner[keep]
+        keep = split.masks[m]
+        return split.features[m][keep], index[keep]
+
+    (query, q_owner), (cand, c_owner) = side(a), side(b)
+    present = torch.zeros(len(split), dtype=torch.bool, device=device)
+    present[c_owner] = True
+    q_keep = present[q_owner]  # a query whose sample has no candidate cannot hit
+    query, q_owner = query[q_keep], q_owner[q_keep]
+    q0, q1 = shared.rows(query.shape[0])
+    ranks = shared.gather(first_relevant_rank(query[q0:q1], cand, query_labels=q_owner[q0:q1],
+                                              candidate_labels=c_owner, chunk_size=chunk_size))
+    relevant = torch.bincount(c_owner.cpu(), minlength=len(split))[q_owner.cpu()]
+    return recall_metrics(prefix, ranks, relevant, cand.shape[0], ks)
 
 
 def symile_metrics(split: SplitFeatures, model, target: str, others: list[str], cfg,
@@ -249,7 +279,7 @@ def linear_probe_metrics(ctx: "EvalContext") -> dict[str, float]:
         va = (val.labels >= 0) & val.masks[m]
         if not bool(tr.any()) or not bool(va.any()):
             continue
-        num_classes = max(int(train.labels.max()), int(val.labels.max()), len(cfg.eval.classnames) - 1) + 1
+        num_classes = max(int(train.labels.max()), int(val.labels.max()), len(cfg.eval.class_list()) - 1) + 1
         res = linear_probe_accuracy(train.features[m][tr], train.labels[tr], val.features[m][va], val.labels[va],
                                     num_classes, p.l2, p.max_iter)
         for k, v in res.items():
@@ -290,6 +320,10 @@ class Retrieval(Evaluator):
         e, val, out = ctx.cfg.eval, ctx.val, {}
         has_labels = bool((val.labels >= 0).any())
         for a, b in e.retrieval.pairs or [[a, b] for a in ctx.names for b in ctx.names if a != b]:
+            if a in val.multi or b in val.multi:  # several captions per sample (COCO, Flickr30k)
+                out.update(multi_caption_metrics(val, a, b, f"eval/retrieval/{a}_to_{b}", e.recall_at, e.chunk_size,
+                                                 ctx.work))
+                continue
             rows = val.masks[a] & val.masks[b]
             out.update(retrieval_metrics(
                 val.features[a][rows], val.features[b][rows], val.labels[rows] if has_labels else None,
