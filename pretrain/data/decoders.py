@@ -276,6 +276,7 @@ class TextDecoder(Decoder):
         tokenizer: str = "byte"  # byte, open_clip (OpenCLIP's BPE), or a local transformers tokenizer folder
 
         def check(self, key: str) -> None:
+            require(self.max_captions >= 1, f"{key}.max_captions", f"must be >= 1, got {self.max_captions}")
             require(self.tokenizer == "byte" or is_open_clip(self.tokenizer) or Path(self.tokenizer).is_dir(),
                     f"{key}.tokenizer", f"'byte', 'open_clip' or a local tokenizer folder; no such folder: "
                     f"{self.tokenizer}")
