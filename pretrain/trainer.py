@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +35,7 @@ from pretrain.distributed import (
 )
 from pretrain.engine import EngineConfig, build_engine
 from pretrain.evaluation import evaluate, format_metrics
-from pretrain.metrics import MetricsWriter, StepMeter
+from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
 from pretrain.models import build_model
 from pretrain.optim import OptimConfig
 from pretrain.options import ConfigError, require, to_dict
@@ -53,7 +53,7 @@ class TrainingError(RuntimeError):
 class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     """``train.*``: the loop's fields here, the optimizer's (``OptimConfig``), the engine's
     (``EngineConfig``) and the checkpoints' (``CheckpointConfig``) beside their code, one flat
-    section."""
+    section; ``train.wandb.*`` (``WandbConfig``, beside the metrics writer) is its one subsection."""
 
     steps: int = 100
     micro_batch_size: int = 32
@@ -65,6 +65,7 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     stop_at_step: int = 0  # end this run early at that step with a checkpoint (schedule unchanged)
     peak_tflops: float = 0.0  # one device's peak for the MFU metric (0: known GPUs' datasheet value; CPU: none)
     max_nonfinite_steps: int = 5  # consecutive non-finite losses (steps skipped) before the run stops
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (off unless wandb.project is set)
 
     def check(self, key: str = "train") -> None:
         require(self.steps > 0, f"{key}.steps", f"must be > 0, got {self.steps}")
@@ -80,6 +81,7 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
         self.check_optim(key)
         self.check_engine(key)
         self.check_checkpoint(key)
+        self.wandb.check(f"{key}.wandb")
         require(self.optimizer != "lamb" or self.zero_stage == 0, f"{key}.optimizer",
                 "lamb computes a trust ratio per parameter, which ZeRO stages 1-3 cut into flat partitions: "
                 f"use {key}.zero_stage=0 with lamb")
@@ -215,7 +217,7 @@ class Trainer:
             raise TrainingError(str(err)) from None
         self.batches = iter(self.loader)
         self.step = ContrastiveStep(self.engine, self.scheduler, loss_fn, info.device, t.dtype, self.stop_signal)
-        self.writer = MetricsWriter(self.out, enabled=self.rank == 0)
+        self.writer = MetricsWriter(self.out, enabled=self.rank == 0, wandb=t.wandb, run_config=to_dict(cfg))
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
         self.logger = StepLogger(t, self.writer, self.meter, self.engine, self.scheduler, self.loader,
                                  self.global_batch, self.rank)
