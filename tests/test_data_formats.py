@@ -82,8 +82,12 @@ def test_local_tars_with_no_counts_are_counted_from_their_headers(tmp_path, capl
     fs = fsspec.filesystem("memory")
     for u in urls:
         fs.pipe(f"memory://counts/{u.rsplit('/', 1)[1]}", open(u, "rb").read())
+    remote = [f"memory://counts/own-{s}.tar" for s in range(3)]
     with pytest.raises(DataSourceError, match=r"no sample count for 3 of 3 shards"):
-        loader(data_config({"urls": [f"memory://counts/own-{s}.tar" for s in range(3)]}))
+        loader(data_config({"urls": remote}))
+    # ... unless an index.json or sizes.json lies in their folder
+    fs.pipe("memory://counts/sizes.json", json.dumps({"own-0.tar": 3, "own-1.tar": 4, "own-2.tar": 6}).encode())
+    assert loader(data_config({"urls": remote})).epoch_samples == 13
 
 
 @pytest.mark.slow

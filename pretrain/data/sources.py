@@ -67,20 +67,51 @@ def local_path(url: str) -> Optional[Path]:
     return None
 
 
+def _wds_gopen(url: str):
+    """webdataset's ``gopen`` module where it opens ``url``'s scheme (curl, gsutil, a pipe, ...), else None."""
+    import importlib
+
+    module = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
+    scheme = _scheme(url)
+    return module if scheme in module.gopen_schemes and scheme != "__default__" else None
+
+
 def open_url(url: str):
     """A binary file object reading the shard at ``url`` (see the module docstring for schemes)."""
     path = local_path(url)
     if path is not None:
         return open(path, "rb")
-    import importlib
-
-    wds_gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
-    scheme = _scheme(url)
-    if scheme in wds_gopen.gopen_schemes and scheme != "__default__":
-        return wds_gopen.gopen(url, "rb")
+    gopen = _wds_gopen(url)
+    if gopen is not None:
+        return gopen.gopen(url, "rb")
+    problem = missing_filesystem(url)
+    if problem is not None:
+        raise ImportError(problem)
     import fsspec
 
     return fsspec.open(url, "rb").open()
+
+
+# this project's extras that install an fsspec filesystem, by URL scheme
+_FILESYSTEM_EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+def missing_filesystem(url: str) -> Optional[str]:
+    """Why ``url`` cannot be opened here: fsspec's filesystem for its scheme is not installed (s3fs
+    for ``s3://``) or the scheme is unknown. None for local paths, webdataset's schemes and
+    installed fsspec filesystems."""
+    if local_path(url) is not None or _wds_gopen(url) is not None:
+        return None
+    import fsspec
+
+    scheme = _scheme(url)
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as err:
+        extra = _FILESYSTEM_EXTRAS.get(scheme)
+        how = f"pip install -e '.[{extra}]'" if extra else "install the fsspec filesystem for it"
+        return f"{scheme}:// URLs need a filesystem that is not installed ({err}): {how}"
+    return None
 
 
 @dataclass
@@ -202,11 +233,35 @@ def _match_remote(url: str, table: dict[str, int]) -> Optional[int]:
     return table.get(posixpath.basename(url))
 
 
+def _remote_counts(urls: list[str], key: str) -> list[tuple[Optional[int], str]]:
+    """(count, file) per remote shard from an index.json or sizes.json in its folder (a folder without
+    them, or one that cannot be read, gives None)."""
+    tables: dict[str, tuple[dict[str, int], str]] = {}
+    out = []
+    for u in urls:
+        folder = u.rsplit("/", 1)[0]
+        if folder not in tables:
+            tables[folder] = ({}, "")
+            for name in (INDEX, SIZES):
+                try:
+                    tables[folder] = (_counts_from_json(_read_json_url(f"{folder}/{name}", key), name, key), name)
+                    break
+                except DataSourceError:
+                    continue
+        table, name = tables[folder]
+        out.append((table.get(u.rsplit("/", 1)[1]), name))
+    return out
+
+
 def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str, source_id: int,
                     need_counts: bool, check_local: bool, count=None) -> tuple[list[ShardRef], Optional[int], str]:
     shard_urls = expand_urls(urls)
     if not shard_urls:
         raise DataSourceError(f"{key}: no shard URLs (got {urls!r})")
+    for scheme_url in {_scheme(u): u for u in shard_urls}.values():  # once per scheme, before any read
+        problem = missing_filesystem(scheme_url)
+        if problem is not None:
+            raise DataSourceError(f"{key}: {scheme_url}: {problem}")
     if check_local:
         for u in shard_urls:
             p = local_path(u)
@@ -243,6 +298,14 @@ def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str
                 counts[i], name = hit
                 origins.add(name)
         origin = "+".join(sorted(origins)) or "unknown"
+        remote = [i for i, u in enumerate(shard_urls) if counts[i] is None and local_path(u) is None]
+        if remote and need_counts:  # remote shards: an index.json or sizes.json in their folder, if any
+            found = _remote_counts([shard_urls[i] for i in remote], key)
+            for i, (n, name) in zip(remote, found):
+                if n is not None:
+                    counts[i] = n
+                    origins.add(name)
+            origin = "+".join(sorted(origins)) or "unknown"
     missing = [u for u, n in zip(shard_urls, counts) if n is None]
     if missing and need_counts and count is not None and all(local_path(u) is not None for u in missing):
         # local shards nobody counted: read their tar headers (member data is skipped)
@@ -254,7 +317,8 @@ def _resolve_source(urls, samples: Optional[int], index: Optional[str], key: str
         origin = "+".join(o for o in (origin if origin != "unknown" else "", "tar headers") if o)
         missing = []
     if missing and need_counts:
-        where = f"the index {index}" if index else "an index.json, sizes.json or img2dataset _stats.json beside it"
+        where = (f"the index {index}" if index else
+                 "an index.json, sizes.json or img2dataset _stats.json beside it (or, for a URL, in its folder)")
         raise DataSourceError(
             f"{key}: no sample count for {len(missing)} of {len(shard_urls)} shards (first: {missing[0]}) in "
             f"{where}. Give the count: .samples (total samples of these shards), .index (an index.json from "
