@@ -362,8 +362,8 @@ LABEL_FIELDS = frozenset({"label", "labels", "cls", "class", "class_id", "catego
 
 
 def _bare_names(raws: list, fields: dict, mapping: dict) -> dict[str, str]:
-    """field -> its member name by the shared convention, for the fields that get one: a file under
-    its own extension (``jpg``, ``png``, ``flac``), text as ``txt`` (a caption-like field name, or
+    """field -> its member name by the shared convention, for the fields that get one: an image or
+    audio file under its own extension (``jpg``, ``png``, ``flac``), text as ``txt`` (a caption-like field name, or
     the sample's only text), an integer in a label-like field as ``cls``; the first claimant of a
     name wins (caption-like fields before other text), the rest keep ``<field>.<ext>``."""
     taken = set(mapping.values())
@@ -373,7 +373,7 @@ def _bare_names(raws: list, fields: dict, mapping: dict) -> dict[str, str]:
         value = fields[field]
         if field in mapping:
             continue
-        if from_file and ext not in ("bin", "json", "txt"):
+        if from_file and ext in MEDIA_EXTS:  # images and audio; other files (npy, ...) keep the field name
             claims.append((0, order, field, ext))
         elif ext == "txt" and (field.lower() in TEXT_FIELDS or len(texts) == 1):
             claims.append((0 if field.lower() in TEXT_FIELDS else 1, order, field, "txt"))
