@@ -1,6 +1,6 @@
 """The optimizer and its schedule (``train.optimizer``, ``train.lr``, ... in a recipe).
 
-AdamW from torch, LAMB from ``timm.optim`` (You et al., 2019: Adam's update rescaled per
+AdamW from torch (fused), LAMB from ``timm.optim`` (You et al., 2019: Adam's update rescaled per
 parameter tensor by the trust ratio ||w|| / ||update||, applied to every tensor as in the paper);
 weight decay on matrices and kernels only; linear warmup, then cosine decay to 0 or constant.
 """
@@ -56,7 +56,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
         # DeepSpeed clips the gradients (train.grad_clip): no second clip inside the optimizer
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # fused: one kernel for every tensor (CUDA, and CPU), and an update it skips on the device when
+    # the step's gradients are not finite (``found_inf``; see ``pretrain.step``)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:

@@ -287,3 +287,50 @@ def test_lamb_matches_the_paper_update_and_refuses_zero_partitions():
     assert not torch.allclose(adam.detach(), layer.weight.detach())  # the trust ratio changes the step
     with pytest.raises(ConfigError, match=r"train\.optimizer: lamb .* train\.zero_stage=0"):
         _cfg({"v": NPY, "w": NPY}, {"v": {"type": "mlp"}, "w": {"type": "mlp"}}, ["train.optimizer=lamb"])
+
+
+def test_compiled_towers_give_the_eager_loss_and_gradients():
+    """model.compile: each tower's backbone compiled in place (torch.compile, inductor on CPU here):
+    the same loss and gradients as eager, the same parameter names (checkpoints and exports fit)."""
+    from pretrain.losses import build_loss
+
+    results = {}
+    for compiled in (False, True):
+        cfg = _cfg({"a": NPY, "b": NPY}, {m: {"type": "mlp", "options": {"hidden": [16]}} for m in ("a", "b")},
+                   [f"model.compile={str(compiled).lower()}"])
+        torch.manual_seed(0)
+        model = _model(cfg)
+        g = torch.Generator().manual_seed(1)
+        feats, scale, _ = model({m: torch.randn(5, 6, generator=g) for m in ("a", "b")})
+        loss = build_loss({"name": "clip"})(feats, scale)["loss"]
+        loss.backward()
+        results[compiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                             model.towers["a"].backbone._compiled_call_impl is not None)
+    (eager, eager_grads, eager_flag), (comp, comp_grads, comp_flag) = results[False], results[True]
+    assert comp_flag and not eager_flag and list(comp_grads) == list(eager_grads)
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    for name in eager_grads:
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_text_towers_use_scaled_dot_product_attention():
+    cfg = _cfg({"text": {"decoder": "text"}, "v": NPY},
+               {"text": {"type": "text_transformer", "options": {"width": 16, "layers": 1, "heads": 2}},
+                "v": {"type": "mlp"}})
+    assert _model(cfg).towers["text"].backbone.encoder.config._attn_implementation == "sdpa"
+
+
+def test_channels_last_keeps_the_features():
+    x = torch.randn(3, 3, 16, 16)
+    out = {}
+    for cl in (False, True):
+        cfg = _cfg({"image": {"decoder": "image"}, "v": NPY},
+                   {"image": {"type": "timm", "options": {"name": "test_resnet"}, "channels_last": cl},
+                    "v": {"type": "mlp"}})
+        torch.manual_seed(0)
+        model = _model(cfg).eval()
+        with torch.no_grad():
+            out[cl] = model.encode("image", x)
+        conv = next(m for m in model.towers["image"].backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cl
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)

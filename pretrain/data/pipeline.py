@@ -72,6 +72,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (the DataLoader calls it with ``pin_memory``), so the
+        step's copies to the GPU run asynchronously (``non_blocking``)."""
+        pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
+        return Batch(pin(self.modalities), pin(self.masks), self.keys,
+                     None if self.labels is None else self.labels.pin_memory())
+
 
 def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
     """Decoded sample dicts (``__key__``, one tensor per modality, optional ``__masks__`` and
@@ -180,7 +187,7 @@ class Loader:
         # its own generator: the DataLoader draws a base seed per iteration (unused here), which
         # would otherwise move the training process's global generator at every resume
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        generator=torch.Generator().manual_seed(0), **kwargs)
+                        generator=torch.Generator().manual_seed(0), pin_memory=torch.cuda.is_available(), **kwargs)
         it = iter(dl)
         try:
             for batch, worker, state in it:

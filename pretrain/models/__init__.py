@@ -51,6 +51,9 @@ class EncoderTower(nn.Module):
             self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        self.channels_last = cfg.channels_last
+        if cfg.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.freeze = cfg.freeze
         locked = [self.backbone] + ([self.head] if cfg.freeze == "all" else [])
         if cfg.freeze != "none":
@@ -69,6 +72,8 @@ class EncoderTower(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.backbone(x)
         if self.missing_embedding is not None:
             if present is None:
@@ -138,6 +143,9 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> Contra
     model = ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias)
     if cfg.init_from is not None:
         load_init(model, cfg.init_from)
+    if cfg.compile:  # in place: the parameters and their names stay the module's own
+        for tower in model.towers.values():
+            tower.backbone.compile()
     return model
 
 

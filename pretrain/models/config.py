@@ -20,6 +20,7 @@ class TowerConfig:
     freeze: Literal["none", "backbone", "all"] = "none"  # lock the backbone (LiT) or the whole tower
     missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
     grad_checkpointing: bool = False  # recompute backbone activations in backward
+    channels_last: bool = False  # convolutional image towers: NHWC memory layout (faster convolutions on GPUs)
 
     def typed_options(self, key: str):
         """The backbone's own ``Options``, type-checked (errors name ``key.options.<field>``)."""
@@ -77,6 +78,7 @@ class ModelConfig:
     init_logit_bias: float = -10.0  # for objectives with a learnable bias (siglip)
     max_logit_scale: float = 100.0  # the temperature clamp: 1/T never exceeds this
     init_from: Optional[InitFrom] = None  # towers, projections and temperature from a checkpoint of the field
+    compile: bool = False  # compile each tower's backbone with torch.compile (state-dict keys unchanged)
 
     def check(self, key: str = "model") -> None:
         require(self.embed_dim > 0, f"{key}.embed_dim", f"must be > 0, got {self.embed_dim}")

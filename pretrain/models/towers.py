@@ -237,6 +237,7 @@ class TextTransformer(Backbone):
             pad_token_id=tok.pad_id,
             hidden_dropout_prob=options.dropout,
             attention_probs_dropout_prob=options.dropout,
+            attn_implementation="sdpa",  # fused scaled-dot-product attention
         )
         self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
         self.width = options.width
