@@ -197,12 +197,14 @@ class Checkpointer:
         self.last_saved = step
         return folder
 
+    def due(self, step: int) -> bool:
+        """Whether ``save`` at ``step`` writes a periodic checkpoint."""
+        return self.cfg.checkpoint and bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0
+
     def save(self, state, last: bool = False) -> Optional[Path]:
         """Saves at every ``checkpoint_every``-th step and at the last one (``last``: the run ends
         here, finished or stopped); never twice for one step. Collective."""
-        if not self.cfg.checkpoint or self.last_saved == state.step:
-            return None
-        if not last and not (self.cfg.checkpoint_every and state.step % self.cfg.checkpoint_every == 0):
+        if not self.cfg.checkpoint or self.last_saved == state.step or not (last or self.due(state.step)):
             return None
         self.last_saved = state.step
         folder = save(self.engine, self.dir, state.step, self.rank, state.state_dict, self.cfg.keep_checkpoints)

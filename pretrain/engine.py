@@ -67,12 +67,12 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 
 def build_engine(model: torch.nn.Module, cfg, world_size: int):
     """DeepSpeed engine with the configured optimizer and schedule (``cfg``: a ``TrainConfig``);
-    returns (engine, optimizer, scheduler)."""
+    returns (engine, the torch optimizer DeepSpeed steps (inside its ZeRO wrapper), scheduler)."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg, cfg.steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     if cfg.precision != "fp32":

@@ -3,21 +3,27 @@
 The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro-batches (one per
 ``train.grad_accumulation_steps``, each a ``pretrain.data.Batch`` of this rank) and
 
-1. moves each batch to the device, casts floating inputs to the engine's precision (token ids stay
-   integers) and encodes it: L2-normalised features per modality, the logit scale and bias;
-2. checks, in one collective, whether every rank's features and scale are finite and whether any
-   rank received a stop signal. If some rank's features are not finite, every rank takes a NaN
-   loss and none enters the loss's collectives;
-3. computes the loss with the model's loss masks (towers with a missingness indicator encode
-   absent samples themselves, so those rows take part); with several micro-batches, through the
-   exact feature-caching helper ``pretrain.losses.accumulate_step`` (negatives span every
-   micro-batch, the temperature's gradient is counted once);
-4. agrees over the ranks (one collective) whether the loss is finite. If it is, it backpropagates
-   and lets DeepSpeed update (one micro-step per micro-batch); if not, nothing is updated on any
-   rank and only the schedule advances, so the learning rate stays on the step count.
+1. moves each batch to the device (``non_blocking``: the loader pins it), casts floating inputs to
+   the engine's precision (token ids stay integers) and encodes it: L2-normalised features per
+   modality, the logit scale and bias;
+2. agrees with the other ranks, in one collective, whether every rank's features and scale are
+   finite and whether any rank received a stop signal. Where some rank's features are not finite,
+   every rank replaces its features by zeros, so all ranks still run the same loss collectives;
+3. computes the loss with the masks of the modalities that may be absent (``masked``; towers with
+   a missingness indicator encode absence themselves) and every rank's batch size known up front;
+   with several micro-batches through the exact feature-caching helper
+   ``pretrain.losses.accumulate_step`` (negatives span every micro-batch, the temperature's gradient
+   is counted once);
+4. agrees (one more collective) whether the loss is finite everywhere, and lets DeepSpeed update
+   (one micro-step per micro-batch). A non-finite step is skipped on every rank *on the device*:
+   the fused AdamW gets the agreed flag as ``found_inf`` and leaves parameters and optimizer state
+   as they were, while the schedule advances (it stays on the step count). An optimizer without
+   that ability (LAMB) is skipped by reading the flag on the host instead.
 
-``StepOutput.stop`` is True on every rank when any rank has received a stop signal (the loop
-saves and returns at this step boundary).
+Nothing is read back from the device in a step: the agreed flags travel to the host with a
+non-blocking copy and are read one step later (``StepOutput.earlier``), or at once by ``settle()``
+where the trainer needs them (log, evaluation, checkpoint, the last step). DeepSpeed's own reads
+(its gradient-norm check under ZeRO 1-2 with clipping) are its own.
 """
 from __future__ import annotations
 
@@ -31,42 +37,58 @@ from pretrain.losses import accumulate_step
 
 
 @dataclass
+class StepFlags:
+    step: int  # the step (1-based) these flags belong to
+    finite: bool  # its update happened (False: skipped on every rank)
+    stop: bool  # some rank had received a stop signal by then
+
+
+@dataclass
 class StepOutput:
-    finite: bool  # the update happened (False: skipped on every rank)
-    losses: dict[str, torch.Tensor]  # the loss and its terms (detached)
+    losses: dict[str, torch.Tensor]  # the loss and its terms (detached, on the device)
     logit_scale: torch.Tensor  # detached, float
     logit_bias: Optional[torch.Tensor]
-    stop: bool  # some rank received a stop signal
     lr: float  # the learning rate of this step's update (the schedule has moved on when it returns)
+    earlier: Optional[StepFlags]  # the previous step's flags, read now that they are on the host
 
 
 class ContrastiveStep:
-    def __init__(self, engine, scheduler, loss_fn, device: torch.device, dtype: torch.dtype, stop_signal):
-        self.engine, self.scheduler, self.loss_fn = engine, scheduler, loss_fn
+    def __init__(self, engine, scheduler, optimizer, loss_fn, device: torch.device, dtype: torch.dtype,
+                 stop_signal, masked: frozenset[str] = frozenset()):
+        self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
         self.model = engine.module
-        self.device, self.dtype, self.stop_signal = device, dtype, stop_signal
-        self._stop = False
-        self._finite = True
+        self.device, self.dtype, self.stop_signal, self.masked = device, dtype, stop_signal, masked
+        loss_fn.check_finite = False  # the step guards finiteness itself, without reading the device
+        # fused AdamW skips an update on the device when told found_inf (what GradScaler uses)
+        self.device_skip = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        self.world = dist.get_world_size()
+        self._flags: Optional[torch.Tensor] = None  # this step's [nonfinite, stop], agreed over the ranks
+        self._host = torch.zeros(2, pin_memory=device.type == "cuda")
+        self._event = None
+        self._pending: Optional[int] = None  # the step whose flags are on their way to the host
         self._scales: tuple = (None, None)
 
     def __call__(self, batches: list, step: int) -> StepOutput:
-        self._stop = False
         lr = self.scheduler.get_last_lr()[0]
-        loss_masks = [self.model.loss_masks({m: k.to(self.device) for m, k in b.masks.items()}) for b in batches]
+        earlier = self.settle()  # the previous step's flags: their copy finished long ago
+        loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
+                                             for m in self.masked if m in b.masks}) for b in batches]
         if len(batches) == 1:
             features, scale, bias = self.forward(batches[0])
             losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step)
-            if self.agree_finite(losses):
+            if self.device_skip or self._host_finite():
                 self.engine.backward(losses["loss"])
                 self.engine.step()
             losses = {k: v.detach() for k, v in losses.items()}
         else:
+            check = None if self.device_skip else (lambda _: self._host_finite())
             losses = accumulate_step(self.forward, batches, self.guarded_loss, masks=loss_masks,
-                                     backward=self.backward_micro, step=step, check=self.agree_finite)
-        if not self._finite:
+                                     backward=self.backward_micro, step=step, check=check)
+        if not self.device_skip and not self._host_finite():
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
+        self._send(step + 1)
         scale, bias = self._scales
-        return StepOutput(self._finite, losses, scale, bias, self._stop, lr)
+        return StepOutput(losses, scale, bias, lr, earlier)
 
     def forward(self, batch):
         """(features as float32, logit scale, logit bias or None) of one micro-batch."""
@@ -81,24 +103,52 @@ class ContrastiveStep:
         return features, scale, bias
 
     def guarded_loss(self, features, scale, bias, masks=None, step=None) -> dict[str, torch.Tensor]:
-        """The loss, unless some rank's features are not finite (then NaN on every rank, and no
-        rank enters the loss's collectives); also learns whether any rank got a stop signal."""
+        """The loss of features that are finite on every rank (zeros stand in where some rank's are
+        not, so every rank runs the same collectives); NaN where anything was not finite. Leaves the
+        agreed [nonfinite, stop] flags in ``self._flags``."""
         finite = torch.stack([torch.isfinite(x).all() for x in (*features.values(), scale)]).all()
-        stopping = float(self.stop_signal.received is not None)
-        flags = torch.stack([(~finite).float(), torch.tensor(stopping, device=self.device)])
+        stopping = torch.full((), float(self.stop_signal.received is not None), device=self.device)
+        flags = torch.stack([(~finite).float(), stopping])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # both flags in one collective
-        self._stop = self._stop or bool(flags[1] > 0)
-        if flags[0] > 0:
-            return {"loss": torch.full((), float("nan"), device=self.device)}
-        return self.loss_fn(features, scale, bias, masks=masks, step=step)
-
-    def agree_finite(self, losses: dict[str, torch.Tensor]) -> bool:
-        """Is the loss finite on every rank? (one small collective)"""
-        flag = (~torch.isfinite(losses["loss"].detach()).all()).float().reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._finite = not bool(flag[0] > 0)
-        return self._finite
+        ok = flags[0] == 0
+        features = {m: torch.where(ok, f, torch.zeros_like(f)) for m, f in features.items()}
+        scale = torch.where(ok, scale, torch.ones_like(scale))
+        bias = None if bias is None else torch.where(ok, bias, torch.zeros_like(bias))
+        rows = next(iter(features.values())).shape[0]  # training batches are full: every rank has as many
+        out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world)
+        bad = torch.stack([flags[0], (~torch.isfinite(out["loss"].detach())).float()]).max().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
+        self._flags = torch.stack([bad[0], flags[1]])
+        if self.device_skip:
+            self.optimizer.found_inf = bad[0]  # the fused update is skipped on the device where 1
+        out["loss"] = torch.where(bad[0] == 0, out["loss"], torch.full_like(out["loss"], float("nan")))
+        return out
 
     def backward_micro(self, surrogate: torch.Tensor) -> None:
         self.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
         self.engine.step()  # DeepSpeed updates at the last micro-batch of the step
+
+    # -- the flags on the host
+
+    def _send(self, step: int) -> None:
+        """Starts this step's flags on their way to the host (non-blocking on a GPU)."""
+        self._host.copy_(self._flags, non_blocking=True)
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._pending = step
+
+    def settle(self) -> Optional[StepFlags]:
+        """The flags of the last step whose flags were not read yet (None when all were): waits only
+        for their copy, then reads host memory."""
+        if self._pending is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        nonfinite, stop = self._host.numpy().tolist()  # host memory the copy filled: no device read
+        flags, self._pending = StepFlags(self._pending, nonfinite == 0, stop > 0), None
+        return flags
+
+    def _host_finite(self) -> bool:
+        """For optimizers that cannot skip on the device: the agreed flag, read now."""
+        return not bool(self._flags[0] > 0)

@@ -39,7 +39,7 @@ from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
 from pretrain.models import build_model
 from pretrain.optim import OptimConfig
 from pretrain.options import ConfigError, require, to_dict
-from pretrain.step import ContrastiveStep, StepOutput
+from pretrain.step import ContrastiveStep, StepFlags, StepOutput
 
 # DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -102,7 +102,7 @@ class TrainState:
         self.nonfinite_in_row = 0
 
     def record(self, finite: bool) -> None:
-        self.step += 1
+        """A step's outcome (its update happened or was skipped), known on the host."""
         self.skipped_steps += not finite
         self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
 
@@ -206,7 +206,7 @@ class Trainer:
         modalities = build_modalities(cfg.data, train=True)
         loss_fn = cfg.loss.build()
         model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias)
-        self.engine, _, self.scheduler = build_engine(model, t, self.world)
+        self.engine, optimizer, self.scheduler = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)
         self.state = TrainState(self.loader)
@@ -216,7 +216,9 @@ class Trainer:
         except RuntimeError as err:
             raise TrainingError(str(err)) from None
         self.batches = iter(self.loader)
-        self.step = ContrastiveStep(self.engine, self.scheduler, loss_fn, info.device, t.dtype, self.stop_signal)
+        masked = frozenset(m for m, mc in cfg.data.modalities.items() if not mc.required)  # may be absent
+        self.step = ContrastiveStep(self.engine, self.scheduler, optimizer, loss_fn, info.device, t.dtype,
+                                    self.stop_signal, masked)
         self.writer = MetricsWriter(self.out, enabled=self.rank == 0, wandb=t.wandb, run_config=to_dict(cfg))
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
         self.logger = StepLogger(t, self.writer, self.meter, self.engine, self.scheduler, self.loader,
@@ -234,11 +236,14 @@ class Trainer:
                 batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
             with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
                 out = self.step(batches, state.step)
-            state.record(out.finite)
-            self._after_step(out, batches)
+            state.step += 1
+            self._after_step(batches)
+            stop = self._settle(out.earlier)  # the step before's flags, read now without waiting
+            if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's
+                stop = self._settle(self.step.settle()) or stop
             if self.logger.should_log(state.step):
                 self.logger.log(state, out)
-            if out.stop:
+            if stop:
                 return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
             if self.evaluation.should_run(state.step, end):
                 self.writer.log(state.step, self.evaluation.run(state.step))
@@ -248,25 +253,39 @@ class Trainer:
 
     # -- the parts of the loop
 
-    def _after_step(self, out: StepOutput, batches: list) -> None:
-        """The skip policy, the key log and the progress bar."""
+    def _after_step(self, batches: list) -> None:
+        """The key log and the progress bar."""
+        self.keys.write(self.state.step, batches)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def _settle(self, flags: Optional[StepFlags]) -> bool:
+        """A step's flags, once on the host: the skip policy (skipped steps counted, K in a row stop
+        the run); returns whether some rank had a stop signal."""
+        if flags is None:
+            return False
         state, limit = self.state, self.cfg.train.max_nonfinite_steps
-        if not out.finite:
+        state.record(flags.finite)
+        if not flags.finite:
             if self.rank == 0:
-                print(f"[train] step {state.step}: non-finite loss, step skipped ({state.nonfinite_in_row} in a row)",
+                print(f"[train] step {flags.step}: non-finite loss, step skipped ({state.nonfinite_in_row} in a row)",
                       flush=True)
             if state.nonfinite_in_row >= limit:
                 raise TrainingError(
                     f"{state.nonfinite_in_row} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
                     f"{limit}): lower train.lr, raise model.init_temperature, use fp32, or check the data")
-        self.keys.write(state.step, batches)
-        if self.progress is not None:
-            self.progress.update(1)
+        return flags.stop
+
+    def _needs_flags(self, step: int, end: int) -> bool:
+        """Steps where the host must know this step's flags now: it logs, evaluates, saves or ends."""
+        return (self.logger.should_log(step) or self.evaluation.should_run(step, end)
+                or self.checkpointer.due(step) or step >= end)
 
     def _finish(self, stopped_by: Optional[str] = None) -> dict[str, float]:
         """The last checkpoint, the final evaluation (a finished run), the closing lines."""
         if self.progress is not None:
             self.progress.close()
+        self._settle(self.step.settle())  # the last step's flags (a stop may have come with an earlier step's)
         self.checkpointer.save(self.state, last=True)
         self.keys.close()
         results = {"loss": self.logger.last.get("loss", float("nan"))}

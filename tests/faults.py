@@ -2,7 +2,8 @@
 runs ``pretrain.train.main()`` after patching one part as ``PRETRAIN_FAULT`` says (the production
 code has no fault hooks):
 
-- ``nan_loss:A-B``: rank 0's loss is NaN (a real NaN through the real finiteness check) at steps A..B;
+- ``nan_loss:A-B``: rank 0's loss is NaN at steps A..B (a real NaN from the objective, through the
+  step's real finiteness guard);
 - ``die:R:S``: rank R exits at once (code 13, no clean-up) when it starts step S;
 - ``crash_in_save:S``: every rank exits (code 17) in the middle of the save at step S, after its
   files are written and before the checkpoint is marked complete.
@@ -26,15 +27,19 @@ def _steps(spec: str) -> range:
 def install(spec: str) -> None:
     kind, _, arg = spec.partition(":")
     if kind == "nan_loss":
-        steps, guarded = _steps(arg), ContrastiveStep.guarded_loss
+        steps, init = _steps(arg), ContrastiveStep.__init__
 
-        def nan_loss(self, features, scale, bias, masks=None, step=None):
-            out = guarded(self, features, scale, bias, masks=masks, step=step)
-            if dist.get_rank() == 0 and step is not None and step + 1 in steps:
-                out = {**out, "loss": out["loss"] * float("nan")}
-            return out
+        def with_nan_loss(self, engine, scheduler, optimizer, loss_fn, *args, **kwargs):
+            def nan_loss(features, scale, bias=None, masks=None, step=None, **kw):
+                out = loss_fn(features, scale, bias, masks=masks, step=step, **kw)
+                if dist.get_rank() == 0 and step is not None and step + 1 in steps:
+                    out = {**out, "loss": out["loss"] * float("nan")}  # a real NaN, through the real guard
+                return out
 
-        ContrastiveStep.guarded_loss = nan_loss
+            nan_loss.uses_bias = loss_fn.uses_bias
+            init(self, engine, scheduler, optimizer, nan_loss, *args, **kwargs)
+
+        ContrastiveStep.__init__ = with_nan_loss
     elif kind == "die":
         rank, step = (int(x) for x in arg.split(":"))
         call = ContrastiveStep.__call__

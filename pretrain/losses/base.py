@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from pretrain.distributed import BatchLayout, all_gather_nograd, batch_layout
 from pretrain.losses.gather import all_gather_with_grad
@@ -38,7 +39,13 @@ def prepare(
     features: dict[str, torch.Tensor],
     masks: dict[str, torch.Tensor] | None,
     min_modalities: int = 2,
+    check_finite: bool = True,
+    sizes: tuple[int, ...] | None = None,
 ) -> LossInputs:
+    """Checks the inputs and learns the global layout. ``check_finite`` reads the features on the
+    host (a trainer that guards finiteness itself turns it off); ``sizes``, every rank's batch size
+    when the caller knows them, saves the collective that gathers them. Without masks nothing is
+    read back from the device."""
     if not isinstance(features, dict):
         raise LossInputError(f"{loss_name}: features must be a dict modality -> (B, d) tensor")
     if len(features) < min_modalities:
@@ -53,10 +60,11 @@ def prepare(
         raise LossInputError(f"{loss_name}: modalities have different batch sizes: {shapes}")
     if len({s[1] for s in shapes.values()}) != 1:
         raise LossInputError(f"{loss_name}: modalities have different feature sizes: {shapes}")
-    finite = torch.stack([torch.isfinite(features[m]).all() for m in names])
-    if not bool(finite.all()):  # one host sync for all modalities
-        bad = [m for m, ok in zip(names, finite.tolist()) if not ok]
-        raise LossInputError(f"{loss_name}: features of {bad[0]!r} contain NaN or Inf")
+    if check_finite:
+        finite = torch.stack([torch.isfinite(features[m]).all() for m in names])
+        if not bool(finite.all()):  # one host sync for all modalities
+            bad = [m for m, ok in zip(names, finite.tolist()) if not ok]
+            raise LossInputError(f"{loss_name}: features of {bad[0]!r} contain NaN or Inf")
     n = shapes[names[0]][0]
     device = features[names[0]].device
     masks = dict(masks or {})
@@ -71,7 +79,12 @@ def prepare(
         elif tuple(mask.shape) != (n,) or mask.dtype != torch.bool:
             raise LossInputError(f"{loss_name}: mask of {m!r} must be bool ({n},), got {mask.dtype} {tuple(mask.shape)}")
         full[m] = mask.to(device)
-    layout = batch_layout(n, device)
+    if sizes is not None:
+        layout = BatchLayout(dist.get_rank() if dist.is_initialized() else 0, tuple(sizes))
+        if layout.local != n:
+            raise LossInputError(f"{loss_name}: sizes says {layout.local} rows on this rank, the features have {n}")
+    else:
+        layout = batch_layout(n, device)
     if masks:
         # every modality's mask in one collective
         packed = all_gather_nograd(torch.stack([full[m] for m in names], 1).to(torch.uint8), layout).bool()

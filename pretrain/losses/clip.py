@@ -40,6 +40,7 @@ def infonce_rows(
 class ClipLoss:
     name = "clip"
     uses_bias = False
+    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -69,8 +70,8 @@ class ClipLoss:
             term = term + touch(gathered[a], gathered[b])
         return term, count
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
-        inp = prepare(self.name, features, masks)
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
+        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
         pairs = modality_pairs(inp.names, self.anchor, self.name)
         gathered = {m: inp.gather(m) for m in sorted({m for p in pairs for m in p})}
         out, terms, counts = {}, [], []

@@ -38,6 +38,7 @@ from pretrain.losses.gather import all_gather_with_grad
 class ClipLiteLoss:
     name = "clip_lite"
     uses_bias = False
+    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -50,7 +51,8 @@ class ClipLiteLoss:
     def _partners(self, inp: LossInputs, fb: torch.Tensor, valid_local: torch.Tensor, valid_global: torch.Tensor):
         """b features of each local valid row's negative partner, in row order."""
         lay = inp.layout
-        idx = valid_local.nonzero().squeeze(1)
+        # without masks every row is valid: indices and counts are known on the host (no device read)
+        idx = valid_local.nonzero().squeeze(1) if inp.has_masks else torch.arange(lay.local, device=fb.device)
         if self.negative == "local" or lay.world == 1:
             return fb[idx.roll(-1)] if len(idx) else fb[:0]
         # Every rank shares the b row of its first valid sample (zeros when it has none).
@@ -59,19 +61,21 @@ class ClipLiteLoss:
         heads = all_gather_with_grad(first, BatchLayout(lay.rank, (1,) * lay.world))
         if not len(idx):
             return fb[:0] + heads.sum() * 0.0
-        counts = [int(valid_global[sum(lay.sizes[:r]) : sum(lay.sizes[: r + 1])].sum()) for r in range(lay.world)]
+        counts = ([int(valid_global[sum(lay.sizes[:r]) : sum(lay.sizes[: r + 1])].sum()) for r in range(lay.world)]
+                  if inp.has_masks else list(lay.sizes))
         nxt = next(r % lay.world for r in range(lay.rank + 1, lay.rank + 1 + lay.world) if counts[r % lay.world])
         return torch.cat([fb[idx[1:]], heads[nxt : nxt + 1]])
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
-        inp = prepare(self.name, features, masks)
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
+        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
         lay = inp.layout
         out, terms, counts = {}, [], []
         for a, b in modality_pairs(inp.names, self.anchor, self.name):
             valid_global = inp.global_masks[a] & inp.global_masks[b]
             valid_local = valid_global[lay.offset : lay.offset + lay.local]
             count = lay.total if not inp.has_masks else int(valid_global.sum())
-            fa, fb = inp.features[a][valid_local], inp.features[b][valid_local]
+            fa, fb = ((inp.features[a][valid_local], inp.features[b][valid_local]) if inp.has_masks
+                      else (inp.features[a], inp.features[b]))  # (a boolean index would read the device)
             partner = self._partners(inp, inp.features[b], valid_local, valid_global)
             t_pos = logit_scale * (fa * fb).sum(1)
             t_neg = logit_scale * (fa * partner).sum(1)

@@ -35,6 +35,7 @@ def _sigmoid_sum(rows, cols, scale, bias, pos_row, pos_col, row_valid, col_valid
 class SigLipLoss:
     name = "siglip"
     uses_bias = True
+    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -44,16 +45,16 @@ class SigLipLoss:
     def __init__(self, exchange: str = "all_gather", anchor: str | None = None):
         self.exchange, self.anchor = exchange, anchor
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
         if logit_bias is None:
             raise LossInputError("siglip: needs logit_bias (a learnable bias of shape (1,))")
-        inp = prepare(self.name, features, masks)
+        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
         lay = inp.layout
         out, terms, counts = {}, [], []
         gathered: dict[str, torch.Tensor] = {}  # each column modality gathered once
         for a, b in modality_pairs(inp.names, self.anchor, self.name):
             valid = inp.global_masks[a] & inp.global_masks[b]
-            count = int(valid.sum())
+            count = lay.total if not inp.has_masks else int(valid.sum())
             row_valid = valid[lay.offset : lay.offset + lay.local]
             fa, fb = inp.features[a], inp.features[b]
             local_idx = torch.arange(lay.local, device=fa.device)

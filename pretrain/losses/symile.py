@@ -119,6 +119,7 @@ def combination_logsumexp(x: torch.Tensor, ys: list[torch.Tensor], chunk_size: i
 class SymileLoss:
     name = "symile"
     uses_bias = False
+    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -138,8 +139,8 @@ class SymileLoss:
         g = torch.Generator().manual_seed(key % (1 << 63))
         return torch.randperm(n, generator=g).to(device)
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None):
-        inp = prepare(self.name, features, masks)
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
+        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
         if step is None:
             step = self._calls
         self._calls += 1
@@ -148,7 +149,7 @@ class SymileLoss:
         valid = inp.global_masks[names[0]].clone()
         for m in names[1:]:
             valid &= inp.global_masks[m]
-        count = int(valid.sum())
+        count = lay.total if not inp.has_masks else int(valid.sum())
         local_valid = valid[lay.offset : lay.offset + lay.local]
         gathered = {m: inp.gather(m) for m in names}
         cand = {m: gathered[m][valid] if inp.has_masks else gathered[m] for m in names}

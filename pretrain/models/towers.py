@@ -244,7 +244,10 @@ class TextTransformer(Backbone):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         attn = text_attention_mask(ids, self.pad_id, self.eos_id)
-        hidden = self.encoder(input_ids=ids, attention_mask=attn).last_hidden_state
+        # a 4-D mask as transformers takes it as it is: from a 2-D one it would first ask the device
+        # whether every token is kept (a host read each step)
+        mask = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return _pool(hidden, attn, self.options.pooling)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
