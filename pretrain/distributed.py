@@ -9,6 +9,7 @@ tests and benchmarks all use it. The collectives *with* gradient live in ``pretr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -155,6 +156,37 @@ def mean_over_ranks(values: dict[str, float], device: Optional[torch.device] = N
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return dict(zip(names, t.tolist()))
+
+
+_PARTITIONED_BUILD = {"on": False}
+
+
+@contextlib.contextmanager
+def partitioned_build(init_context):
+    """Runs a build inside ``init_context`` (``deepspeed.zero.Init``) and lets modules built in it
+    know (``building_partitioned()``): code that initialises weights after construction must then
+    gather them first."""
+    _PARTITIONED_BUILD["on"] = True
+    try:
+        with init_context:
+            yield
+    finally:
+        _PARTITIONED_BUILD["on"] = False
+
+
+def building_partitioned() -> bool:
+    return _PARTITIONED_BUILD["on"]
+
+
+def gathered(module: torch.nn.Module, modifier_rank: Optional[int] = 0):
+    """The full parameters of a module built partitioned (``construction``), for code that reads or
+    writes them whole (loading weights, initialising); a no-op for a module built as usual."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 # -------------------------------------------------------------------------------- random streams

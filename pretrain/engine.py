@@ -3,11 +3,13 @@
 ``pretrain.optim``. The process group comes from ``pretrain.distributed.init_distributed``."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from pretrain.distributed import partitioned_build
 from pretrain.optim import build_optimizer, build_schedule
 from pretrain.options import require
 
@@ -26,6 +28,7 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float = 1.0
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    zero3_init: bool = False  # ZeRO-3: build the model already partitioned (deepspeed.zero.Init)
 
     def check_engine(self, key: str = "train") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -34,6 +37,7 @@ class EngineConfig:
             require(k not in OWNED_KEYS, f"{key}.deepspeed.{k}", f"set by {OWNED_KEYS.get(k)}; give it there")
         require("stage" not in (self.deepspeed.get("zero_optimization") or {}),
                 f"{key}.deepspeed.zero_optimization.stage", f"set by {key}.zero_stage; give it there")
+        require(not self.zero3_init or self.zero_stage == 3, f"{key}.zero3_init", f"goes with {key}.zero_stage=3")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,6 +67,21 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     return _merge(generated, cfg.deepspeed)
+
+
+def construction(cfg, world_size: int):
+    """Where the model is built: with ``train.zero3_init`` (ZeRO-3), inside ``deepspeed.zero.Init``,
+    so each parameter is partitioned over the ranks as soon as its module is made and no rank ever
+    holds the whole model (one larger than a rank's memory can be built); otherwise as usual."""
+    if cfg.zero_stage == 3 and cfg.zero3_init:
+        import deepspeed
+        import timm  # noqa: F401 - imported before deepspeed patches the tensor constructors: importing
+        import transformers  # noqa: F401 - them (torch._dynamo) inside zero.Init fails
+
+        config = deepspeed_config(cfg, world_size)
+        config.pop("train_batch_size")  # derived again from the micro-batch (DeepSpeed's world is not set up yet)
+        return partitioned_build(deepspeed.zero.Init(config_dict_or_path=config))
+    return contextlib.nullcontext()
 
 
 def build_engine(model: torch.nn.Module, cfg, world_size: int):

@@ -42,7 +42,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "logit_" not in name and "missing_embedding" not in name else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a parameter built partitioned (ZeRO-3) keeps its shape there
+        (decay if ndim >= 2 and "logit_" not in name and "missing_embedding" not in name else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -33,7 +33,7 @@ from pretrain.distributed import (
     seed_everything,
     set_rng_state,
 )
-from pretrain.engine import EngineConfig, build_engine
+from pretrain.engine import EngineConfig, build_engine, construction
 from pretrain.evaluation import evaluate, format_metrics
 from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
 from pretrain.models import build_model
@@ -189,6 +189,20 @@ class KeyLog:
             self.file.close()
 
 
+def _refuse_own_weights_when_partitioned(cfg) -> None:
+    """``train.zero3_init`` builds towers partitioned; towers that read weights files themselves while
+    being built (timm ``pretrained``, transformers folders) cannot: their weights come through
+    ``model.init_from`` (gathered while they load) or without ``zero3_init``."""
+    if not cfg.train.zero3_init:
+        return
+    for m, tower in cfg.model.towers.items():
+        o = tower.options or {}
+        loads = bool(o.get("pretrained")) if tower.type == "timm" else bool(o.get("path")) and o.get("pretrained", True)
+        if loads:
+            raise ConfigError(f"train.zero3_init: model.towers.{m} loads its weights while it is built, which a "
+                              f"partitioned build cannot; use model.init_from, or train.zero3_init=false")
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.train
@@ -205,7 +219,9 @@ class Trainer:
         seed_everything(t.seed)
         modalities = build_modalities(cfg.data, train=True)
         loss_fn = cfg.loss.build()
-        model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias)
+        _refuse_own_weights_when_partitioned(cfg)
+        with construction(t, self.world):  # ZeRO-3 with train.zero3_init: partitioned as it is built
+            model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias)
         self.engine, optimizer, self.scheduler = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)

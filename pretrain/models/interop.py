@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from pretrain.distributed import gathered
 from pretrain.options import ConfigError, Registry
 
 
@@ -88,8 +89,9 @@ def load_checked(model, mapped: dict[str, torch.Tensor], prefixes: list[str], wh
     if "logit_scale" in mapped and float(mapped["logit_scale"]) > model.max_log_scale + 1e-6:
         raise ConfigError(f"model.max_logit_scale: {math.exp(model.max_log_scale):g} clamps the logit scale of "
                           f"{path} ({math.exp(float(mapped['logit_scale'])):.4g}); raise it")
-    check_fit(model.state_dict(), mapped, prefixes, what)
-    model.load_state_dict(mapped, strict=False)
+    with gathered(model):  # a model built partitioned (train.zero3_init): whole while it loads
+        check_fit(model.state_dict(), mapped, prefixes, what)
+        model.load_state_dict(mapped, strict=False)
 
 
 def check_fit(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], prefixes: list[str], what: str,

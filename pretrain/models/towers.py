@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 from torch import nn
 
+from pretrain.distributed import building_partitioned, gathered
 from pretrain.options import ConfigError, NoOptions, Registry
 
 
@@ -239,7 +240,15 @@ class TextTransformer(Backbone):
             attention_probs_dropout_prob=options.dropout,
             attn_implementation="sdpa",  # fused scaled-dot-product attention
         )
-        self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
+        if building_partitioned():  # train.zero3_init: transformers initialises once the parameters are whole
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():
+                self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
+            with gathered(self.encoder):
+                self.encoder.init_weights()
+        else:
+            self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
         self.width = options.width
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
