@@ -91,8 +91,8 @@ def ours_trainer(argv: list[str]) -> int:
 
     call = ClipLoss.__call__
 
-    def recorded(self, features, logit_scale, logit_bias=None, masks=None, step=None):
-        out = call(self, features, logit_scale, logit_bias, masks=masks, step=step)
+    def recorded(self, features, logit_scale, logit_bias=None, masks=None, step=None, **kwargs):
+        out = call(self, features, logit_scale, logit_bias, masks=masks, step=step, **kwargs)
         _record(out["loss"], logit_scale)
         return out
 

@@ -47,5 +47,9 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
 torch.nn.parallel.DistributedDataParallel = _DDP
 
 if __name__ == "__main__":
+    import os
+
     open_clip.add_model_config(Path(__file__).resolve().parent / "openclip_bench_vit.json")
+    if os.environ.get("OPENCLIP_MODEL_CONFIG"):  # another model config (benchmarks/bench_gpu.py --tiny)
+        open_clip.add_model_config(os.environ["OPENCLIP_MODEL_CONFIG"])
     sys.exit(main(sys.argv[1:]))

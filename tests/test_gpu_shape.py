@@ -91,3 +91,19 @@ def test_zero3_init_trains_and_exports(tmp_path):
 
     emb = Embedder.load(out)
     assert emb.embed_texts(["class number 1"]).shape == (1, 16)
+
+
+def test_the_gpu_benchmark_runs_in_its_tiny_mode(tmp_path):
+    """benchmarks/bench_gpu.py --tiny on CPU: ours on synthetic batches and on shards, OpenCLIP's
+    trainer beside them, the figures written (so the script a GPU session runs never rots)."""
+    import sys
+
+    from tests.helpers import ROOT, run_cmd
+
+    ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--out", str(tmp_path)],
+               timeout=400))
+    result = json.loads((tmp_path / "bench_gpu.json").read_text())
+    runs = result["runs"]
+    assert runs["ours_synthetic"]["samples_per_s"] > 0 and runs["ours_synthetic"]["data_wait_fraction"] < 0.5
+    assert runs["ours_shards"]["samples_per_s"] > 0 and "data_wait_fraction" in runs["ours_shards"]
+    assert runs["openclip_synthetic"]["samples_per_s"] > 0 and result["ratio_vs_openclip"] > 0
