@@ -59,7 +59,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
     # fused: one kernel for every tensor (CUDA, and CPU), and an update it skips on the device when
     # the step's gradients are not finite (``found_inf``; see ``pretrain.step``)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    optimizer.register_load_state_dict_post_hook(_stay_fused)
+    return optimizer
+
+
+def _stay_fused(optimizer: torch.optim.Optimizer) -> None:
+    # a checkpoint's param groups carry their own ``fused`` (None in checkpoints written before the
+    # optimizer was fused); the implementation is this run's choice, not the checkpoint's
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        for p in group["params"]:  # the fused kernel keeps each step count beside its parameter
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
