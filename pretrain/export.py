@@ -31,7 +31,7 @@ from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint
 from pretrain.cli import USAGE, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
-from pretrain.models import FORMATS, ContrastiveModel, build_model
+from pretrain.models import FORMATS, ContrastiveModel, PriorSpec, build_model
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +50,9 @@ def model_from_state(cfg: Config, state: dict[str, torch.Tensor], modalities: Mo
     """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit);
     ``model.init_from`` is not read again (``init``) since ``state`` holds every weight."""
     model_cfg = cfg.model if init else dataclasses.replace(cfg.model, init_from=None)
-    model = build_model(model_cfg, modalities, with_bias="logit_bias" in state)
+    model = build_model(model_cfg, modalities, with_bias="logit_bias" in state,
+                        prior=PriorSpec.of(cfg.loss.options) if any(k.startswith("prior_discriminators.") for k in state)
+                        else None)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -5,7 +5,8 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
 
 1. moves each batch to the device (``non_blocking``: the loader pins it), casts floating inputs to
    the engine's precision (token ids stay integers) and encodes it: L2-normalised features per
-   modality, the logit scale and bias;
+   modality, the logit scale and bias (with CLIP-Lite's prior term, also the prior discriminators'
+   logits over prior samples drawn for the global batch from the step's seed);
 2. agrees with the other ranks, in one collective, whether every rank's features and scale are
    finite and whether any rank received a stop signal. Where some rank's features are not finite,
    every rank replaces its features by zeros, so all ranks still run the same loss collectives;
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.losses import accumulate_step
+from pretrain.models.prior import prior_noise
 
 
 @dataclass
@@ -54,9 +56,12 @@ class StepOutput:
 
 class ContrastiveStep:
     def __init__(self, engine, scheduler, optimizer, loss_fn, device: torch.device, dtype: torch.dtype,
-                 stop_signal, masked: frozenset[str] = frozenset()):
+                 stop_signal, masked: frozenset[str] = frozenset(), seed: int = 0):
         self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
         self.model = engine.module
+        # CLIP-Lite's prior term: modality -> backbone width of each prior discriminator
+        self.prior_widths = self.model.prior_widths() if hasattr(self.model, "prior_widths") else {}
+        self.seed = seed
         self.device, self.dtype, self.stop_signal, self.masked = device, dtype, stop_signal, masked
         loss_fn.check_finite = False  # the step guards finiteness itself, without reading the device
         # fused AdamW skips an update on the device when told found_inf (what GradScaler uses)
@@ -74,15 +79,15 @@ class ContrastiveStep:
         loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
                                              for m in self.masked if m in b.masks}) for b in batches]
         if len(batches) == 1:
-            features, scale, bias = self.forward(batches[0])
-            losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step)
+            features, scale, bias, prior = self.forward(batches[0], step)
+            losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, prior=prior)
             if self.device_skip or self._host_finite():
                 self.engine.backward(losses["loss"])
                 self.engine.step()
             losses = {k: v.detach() for k, v in losses.items()}
         else:
             check = None if self.device_skip else (lambda _: self._host_finite())
-            losses = accumulate_step(self.forward, batches, self.guarded_loss, masks=loss_masks,
+            losses = accumulate_step(lambda b: self.forward(b)[:3], batches, self.guarded_loss, masks=loss_masks,
                                      backward=self.backward_micro, step=step, check=check)
         if not self.device_skip and not self._host_finite():
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
@@ -90,19 +95,29 @@ class ContrastiveStep:
         scale, bias = self._scales
         return StepOutput(losses, scale, bias, lr, earlier)
 
-    def forward(self, batch):
-        """(features as float32, logit scale, logit bias or None) of one micro-batch."""
+    def forward(self, batch, step: Optional[int] = None):
+        """(features as float32, logit scale, logit bias or None, prior logits) of one micro-batch;
+        the prior discriminators' logits (``pretrain.models.prior``) when the model has them and
+        ``step`` is given (it seeds the prior samples), else {}."""
         inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.modalities.items()}
         if self.dtype != torch.float32:  # floating inputs follow the parameters; token ids stay integers
             inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
-        features, scale, bias = self.engine(inputs, masks)
+        prior = {}
+        if self.prior_widths and step is not None:
+            rows = len(batch)  # training batches are full: every rank holds as many
+            noise = prior_noise(self.prior_widths, (self.seed * 1_000_003 + step) % 2**62,
+                                dist.get_rank() * rows, rows, self.world * rows, self.device)
+            features, scale, bias, prior = self.engine(inputs, masks, noise=noise)
+            prior = {m: (real.float(), fake.float()) for m, (real, fake) in prior.items()}
+        else:
+            features, scale, bias = self.engine(inputs, masks)
         features = {m: f.float() for m, f in features.items()}
         scale, bias = scale.float(), None if bias is None else bias.float()
         self._scales = (scale.detach(), None if bias is None else bias.detach())
-        return features, scale, bias
+        return features, scale, bias, prior
 
-    def guarded_loss(self, features, scale, bias, masks=None, step=None) -> dict[str, torch.Tensor]:
+    def guarded_loss(self, features, scale, bias, masks=None, step=None, prior=None) -> dict[str, torch.Tensor]:
         """The loss of features that are finite on every rank (zeros stand in where some rank's are
         not, so every rank runs the same collectives); NaN where anything was not finite. Leaves the
         agreed [nonfinite, stop] flags in ``self._flags``."""
@@ -115,7 +130,8 @@ class ContrastiveStep:
         scale = torch.where(ok, scale, torch.ones_like(scale))
         bias = None if bias is None else torch.where(ok, bias, torch.zeros_like(bias))
         rows = next(iter(features.values())).shape[0]  # training batches are full: every rank has as many
-        out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world)
+        extra = {"prior": prior} if prior else {}  # CLIP-Lite's prior term (the other objectives take none)
+        out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world, **extra)
         bad = torch.stack([flags[0], (~torch.isfinite(out["loss"].detach())).float()]).max().reshape(1)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
         self._flags = torch.stack([bad[0], flags[1]])

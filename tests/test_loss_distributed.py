@@ -1,7 +1,8 @@
 """Every objective on real gloo groups (2 and 4 spawned processes, float64) equals the
 single-process computation on the concatenated global batch: the rank-mean of the loss values and
 of the gradients of features, temperature and bias, to 1e-9 relative; with and without masks and
-with and without feature-caching gradient accumulation."""
+with and without feature-caching gradient accumulation. CLIP-Lite's prior-matching term too
+(cooperative and adversarial): its discriminators' gradients and the towers' through both terms."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from pretrain.losses import accumulate_step, build_loss
 from pretrain.distributed import close_distributed, free_port, init_distributed
+from pretrain.models.prior import PriorDiscriminator, prior_noise, reverse_gradient
 
 DIM = 5
 SIZES = {2: [4, 3], 4: [3, 1, 4, 2]}
@@ -28,6 +30,9 @@ def _cases():
                 cases.append(({"name": "clip_lite", "negative": neg}, m, masks, False))
             for exchange in ("all_gather", "ring"):
                 cases.append(({"name": "siglip", "exchange": exchange}, m, masks, False))
+            for mode in ("cooperative", "adversarial"):
+                prior = {"name": "clip_lite", "prior_weight": 0.3, "prior_mode": mode}
+                cases.append(({**prior, "prior_on": ["m0", "m2"]} if m == 3 else prior, m, masks, False))
     for opts in ({"name": "clip"}, {"name": "clip_lite"}, {"name": "siglip", "exchange": "ring"},
                  {"name": "symile", "negative_sampling": "n_squared", "chunk_size": 11},
                  {"name": "symile", "negative_sampling": "n", "seed": 1}):
@@ -41,7 +46,8 @@ CASES = _cases()
 
 def _case_id(case):
     opts, m, masks, acc = case
-    extra = "-".join(f"{k}={v}" for k, v in opts.items() if k not in ("name", "chunk_size", "seed"))
+    extra = "-".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in opts.items()
+                     if k not in ("name", "chunk_size", "seed"))
     return f"{opts['name']}{'-' + extra if extra else ''}-M{m}{'-masks' if masks else ''}{'-accum' if acc else ''}"
 
 
@@ -64,10 +70,43 @@ def _encode(weights, raw):
     return {k: F.normalize(raw[k] @ weights[k].T, dim=-1) for k in raw}
 
 
+def _run_prior_case(case_index, case, rows, sizes):
+    """CLIP-Lite with the prior term: backbone features h = raw @ W^T, the loss's features their
+    normalisation, each discriminator scoring the prior samples of its rows and h (reversed in
+    adversarial mode)."""
+    opts, m, use_masks, _ = case
+    raw, weights, masks, scale, bias = _data(case_index, sizes, m)
+    weights = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+    scale, bias = scale.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    on = opts.get("prior_on") or sorted(raw)
+    with torch.random.fork_rng():  # the same discriminators on every rank (as DeepSpeed broadcasts them)
+        torch.manual_seed(case_index)
+        discs = {k: PriorDiscriminator(DIM).double() for k in on}
+    noise = prior_noise({k: DIM for k in on}, seed=11, offset=int(rows[0]), local=len(rows), total=sum(sizes),
+                        device=torch.device("cpu"))
+    h = {k: v[rows] @ weights[k].T for k, v in raw.items()}
+    feats = {k: F.normalize(x, dim=-1) for k, x in h.items()}
+    fake = {k: reverse_gradient(h[k]) if opts["prior_mode"] == "adversarial" else h[k] for k in on}
+    prior = {k: (discs[k](noise[k].double()), discs[k](fake[k])) for k in on}
+    masks = {k: v[rows] for k, v in masks.items()} if use_masks else None
+    out = build_loss(opts)(feats, scale, bias, masks=masks, step=5, prior=prior)
+    out["loss"].backward()
+    return {
+        "loss": out["loss"].detach(),
+        "feat_grads": None,
+        "weight_grads": {k: w.grad for k, w in weights.items()},
+        "scale_grad": scale.grad,
+        "bias_grad": bias.grad,
+        "disc_grads": {f"{k}.{name}": p.grad for k, d in discs.items() for name, p in d.named_parameters()},
+    }
+
+
 def _run_case(case_index, case, rows, sizes_for_chunks=None):
     """Loss and gradients for the rows given (this rank's slice, or the whole batch)."""
     opts, m, use_masks, accumulate = case
     sizes = sizes_for_chunks
+    if opts.get("prior_weight"):
+        return _run_prior_case(case_index, case, rows, sizes)
     raw, weights, masks, scale, bias = _data(case_index, sizes, m)
     weights = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
     scale, bias = scale.clone().requires_grad_(True), bias.clone().requires_grad_(True)
@@ -174,6 +213,8 @@ def test_distributed_equals_single_process(distributed_results, index):
         _close(sum(g["bias_grad"] for g in got) / world, ref["bias_grad"], "bias gradient (rank mean)")
     for k in ref["weight_grads"]:
         _close(sum(g["weight_grads"][k] for g in got) / world, ref["weight_grads"][k], f"tower {k} gradient (rank mean)")
+    for k in ref.get("disc_grads", {}):
+        _close(sum(g["disc_grads"][k] for g in got) / world, ref["disc_grads"][k], f"prior discriminator {k} gradient")
     if ref["feat_grads"] is not None:
         for k in ref["feat_grads"]:
             _close(torch.cat([g["feat_grads"][k] for g in got]) / world, ref["feat_grads"][k], f"features {k} gradient")

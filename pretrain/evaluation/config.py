@@ -72,6 +72,9 @@ class EvalConfig:
     @dataclass
     class LinearProbe:
         modalities: Optional[list[str]] = None  # features probed (None: every modality)
+        # head: the normalised features the loss sees; backbone: the pre-head backbone features
+        # (the transfer protocol of CLIP-Lite and most representation-learning papers)
+        features: Literal["head", "backbone"] = "head"
         split: SplitConfig = field(default_factory=SplitConfig)  # training features (urls unset: data.train)
         max_train_samples: int = 0  # cap on the training samples embedded (0: the whole split, once)
         l2: float = 1e-3  # L2 penalty on the weights (standardised features)

@@ -45,9 +45,13 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
-def model_features(model, inputs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Features of every modality the model has a tower for (masks passed where it takes them)."""
+def model_features(model, inputs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                   features: str = "head") -> dict[str, torch.Tensor]:
+    """Features of every modality the model has a tower for (masks passed where it takes them):
+    the normalised head outputs, or (``features="backbone"``) the pre-head backbone features."""
     inputs = {m: x for m, x in inputs.items() if m in model.towers}
+    if features == "backbone":
+        return model.backbone_features(inputs, {m: masks[m] for m in inputs if m in masks})
     if _accepts(model.forward, "masks"):
         features, *_ = model(inputs, {m: masks[m] for m in inputs if m in masks})
     else:
@@ -133,11 +137,14 @@ def embed_split(
     max_samples: int = 0,
     content_of: Iterable[str] = (),
     lockstep: bool = False,
+    features: str = "head",
 ) -> SplitFeatures:
     """Features of a whole split (all ranks' parts, in rank order). Collective: every rank calls it.
     ``modalities``: the evaluation decoders; ``split``: a ``SplitConfig`` (its shards);
     ``max_samples``: at most this many in all (split evenly over ranks; 0: everything);
-    ``content_of``: modalities whose inputs get content ids (``SplitFeatures.content``)."""
+    ``content_of``: modalities whose inputs get content ids (``SplitFeatures.content``);
+    ``features``: ``head`` (normalised, what the loss sees) or ``backbone`` (pre-head, each tower's
+    own width; no per-caption rows)."""
     content_of = [m for m in content_of if m in model.towers]
     r, world = rank(), world_size()
     loader = make_loader(split, modalities, cfg.data, cfg.eval.batch_size, r, world, cfg.train.seed, train=False)
@@ -159,10 +166,11 @@ def embed_split(
     seen = 0
     for batch, real in _lockstep(_capped(loader, quota), device, lockstep):
         if not real:  # keep the other ranks' collective forward passes company
-            _forward(model, last if last is not None else _placeholder_batch(modalities), multi, modalities, device, dtype)
+            _forward(model, last if last is not None else _placeholder_batch(modalities), multi, modalities, device, dtype,
+                     features)
             continue
         last = batch
-        out, batch_masks, captions = _forward(model, batch, multi, modalities, device, dtype)
+        out, batch_masks, captions = _forward(model, batch, multi, modalities, device, dtype, features)
         for m, (f, owner) in captions.items():
             rows[m].append(f.float())
             owners[m].append(owner + seen)
@@ -176,6 +184,7 @@ def embed_split(
             content[m].append(content_ids(batch.modalities[m]))
         labels.append(batch.labels if batch.labels is not None else torch.full((len(batch),), -1, dtype=torch.long))
     dim = getattr(model, "embed_dim", None)
+    widths = {m: (model.towers[m].backbone.width if features == "backbone" else dim) for m in names}
     n_local = sum(len(x) for x in labels)
     layout = batch_layout(n_local, device)
 
@@ -185,13 +194,13 @@ def embed_split(
 
     out_feats, out_masks = {}, {}
     for m in names:
-        d = dim if dim is not None else (feats[m][0].shape[1] if feats[m] else 0)
+        d = widths[m] if widths[m] is not None else (feats[m][0].shape[1] if feats[m] else 0)
         out_feats[m] = gather(feats[m], torch.zeros(0, d))
         out_masks[m] = gather(masks[m], torch.zeros(0, dtype=torch.bool))
     out_content = {m: gather(content[m], torch.zeros(0, dtype=torch.long)) for m in content_of}
     out_labels = gather(labels, torch.zeros(0, dtype=torch.long))
     out_multi = {}
-    for m in multi:  # captions: their own layout (ranks hold different numbers); owners made global
+    for m in (multi if features == "head" else []):  # captions: their own layout (ranks hold different numbers); owners made global
         local_f = torch.cat(rows[m]).to(device) if rows[m] else torch.zeros(0, dim or 0, device=device)
         local_o = (torch.cat(owners[m]) if owners[m] else torch.zeros(0, dtype=torch.long)).to(device) + layout.offset
         caption_layout = batch_layout(local_f.shape[0], device)
@@ -199,24 +208,26 @@ def embed_split(
     return SplitFeatures(out_feats, out_masks, out_labels, out_content, out_multi)
 
 
-def _forward(model, batch: Batch, multi: list[str], modalities, device: torch.device, dtype: torch.dtype):
+def _forward(model, batch: Batch, multi: list[str], modalities, device: torch.device, dtype: torch.dtype,
+             features: str = "head"):
     """(per-sample features, masks, {modality: (every caption's features, its sample in the batch)}).
     A multi-caption modality gives the model its first caption per sample, and all its non-empty
-    caption rows are encoded on their own."""
+    caption rows are encoded on their own (not for ``features="backbone"``: the first caption only)."""
     inputs, masks = _inputs(batch, device, dtype)
     captions = {}
     for m in multi:
         x = inputs[m]  # (B, K, context)
-        pad = modalities[m].decoder.tokenizer.pad_id
-        keep = (x != pad).any(-1).reshape(-1)
+        inputs[m] = x[:, 0]
+        if features != "head":
+            continue
+        keep = (x != modalities[m].decoder.tokenizer.pad_id).any(-1).reshape(-1)
         flat = x.reshape(-1, x.shape[-1])
         owner = torch.arange(x.shape[0], device=device).repeat_interleave(x.shape[1])
         if bool(keep.any()):
             captions[m] = (encode(model, m, flat[keep]), owner[keep].cpu())
         else:  # one forward all the same: under ZeRO-3 every rank takes as many as the others
             captions[m] = (encode(model, m, flat[:1])[:0], owner[:0].cpu())
-        inputs[m] = x[:, 0]
-    return model_features(model, inputs, masks), masks, captions
+    return model_features(model, inputs, masks, features), masks, captions
 
 
 def _inputs(batch: Batch, device: torch.device, dtype: torch.dtype):

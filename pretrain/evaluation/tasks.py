@@ -272,7 +272,10 @@ def linear_probe_metrics(ctx: "EvalContext") -> dict[str, float]:
     p = cfg.eval.linear_probe
     split = p.split if (p.split.urls or p.split.sources) else cfg.data.train
     train = embed_split(ctx.model, cfg, ctx.modalities, split, ctx.device, max_samples=p.max_train_samples,
-                        lockstep=ctx.lockstep)
+                        lockstep=ctx.lockstep, features=p.features)
+    if p.features == "backbone":  # the held-out split once more, before the heads
+        val = embed_split(ctx.model, cfg, ctx.modalities, cfg.data.val, ctx.device, lockstep=ctx.lockstep,
+                          features="backbone")
     out: dict[str, float] = {}
     for m in p.modalities or modalities:
         tr = (train.labels >= 0) & train.masks[m]
@@ -285,6 +288,7 @@ def linear_probe_metrics(ctx: "EvalContext") -> dict[str, float]:
         for k, v in res.items():
             out[f"eval/linear_probe/{m}/{'top1/chance' if k == 'chance' else k}"] = v
         out[f"eval/linear_probe/{m}/train_samples"] = float(int(tr.sum()))
+        out[f"eval/linear_probe/{m}/width"] = float(train.features[m].shape[1])  # head: embed_dim; backbone: its width
     return out
 
 

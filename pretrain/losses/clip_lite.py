@@ -17,9 +17,18 @@ With M > 2 modalities the loss is the mean over pairs (or over (anchor, other) p
 modalities: for the pair (a, b) only samples holding both take part, as positives and as
 negatives; n(i) is then the next such sample.
 
-Left out: the paper also adds Deep InfoMax's prior-matching term, an adversarial discriminator
-that pushes the image features towards a uniform prior. It needs a second network and its own
-optimiser step, so it is not offered here.
+The prior-matching term of the official code (after Deep InfoMax), with ``prior_weight`` w > 0:
+
+    total = (1 - w) * JSD + w * PRIOR,   PRIOR = sum over prior_on of -(mean log D(u) + mean log(1 - D(f)))
+
+where f are a tower's pre-head backbone features, u ~ U[0, 1) samples of the same shape and D a
+small discriminator (1000-200-1, sigmoid) that is part of the model (``pretrain.models.prior``),
+trained in the same backward and optimizer step as everything else. The model hands its logits in
+as ``prior={modality: (logits of u, logits of f)}``. ``prior_mode: cooperative`` (the official
+code) lets the encoder descend PRIOR with the discriminator; ``adversarial`` (Deep InfoMax)
+reverses the gradient reaching f, so the encoder ascends it. The means run over the global batch
+(f: the samples holding the modality), so the term is exact under data parallelism. It is logged
+as ``clip_lite/prior`` (and ``clip_lite/prior/<modality>``); ``loss`` is the weighted total.
 """
 from __future__ import annotations
 
@@ -29,9 +38,10 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LOSSES, LossInputs, modality_pairs, mean_of_terms, prepare
+from pretrain.losses.base import LOSSES, LossInputError, LossInputs, modality_pairs, mean_of_terms, prepare
 from pretrain.distributed import BatchLayout
 from pretrain.losses.gather import all_gather_with_grad
+from pretrain.options import require
 
 
 @LOSSES.register("clip_lite")
@@ -44,9 +54,19 @@ class ClipLiteLoss:
     class Options:
         negative: Literal["global", "local"] = "global"  # the next sample of the global batch, or of the rank's
         anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
+        prior_weight: float = 0.0  # w of the prior-matching term (0: off; the official code uses 0.1)
+        prior_mode: Literal["cooperative", "adversarial"] = "cooperative"  # the official code's, or Deep InfoMax's
+        prior_on: Optional[list[str]] = None  # modalities whose backbone features are matched (None: all)
 
-    def __init__(self, negative: str = "global", anchor: str | None = None):
+        def check(self, key: str) -> None:
+            require(0.0 <= self.prior_weight < 1.0, f"{key}.prior_weight", f"must be in [0, 1), got {self.prior_weight}")
+            require(self.prior_on is None or len(self.prior_on) > 0, f"{key}.prior_on",
+                    "give at least one modality, or leave it unset for all")
+
+    def __init__(self, negative: str = "global", anchor: str | None = None, prior_weight: float = 0.0,
+                 prior_mode: str = "cooperative", prior_on: list[str] | None = None):
         self.negative, self.anchor = negative, anchor
+        self.prior_weight, self.prior_mode, self.prior_on = prior_weight, prior_mode, prior_on
 
     def _partners(self, inp: LossInputs, fb: torch.Tensor, valid_local: torch.Tensor, valid_global: torch.Tensor):
         """b features of each local valid row's negative partner, in row order."""
@@ -66,7 +86,30 @@ class ClipLiteLoss:
         nxt = next(r % lay.world for r in range(lay.rank + 1, lay.rank + 1 + lay.world) if counts[r % lay.world])
         return torch.cat([fb[idx[1:]], heads[nxt : nxt + 1]])
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
+    def _prior(self, inp: LossInputs, prior: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's share of PRIOR (summed over modalities) and each modality's."""
+        lay, terms = inp.layout, {}
+        for m in sorted(prior):
+            if m not in inp.features:
+                raise LossInputError(f"{self.name}: prior logits for {m!r}, which has no features ({inp.names})")
+            real, fake = prior[m]
+            if tuple(real.shape) != (lay.local,) or tuple(fake.shape) != (lay.local,):
+                raise LossInputError(f"{self.name}: prior logits of {m!r} must be ({lay.local},) each, got "
+                                     f"{tuple(real.shape)} and {tuple(fake.shape)}")
+            present = inp.global_masks[m]
+            count = lay.total if not inp.has_masks else int(present.sum())
+            if inp.has_masks:
+                fake = fake[present[lay.offset : lay.offset + lay.local]]
+            # log D = logsigmoid(logit), log(1 - D) = logsigmoid(-logit): the official values, stably
+            real_mean = F.logsigmoid(real).sum() * (lay.world / lay.total)
+            fake_mean = F.logsigmoid(-fake).sum() * (lay.world / max(count, 1))
+            terms[m] = -(real_mean + fake_mean)
+        return sum(terms.values()), terms
+
+    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None, prior=None):
+        if self.prior_weight > 0 and not prior:
+            raise LossInputError(f"{self.name}: prior_weight is {self.prior_weight} but no prior logits were given "
+                                 "(a model built with the prior discriminators gives them in a training forward)")
         inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
         lay = inp.layout
         out, terms, counts = {}, [], []
@@ -87,4 +130,10 @@ class ClipLiteLoss:
             terms.append(term)
             counts.append(count)
         out["loss"] = mean_of_terms(terms, counts)
+        if self.prior_weight > 0:
+            total, per_modality = self._prior(inp, prior)
+            out["clip_lite/jsd"] = out["loss"].detach()
+            out["clip_lite/prior"] = total.detach()
+            out.update({f"clip_lite/prior/{m}": t.detach() for m, t in per_modality.items()})
+            out["loss"] = (1.0 - self.prior_weight) * out["loss"] + self.prior_weight * total
         return out

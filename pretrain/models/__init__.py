@@ -3,7 +3,10 @@
 ``model.towers.<modality>`` in the config names a backbone type (``pretrain.models.towers``) and
 its options; every tower gets the same wrapping (``EncoderTower``):
 
-    backbone (B, width) [+ missing/present embedding] -> head (linear or MLP) -> (B, embed_dim)
+    backbone (B, width) [+ missing/present embedding] -> head -> (B, embed_dim)
+
+- ``head``: ``linear``, ``mlp``, ``milinear`` (CLIP-Lite's official critic block) or ``none``,
+  with ``head_options`` (``pretrain.models.heads``).
 
 - ``freeze``: ``backbone`` locks the backbone (LiT: a pretrained image tower, trained head and
   text tower), ``all`` locks the head too; locked parts stay in eval mode (no BatchNorm updates).
@@ -14,7 +17,8 @@ its options; every tower gets the same wrapping (``EncoderTower``):
 - ``grad_checkpointing``: recompute the backbone's activations in backward (less memory).
 
 ``ContrastiveModel.forward`` returns L2-normalised features per modality, the logit scale
-(exp of a learned log-scale of shape (1,), clamped at ``max_logit_scale``) and the bias or None.
+(exp of a learned log-scale of shape (1,), clamped at ``max_logit_scale``) and the bias or None;
+with CLIP-Lite's prior term it also holds the prior discriminators (``pretrain.models.prior``).
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from torch import nn
 from pretrain.models import openclip  # noqa: F401 - registers the OpenCLIP towers and checkpoint format
 from pretrain.models import hf_clip  # noqa: F401 - registers the Hugging Face CLIP/SigLIP towers and checkpoint format
 from pretrain.models.config import ModelConfig, TowerConfig, default_tower
+from pretrain.models.heads import HEADS, build_head
 from pretrain.models.interop import FORMATS, load_init
+from pretrain.models.prior import PriorDiscriminator, PriorSpec, prior_noise, reverse_gradient
 from pretrain.models.towers import TOWERS, Backbone, TowerContext, load_weights_file, register_tower, tower_names
 from pretrain.options import ConfigError
 
@@ -40,15 +46,7 @@ class EncoderTower(nn.Module):
         self.backbone: Backbone = TOWERS.get(cfg.type, f"{ctx.key}.type")(options, ctx)
         width = self.backbone.width
         self.missing_embedding = nn.Parameter(torch.zeros(2, width)) if cfg.missing == "indicator" else None
-        if cfg.head == "none":  # the backbone projects itself (OpenCLIP, CLIP, SigLIP towers)
-            if width != embed_dim:
-                raise ConfigError(f"{ctx.key}.head: none keeps the backbone's output ({width} wide), which "
-                                  f"must equal model.embed_dim ({embed_dim})")
-            self.head = nn.Identity()
-        elif cfg.head == "linear":
-            self.head = nn.Linear(width, embed_dim, bias=False)
-        else:
-            self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
+        self.head = build_head(cfg.head, cfg.head_options, width, embed_dim, ctx.key)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.channels_last = cfg.channels_last
@@ -71,7 +69,9 @@ class EncoderTower(nn.Module):
             module.eval()
         return self
 
-    def forward(self, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def backbone_features(self, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, width): what the head takes (the backbone's pooled output, plus the missingness
+        embedding where the tower has one)."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.backbone(x)
@@ -79,17 +79,30 @@ class EncoderTower(nn.Module):
             if present is None:
                 present = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
             h = h + self.missing_embedding.to(h.dtype)[present.long()]
-        return self.head(h)
+        return h
+
+    def forward(self, x: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.backbone_features(x, present))
 
 
 class ContrastiveModel(nn.Module):
-    """One tower per modality; forward gives L2-normalised features and the logit scale/bias."""
+    """One tower per modality; forward gives L2-normalised features and the logit scale/bias
+    (and, with prior discriminators and ``noise``, their logits: ``pretrain.models.prior``)."""
 
     def __init__(self, cfg: ModelConfig, towers: dict[str, TowerConfig], contexts: dict[str, TowerContext],
-                 with_bias: bool = False):
+                 with_bias: bool = False, prior: Optional[PriorSpec] = None):
         super().__init__()
         self.embed_dim = cfg.embed_dim
         self.towers = nn.ModuleDict({m: EncoderTower(towers[m], cfg.embed_dim, ctx) for m, ctx in contexts.items()})
+        on = [] if prior is None else list(prior.on or self.towers)
+        for i, m in enumerate(on):
+            if m not in self.towers:
+                raise ConfigError(f"loss.prior_on[{i}]: no such modality in data.modalities ({', '.join(self.towers)})")
+        self.prior_mode = None if prior is None else prior.mode
+        # modality -> discriminator over its backbone features (None without a prior term: the
+        # state dict of models without one stays as it was)
+        self.prior_discriminators = (nn.ModuleDict({m: PriorDiscriminator(self.towers[m].backbone.width) for m in on})
+                                     if on else None)
         # Shape (1,), not a 0-dim tensor: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
@@ -111,11 +124,40 @@ class ContrastiveModel(nn.Module):
         samples themselves, so their rows all take part."""
         return {m: k for m, k in masks.items() if m in self.towers and not self.towers[m].uses_indicator}
 
-    def forward(self, inputs: dict[str, torch.Tensor], masks: Optional[dict[str, torch.Tensor]] = None):
-        """Features per modality, then the logit scale and bias (see ``scales``)."""
+    def backbone_features(self, inputs: dict[str, torch.Tensor],
+                          masks: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Per modality, the pre-head features (B, width), not normalised (the linear probe's
+        ``features: backbone``)."""
         masks = masks or {}
-        features = {m: self.encode(m, x, masks.get(m)) for m, x in inputs.items()}
-        return features, *self.scales()
+        return {m: self.towers[m].backbone_features(x, masks.get(m)) for m, x in inputs.items()}
+
+    def prior_widths(self) -> dict[str, int]:
+        """modality -> backbone width, for each modality with a prior discriminator."""
+        return {m: self.towers[m].backbone.width for m in (self.prior_discriminators or {})}
+
+    def forward(self, inputs: dict[str, torch.Tensor], masks: Optional[dict[str, torch.Tensor]] = None,
+                noise: Optional[dict[str, torch.Tensor]] = None):
+        """(features per modality, logit scale, logit bias or None); given ``noise`` (prior samples
+        per modality with a discriminator, ``prior_noise``) a fourth item: modality -> (logits of
+        the prior samples, logits of the backbone features), each (B,)."""
+        masks = masks or {}
+        if noise is None:
+            features = {m: self.encode(m, x, masks.get(m)) for m, x in inputs.items()}
+            return features, *self.scales()
+        features, prior = {}, {}
+        for m, x in inputs.items():
+            h = self.towers[m].backbone_features(x, masks.get(m))
+            features[m] = F.normalize(self.towers[m].head(h), dim=-1)
+            if self.prior_discriminators is not None and m in self.prior_discriminators:
+                d = self.prior_discriminators[m]
+                fake = reverse_gradient(h) if self.prior_mode == "adversarial" else h
+                prior[m] = (d(noise[m].to(h.dtype)), d(fake))
+        return features, *self.scales(), prior
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without training-only parts (the prior discriminators): what the
+        field's formats export."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("prior_discriminators.")}
 
 
 def tower_contexts(modalities) -> dict[str, TowerContext]:
@@ -127,9 +169,11 @@ def tower_contexts(modalities) -> dict[str, TowerContext]:
     }
 
 
-def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> ContrastiveModel:
+def build_model(cfg: ModelConfig, modalities, with_bias: bool = False,
+                prior: Optional[PriorSpec] = None) -> ContrastiveModel:
     """The model for the built ``modalities`` (``pretrain.data.build_modalities``): one tower per
-    modality, the configured one or its decoder's default."""
+    modality, the configured one or its decoder's default; ``with_bias`` and ``prior`` as the
+    objective needs (``loss.uses_bias``, ``PriorSpec.of(loss options)``)."""
     towers = {}
     for m in modalities:
         tower = cfg.towers.get(m.name) or default_tower(m.decoder_name, m.decoder.options)
@@ -140,7 +184,7 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> Contra
     for m in cfg.towers:
         if m not in towers:
             raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(towers)})")
-    model = ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias)
+    model = ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias, prior)
     if cfg.init_from is not None:
         load_init(model, cfg.init_from)
     if cfg.compile:  # in place: the parameters and their names stay the module's own
@@ -150,6 +194,7 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False) -> Contra
 
 
 __all__ = [
-    "Backbone", "ContrastiveModel", "EncoderTower", "FORMATS", "ModelConfig", "TOWERS", "TowerConfig", "TowerContext",
-    "build_model", "default_tower", "load_weights_file", "register_tower", "tower_contexts", "tower_names",
+    "Backbone", "ContrastiveModel", "EncoderTower", "FORMATS", "HEADS", "ModelConfig", "PriorSpec", "TOWERS",
+    "TowerConfig", "TowerContext", "build_model", "default_tower", "load_weights_file", "prior_noise", "register_tower",
+    "tower_contexts", "tower_names",
 ]

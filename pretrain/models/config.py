@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from pretrain.models.heads import HEADS
 from pretrain.models.towers import TOWERS
 from pretrain.options import require
 
@@ -16,7 +17,8 @@ class TowerConfig:
 
     type: str = ""  # required: a registered backbone: timm, text_transformer, hf_text, audio_cnn, hf_audio, mlp
     options: dict[str, Any] = field(default_factory=dict)  # the backbone's options (see pretrain/models/towers.py)
-    head: Literal["linear", "mlp", "none"] = "linear"  # projection to model.embed_dim (none: the backbone projects)
+    head: str = "linear"  # projection to model.embed_dim: linear, mlp, milinear, none (the backbone projects)
+    head_options: dict[str, Any] = field(default_factory=dict)  # the head's options (see pretrain/models/heads.py)
     freeze: Literal["none", "backbone", "all"] = "none"  # lock the backbone (LiT) or the whole tower
     missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
     grad_checkpointing: bool = False  # recompute backbone activations in backward
@@ -25,6 +27,10 @@ class TowerConfig:
     def typed_options(self, key: str):
         """The backbone's own ``Options``, type-checked (errors name ``key.options.<field>``)."""
         return TOWERS.options(self.type, self.options, f"{key}.type", f"{key}.options")
+
+    def typed_head_options(self, key: str):
+        """The head's own ``Options``, type-checked (errors name ``key.head_options.<field>``)."""
+        return HEADS.options(self.head, self.head_options, f"{key}.head", f"{key}.head_options")
 
 
 def default_tower(decoder: str, decoder_options: Any) -> Optional[TowerConfig]:
@@ -94,3 +100,4 @@ class ModelConfig:
             where = f"{key}.towers.{name}"
             require(name in modalities, where, f"no such modality in data.modalities ({', '.join(modalities)})")
             tower.typed_options(where)
+            tower.typed_head_options(where)
