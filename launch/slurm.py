@@ -12,7 +12,8 @@ limit; the training loop then saves a checkpoint, the job requeues itself (at mo
 ``--max-requeues`` times) and resumes from that checkpoint. ``--sweep key=v1,v2`` (repeatable:
 the cartesian product) submits a job array with one run folder per point. ``--dry-run`` prints the
 batch script instead of submitting; ``--wait`` follows the job(s) to the end and exits 0 only if
-all completed; ``--local`` runs the same job on this machine through submitit's local executor.
+all completed, 75 if none failed but one stopped before its last step (submit again to resume), 1
+if one failed; ``--local`` runs the same job on this machine through submitit's local executor.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.task import PREEMPT_SIGNAL, TrainTask
-from pretrain.cli import FAILED, INTERRUPTED, USAGE, run_cli
+from pretrain.cli import FAILED, INTERRUPTED, OK, STOPPED, USAGE, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding launch/ and pretrain/
 FINAL_STATES = {
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--python", metavar="CMD", help="python command in the job (default: this interpreter)")
     g = p.add_argument_group("what to do")
     g.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
-    g.add_argument("--wait", action="store_true", help="follow the job(s) and their requeues to the end; exit 0 if all completed")
+    g.add_argument("--wait", action="store_true", help="follow the job(s) to the end; exit 0: all completed, 75: one stopped (resume), 1: one failed")
     g.add_argument("--local", action="store_true", help="run through submitit's local executor on this machine (no Slurm)")
     g.add_argument("--poll", type=float, default=5.0, metavar="S", help="seconds between status checks with --wait (default 5)")
     return p
@@ -469,7 +470,9 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def wait_and_report(plan: Plan, jobs: list) -> int:
-    ok = True
+    """0 when every run finished; 75 (STOPPED) when none failed but some stopped before their last
+    step with a checkpoint (submit the same command again to resume); 1 when one failed."""
+    ok, failed = True, False
     if plan.args.local:
         for job in jobs:
             while not job.done():
@@ -482,18 +485,19 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
         outcome = task0_outcome(job)
         if outcome is None:
             result = "no result written by task 0"
-            good = False
+            good, failed = False, True
         elif outcome[0] == "success":
             r = outcome[1]
-            result = f"step {r['step']}/{r['end_step']}" + ("" if r["complete"] else " (incomplete)")
+            result = f"step {r['step']}/{r['end_step']}" + ("" if r["complete"] else " (stopped; resume later)")
             good = bool(r["complete"])
         else:
             lines = [ln for ln in str(outcome[1]).strip().splitlines() if ln.strip()]
             result = "error: " + (lines[-1] if lines else "?")
-            good = False
+            good, failed = False, True
         if plan.args.local:
             say(f"job {job.job_id}: finished, {result}; run dir {run.output_dir}")
         else:
+            failed = failed or info["JobState"] not in ("COMPLETED", "CANCELLED", "PREEMPTED", "REQUEUED")
             good = good and info["JobState"] == "COMPLETED"
             say(
                 f"job {job.job_id}: {info['JobState']}, exit code {info.get('ExitCode', '?')}, "
@@ -506,7 +510,7 @@ def wait_and_report(plan: Plan, jobs: list) -> int:
                 say(f"job {job.job_id}: from task 0's stderr:\n" + tail)
             say(f"job {job.job_id}: see {job.paths.stderr} and {job.paths.stdout}")
     say("all runs completed" if ok else "not every run completed")
-    return 0 if ok else 1
+    return OK if ok else FAILED if failed else STOPPED
 
 
 class SubmissionError(Exception):

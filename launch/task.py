@@ -13,7 +13,8 @@ submitit starts one process per task (``srun`` on Slurm, subprocesses with ``--l
    submitit's own handler would requeue from inside the signal handler, in the middle of a
    training step and before anything is saved. Here the notice is passed on to the training loop
    as SIGUSR1, which saves a checkpoint at the next step boundary on every rank and returns;
-3. after ``main()`` returns, if a notice came and the run has not reached its last step, rank 0
+3. after ``main()`` returns (0: finished, 75: stopped by a signal with a checkpoint; anything else
+   fails the task), if a notice came and the run has not reached its last step, rank 0
    requeues the job (``scontrol requeue`` on Slurm; exit code 144, which makes submitit's local
    controller restart the tasks, with ``--local``), at most ``max_requeues`` times. The requeued
    job runs the same task again and ``train.resume: auto`` continues from the newest complete
@@ -37,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.cli import OK, STOPPED
 from pretrain.distributed import STOP_SIGNAL  # what pretrain.train saves and stops on (the shared protocol)
 
 PREEMPT_SIGNAL = signal.SIGUSR2  # the notice: sbatch --signal=USR2@<delay>, submitit's job._interrupt()
@@ -225,11 +227,11 @@ class TrainTask:
             code = main(self.argv())
         finally:
             notice.close()
-        if code != 0:
+        if code not in (OK, STOPPED):
             raise RuntimeError(f"pretrain.train.main exited with status {code} (its message is in this task's log)")
         step, end, latest = progress(self.config, self.overrides)
         result = {"rank": rank, "job_id": env.job_id, "step": step, "end_step": end, "restarts": restarts,
-                  "complete": step >= end}
+                  "complete": step >= end, "stopped": code == STOPPED}
         action = next_action(notice.received, step, end, rank, restarts, self.max_requeues)
         if action == "done":
             if notice.received is not None:
@@ -239,11 +241,11 @@ class TrainTask:
         if action == "leave":
             log(f"saved at step {step}/{end}; rank 0 requeues the job")
             leave(0)
-        if action == "limit":
-            raise RequeueLimitError(
-                f"preempted at step {step}/{end} and not requeued: --max-requeues {self.max_requeues} reached. "
-                f"The newest checkpoint is {latest}; submitting the same command again resumes from it."
-            )
+        if action == "limit":  # stopped, not failed: launch.slurm --wait exits 75 (resume later)
+            log(f"preempted at step {step}/{end} and not requeued: --max-requeues {self.max_requeues} reached. "
+                f"The newest checkpoint is {latest}; submitting the same command again resumes from it.")
+            atexit.register(_exit_once_reported, env.paths.result_pickle)
+            return result
         log(f"saved at step {step}/{end} ({latest}); requeueing job {env.job_id} "
             f"(restart {restarts + 1} of at most {self.max_requeues})")
         if env.cluster != "slurm":

@@ -2,6 +2,15 @@
 
     sys.exit(run_cli(lambda: work(args), errors=[(BuildError, FAILED)], interrupted="run it again to resume"))
 
+Exit codes a scheduler can act on (documented in the README):
+
+- 0 (OK): finished;
+- 75 (STOPPED, EX_TEMPFAIL of sysexits.h): stopped by a signal with a checkpoint saved: run the same
+  command again later to resume;
+- 1 (FAILED): failed, do not retry as is (the message says why);
+- 2 (USAGE): a bad configuration or flag;
+- 130 (INTERRUPTED): Ctrl-C where the tool has no checkpoint to save.
+
 - ``ConfigError`` (a bad key, value, flag or path): ``config error: <message>``, exit 2 (USAGE);
 - each ``(exception types, code[, format])`` of ``errors``: ``error: <message>`` (or ``format(err)``);
 - KeyboardInterrupt: the ``interrupted`` line, exit 130 (re-raised when no line is given);
@@ -17,7 +26,7 @@ from typing import Callable, Optional, Sequence
 
 from pretrain.options import ConfigError
 
-OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+OK, FAILED, USAGE, STOPPED, INTERRUPTED = 0, 1, 2, 75, 130
 
 
 def run_cli(body: Callable[[], Optional[int]], *, errors: Sequence[tuple] = (), prog: str = "",

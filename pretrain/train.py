@@ -3,7 +3,8 @@
 The same ``main()`` runs under ``python`` (one process), ``torchrun``, ``accelerate launch`` and
 ``srun`` (``launch.slurm``); rank and world size come from torch.distributed. A run resumes from the
 newest complete checkpoint in its output folder (``train.resume: auto``), saves on SIGTERM/SIGUSR1
-before it exits, and skips (and counts) steps whose loss is not finite. The loop is
+before it exits (exit code 75, ``pretrain.cli.STOPPED``: run the same command again to resume; 0 when
+finished, 1 when failed, 2 for a bad configuration), and skips (and counts) steps whose loss is not finite. The loop is
 ``pretrain.trainer.Trainer``.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from pretrain.cli import FAILED, run_cli
+from pretrain.cli import FAILED, OK, STOPPED, run_cli
 from pretrain.config import load_config
 from pretrain.distributed import close_distributed
 from pretrain.trainer import Trainer, TrainingError
@@ -36,8 +37,10 @@ def _out_of_memory(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
 
-    def run() -> None:
-        Trainer(load_config(config_path, overrides)).train()
+    def run() -> int:
+        trainer = Trainer(load_config(config_path, overrides))
+        trainer.train()
+        return STOPPED if trainer.stopped_by else OK  # stopped by a signal: saved, resume later
 
     return run_cli(run,
                    errors=[(TrainingError, FAILED), (torch.OutOfMemoryError, FAILED, _out_of_memory)],

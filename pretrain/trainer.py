@@ -216,6 +216,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._prepare_run_folder()
         self.stop_signal = StopSignal()
+        self.stopped_by: Optional[str] = None  # set when a signal ended the run before its last step
         seed_everything(t.seed)
         modalities = build_modalities(cfg.data, train=True)
         loss_fn = cfg.loss.build()
@@ -305,6 +306,7 @@ class Trainer:
         self.checkpointer.save(self.state, last=True)
         self.keys.close()
         results = {"loss": self.logger.last.get("loss", float("nan"))}
+        self.stopped_by = stopped_by if self.state.step < self.cfg.train.end_step else None  # (exit code 75)
         if stopped_by is not None:
             if self.rank == 0:
                 print(f"[train] stopped by {stopped_by} at step {self.state.step}; resume with the same command",
