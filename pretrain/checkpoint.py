@@ -5,11 +5,16 @@ Layout under ``output_dir/checkpoints/``::
     step000040/            DeepSpeed's files (model, ZeRO-partitioned optimizer, scheduler, scaler)
         rank00000.pt       per rank: the training state (RNG states, the data loader's position,
                            the skip counters; see ``pretrain.trainer.TrainState``)
-        COMPLETE           written last: a checkpoint without it is ignored
+        COMPLETE           written last: a checkpoint without it is ignored; it records the
+                           step and each file's size and SHA-256 (hashed by the ranks in parallel)
     latest                 the tag of the newest complete checkpoint (replaced atomically)
 
 A kill at any moment during a save leaves the previous complete checkpoint as ``latest``; the
-half-written folder is ignored on resume and removed by the next successful save.
+half-written folder is ignored on resume and removed by the next successful save. A resume checks
+the files against COMPLETE first: a truncated, altered or missing file is named, the folder's
+marker renamed to DAMAGED (the next save removes it), and ``train.resume: auto`` falls back to the
+previous complete checkpoint (a named ``train.resume`` folder stops with the message instead).
+Checkpoints written before checksums (no file list in COMPLETE) are loaded unchecked.
 
 ``Checkpointer`` decides when a step saves (``train.checkpoint_every``, the last step, a stop) and
 resumes a run (``train.resume``); ``find_checkpoint`` tells what a folder given on a command line
@@ -17,6 +22,7 @@ is (a checkpoint, a run, an export), for ``pretrain.eval``, ``pretrain.export`` 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +37,7 @@ import torch.distributed as dist
 from pretrain.options import ConfigError, require
 
 COMPLETE = "COMPLETE"
+DAMAGED = "DAMAGED"
 EXPORT_WEIGHTS = "model.safetensors"
 
 
@@ -63,7 +70,10 @@ def checkpoint_step(folder: Path) -> int:
     """The step a checkpoint folder holds: from its COMPLETE marker, else the digits of its name."""
     folder = Path(folder)
     if is_complete(folder):
-        return int(json.loads((folder / COMPLETE).read_text())["step"])
+        try:
+            return int(json.loads((folder / COMPLETE).read_text())["step"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged marker: the folder's name still tells the step (the resume check names it)
     digits = "".join(ch for ch in folder.name if ch.isdigit())
     return int(digits) if digits else 0
 
@@ -112,6 +122,65 @@ def find_checkpoint(path: str | Path, what: str = "--checkpoint") -> FoundCheckp
     return FoundCheckpoint("deepspeed", folder, checkpoint_step(folder), run / "config.yaml", run)
 
 
+# ------------------------------------------------------------------------------------ checksums
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _all_ranks(value) -> list:
+    """Every rank's ``value`` (collective when a process group is up)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """Collective: name -> {bytes, sha256} of every file under ``folder`` (but the markers), each
+    rank hashing its share."""
+    rank, world = _rank_world()
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in (COMPLETE, DAMAGED))
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names[rank::world]}
+    return {k: v for part in _all_ranks(mine) for k, v in part.items()}
+
+
+def damaged_files(folder: Path) -> list[str]:
+    """Collective: the files of a complete checkpoint that differ from what its COMPLETE marker
+    recorded ("name (why)"), each rank checking its share; [] when all match or nothing was recorded."""
+    rank, world = _rank_world()
+    try:
+        recorded = json.loads((folder / COMPLETE).read_text()).get("files")
+        problems = [] if recorded is None or isinstance(recorded, dict) else [f"{COMPLETE} (no file list)"]
+    except (OSError, ValueError, AttributeError) as err:
+        recorded, problems = None, [f"{COMPLETE} (unreadable: {err})"]
+    bad = []
+    for name in sorted(recorded or {})[rank::world]:
+        path, want = folder / name, recorded[name]
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif path.stat().st_size != want["bytes"]:
+            bad.append(f"{name} ({path.stat().st_size} bytes, {want['bytes']} written)")
+        elif _sha256(path) != want["sha256"]:
+            bad.append(f"{name} (SHA-256 differs from the one written)")
+    return problems + sorted(b for part in _all_ranks(bad) for b in part)
+
+
+def mark_damaged(folder: Path, problems: list[str]) -> None:
+    """COMPLETE -> DAMAGED (with the reasons): no longer a resume candidate; the next save prunes it."""
+    (folder / DAMAGED).write_text(json.dumps({"problems": problems, "time": time.time()}) + "\n")
+    (folder / COMPLETE).unlink(missing_ok=True)
+
+
 # -------------------------------------------------------------------------------- saving, loading
 
 
@@ -131,10 +200,11 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict]
 
 
 def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> None:
-    """Once every rank has written its files: the COMPLETE marker, ``latest``, pruning."""
+    """Once every rank has written its files: their checksums, the COMPLETE marker, ``latest``, pruning."""
     dist.barrier()
+    files = file_manifest(folder)
     if rank == 0:
-        (folder / COMPLETE).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        (folder / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(folder.name + "\n")
         os.replace(tmp, ckpt_dir / "latest")
@@ -175,14 +245,33 @@ class Checkpointer:
         self.last_saved: Optional[int] = None
 
     def resume_folder(self) -> Optional[Path]:
+        """The checkpoint to resume from, its files checked (collective): under ``auto`` the newest
+        complete one whose files match their checksums (damaged ones are named and marked)."""
         if self.cfg.resume == "none":
             return None
-        if self.cfg.resume == "auto":
-            return latest_complete(self.dir)
-        folder = Path(self.cfg.resume)
-        if not is_complete(folder):
-            raise ConfigError(f"train.resume: {folder} is not a complete checkpoint folder")
-        return folder
+        if self.cfg.resume != "auto":
+            folder = Path(self.cfg.resume)
+            if not is_complete(folder):
+                raise ConfigError(f"train.resume: {folder} is not a complete checkpoint folder")
+            problems = damaged_files(folder)
+            if problems:
+                raise RuntimeError(f"checkpoint {folder} is damaged: {'; '.join(problems)} (train.resume names it; "
+                                   "resume: auto would fall back to an earlier one)")
+            return folder
+        candidates = complete_checkpoints(self.dir)
+        for folder in reversed(candidates):
+            problems = damaged_files(folder)
+            if not problems:
+                return folder
+            dist.barrier()  # every rank has read the marker before rank 0 renames it
+            if self.rank == 0:
+                print(f"[train] checkpoint {folder} is damaged: {'; '.join(problems)}; falling back to the "
+                      "previous complete checkpoint", flush=True)
+                mark_damaged(folder, problems)
+        if candidates:
+            raise RuntimeError(f"every complete checkpoint under {self.dir} is damaged (named above); move them "
+                               "away to start over, or set train.resume: none")
+        return None
 
     def resume(self, state) -> Optional[Path]:
         """Loads the checkpoint ``train.resume`` names (if any) into the engine and ``state``."""

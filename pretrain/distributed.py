@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
@@ -40,11 +41,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None, port: Optional[int] = None,
-                     cpu: bool = False) -> DistInfo:
+                     cpu: bool = False, timeout: Optional[float] = None) -> DistInfo:
     """Joins (or makes) the default process group: NCCL on a GPU (``cuda:LOCAL_RANK``), gloo on CPU
     (or with ``cpu``). Launchers give the rendezvous in the environment; a process started by hand
     (``torch.multiprocessing.spawn`` in tests and benchmarks) passes ``rank``, ``world_size`` and
-    ``port`` (loopback) instead."""
+    ``port`` (loopback) instead. ``timeout``: seconds before a collective gives up (None: torch's default)."""
     if rank is not None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,7 +60,8 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)  # env:// (DeepSpeed adopts this group)
+        extra = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+        dist.init_process_group(backend=backend, **extra)  # env:// (DeepSpeed adopts this group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

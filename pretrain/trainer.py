@@ -40,6 +40,7 @@ from pretrain.models import PriorSpec, build_model
 from pretrain.optim import OptimConfig
 from pretrain.options import ConfigError, require, to_dict
 from pretrain.step import ContrastiveStep, StepFlags, StepOutput
+from pretrain.watchdog import Heartbeat
 
 # DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -65,6 +66,9 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     stop_at_step: int = 0  # end this run early at that step with a checkpoint (schedule unchanged)
     peak_tflops: float = 0.0  # one device's peak for the MFU metric (0: known GPUs' datasheet value; CPU: none)
     max_nonfinite_steps: int = 5  # consecutive non-finite losses (steps skipped) before the run stops
+    # seconds a rank may go unheard (stopped, frozen, lost) before the job ends naming it; collectives
+    # themselves time out at twice this (pretrain.watchdog). 0: torch's default (30 minutes), no watchdog
+    collective_timeout: float = 300.0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (off unless wandb.project is set)
 
     def check(self, key: str = "train") -> None:
@@ -78,6 +82,8 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
                 f"must be >= 1, got {self.max_nonfinite_steps}")
         require(self.peak_tflops >= 0, f"{key}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
         require(self.global_batch_size >= 0, f"{key}.global_batch_size", f"must be >= 0, got {self.global_batch_size}")
+        require(self.collective_timeout >= 0, f"{key}.collective_timeout",
+                f"must be >= 0 seconds (0: no watchdog), got {self.collective_timeout}")
         self.check_optim(key)
         self.check_engine(key)
         self.check_checkpoint(key)
@@ -206,8 +212,9 @@ def _refuse_own_weights_when_partitioned(cfg) -> None:
 class Trainer:
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.train
-        self.info = info = init_distributed()
+        self.info = info = init_distributed(timeout=2 * t.collective_timeout or None)
         self.rank, self.world = info.rank, info.world_size
+        self.heartbeat = Heartbeat(self.rank, self.world, t.collective_timeout).start()  # a hung rank ends the job
         self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
         if t.global_batch_size and t.global_batch_size != self.global_batch:
             raise ConfigError(f"train.global_batch_size: {t.global_batch_size} asked, but micro_batch_size "
@@ -319,6 +326,7 @@ class Trainer:
             print(f"[train] metrics: {self.writer.path}", flush=True)
         self.writer.close()
         dist.barrier()
+        self.heartbeat.stop()
         return results
 
     def _final_evaluation(self) -> dict[str, float]:

@@ -1,7 +1,10 @@
 """Training robustness on real processes: exact resume, preemption signals, a kill during a save,
 non-finite losses, every ZeRO stage, bf16, and export for inference."""
+import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import torch
 
 from pretrain.checkpoint import COMPLETE
 from pretrain.cli import STOPPED
-from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, free_port, losses, ok, run_cmd, single, tiny_overrides, torchrun
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, deadline, free_port, losses, ok, run_cmd, single, tiny_overrides, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +106,40 @@ def test_resume_reproduces_the_uninterrupted_run(shards, uninterrupted, tmp_path
         assert _keys(out, rank) == _keys(uninterrupted, rank)
 
 
+def test_damaged_checkpoint_is_named_and_resume_falls_back(uninterrupted, tmp_path):
+    """A truncated model file and flipped bytes in an optimizer partition of the newest checkpoint:
+    the resume names both, marks the folder, continues from the one before and matches the
+    uninterrupted run; a damaged checkpoint named by train.resume stops the run with the names."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    want = losses(uninterrupted)
+    newest = out / "checkpoints" / "step000006"
+    recorded = json.loads((newest / COMPLETE).read_text())["files"]
+    assert {"mp_rank_00_model_states.pt", "rank00000.pt", "rank00001.pt"} <= recorded.keys()
+    model = newest / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    (optim,) = newest.glob("zero_pp_rank_1_*optim_states.pt")
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8])
+    optim.write_bytes(bytes(data))
+
+    args = tiny_overrides(ASSET_SHARDS, out, steps=6) + ["train.checkpoint_every=2", "eval.enabled=false"]
+    text = ok(torchrun(args))
+    damaged = [line for line in text.splitlines() if "is damaged" in line]
+    assert damaged and "mp_rank_00_model_states.pt (" in damaged[0] and f"{optim.name} (SHA-256" in damaged[0], text[-3000:]
+    assert "falling back to the previous complete checkpoint" in damaged[0]
+    assert f"resumed_from={out / 'checkpoints' / 'step000004'} at step 4" in text, text[-3000:]
+    got = losses(out)
+    for step in (5, 6):
+        assert math.isclose(got[step], want[step], rel_tol=1e-5, abs_tol=1e-6), (step, got[step], want[step])
+    assert json.loads((newest / COMPLETE).read_text())["step"] == 6  # saved again, whole
+
+    model.write_bytes(model.read_bytes()[:100])  # a named folder is not replaced by another: it stops
+    proc = torchrun(args + [f"train.resume={newest}", "train.steps=7"])
+    assert proc.returncode != 0
+    assert "mp_rank_00_model_states.pt (100 bytes," in proc.stderr + proc.stdout, proc.stderr[-3000:]
+
+
 def test_periodic_checkpoints_keep_the_newest(uninterrupted):
     ckpts = uninterrupted / "checkpoints"
     kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
@@ -163,6 +200,42 @@ def test_sigterm_saves_and_the_run_resumes(shards, tmp_path):
     assert 3 <= stopped < 10_000
     again = ok(single(tiny_overrides(shards, out, steps=stopped + 1) + ["eval.enabled=false"]))
     assert f"at step {stopped}" in again and f"step {stopped + 1}/{stopped + 1}" in again
+
+
+def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
+    """SIGSTOP of rank 1 mid-run: rank 0's watchdog names it after train.collective_timeout and the
+    job exits non-zero (figure: seconds from the stop to the launcher's exit, in the output)."""
+    out, timeout = tmp_path / "run", 6
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "pretrain.train", "--config", str(QUICKSTART), *tiny_overrides(shards, out, steps=10_000),
+           "eval.enabled=false", "train.checkpoint=false", f"train.collective_timeout={timeout}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines, pid = [], None
+    try:
+        with deadline(300):
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("[train] step 3/"):
+                    pid = json.loads((out / "ranks" / "rank1.json").read_text())["pid"]
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+                    break
+            assert pid, "".join(lines[-30:])
+            rest = proc.communicate(timeout=240)[0]
+        seconds = time.monotonic() - stopped_at
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    output = "".join(lines) + rest
+    print(f"hung rank: the job exited {seconds:.1f} s after the stop (collective_timeout {timeout} s)")
+    assert proc.returncode != 0, output[-3000:]
+    assert f"[train] rank 0: rank 1 (last heard" in output and "stopped answering (train.collective_timeout=6 s)" in output, \
+        output[-3000:]
+    # named within the timeout and a beat; the rest is torchrun's own grace period for the stopped process
+    assert seconds < timeout + 5 + 45, seconds
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
