@@ -88,3 +88,58 @@ def test_xor_symile_near_perfect_clip_at_chance(tmp_path):
     # ... CLIP, scored as the Symile paper scores pairwise models, stays at chance (so does its MIP)
     assert clip["eval/symile_pairwise/b/r1"] <= chance + 0.05, clip
     assert clip["eval/symile/b/r1"] <= chance + 0.05, clip
+
+
+def test_demo_rich_variant_renders_what_its_caption_says(tmp_path):
+    from data_tools.demo import COLOURS, POSITIONS, WORDS, write_demo
+    from PIL import Image
+
+    assert write_demo(tmp_path / "rich", variant="rich") == write_demo(tmp_path / "plain")
+    rich = [json.loads(line) for line in (tmp_path / "rich" / "train.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "train.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["label"]) for r in rich] == [(r["key"], r["label"]) for r in plain]  # the same split
+    seen_colours, seen_positions = set(), set()
+    for r in rich[:200]:
+        colour = next(c for c in COLOURS if c in r["caption"])
+        position = next(p for p in POSITIONS if p in r["caption"])
+        assert WORDS[r["label"]] in r["caption"] or str(r["label"]) in r["caption"], r
+        seen_colours.add(colour)
+        seen_positions.add(position)
+        img = Image.open(tmp_path / "rich" / r["image"])
+        assert img.mode == "RGB" and img.size == (16, 16)
+        px = np.asarray(img).astype(int)
+        row, col = POSITIONS[position]
+        inside = np.zeros((16, 16), bool)
+        inside[row:row + 8, col:col + 8] = True
+        assert px[~inside].max() == 0 and px[inside].max() > 0  # the digit is where the caption says
+        on = np.asarray(COLOURS[colour]) > 0
+        assert px[..., ~on].max() == 0 and px[inside][:, on].max() > 200  # in the caption's colour
+    assert seen_colours == set(COLOURS) and seen_positions == set(POSITIONS)
+
+
+def test_clip_lite_experiment_minimal_grid(tmp_path):
+    """benchmarks/reproduce.py clip-lite on a minimal grid: CLIP (linear head) and CLIP-Lite
+    (milinear head + cooperative prior), batch 16, 4 steps, one seed, an evaluation half-way; the
+    untrained-backbone floor beside them."""
+    out, js = tmp_path / "runs", tmp_path / "r.json"
+    proc = run_cmd([PYTHON, str(ROOT / "benchmarks" / "reproduce.py"), "clip-lite", "--out", str(out), "--json", str(js),
+                    "--cells", "clip-linear", "lite-milinear-coop", "--batches", "16", "--seeds", "0", "--lrs", "2e-3",
+                    "--steps", "4", "--budget-samples", "64", "--step-batches", "--curve-points", "2", "--side-seeds",
+                    "--fractions", "--no-rich"], timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(js.read_text())["clip-lite"]
+    runs = {r["cell"]: r for r in res["main"]["runs"] if r["budget"] == "samples"}
+    assert set(runs) == {"clip-linear", "lite-milinear-coop"}
+    assert {cell: res["lr_chosen"][cell] for cell in runs} == {"clip-linear": 2e-3, "lite-milinear-coop": 2e-3}
+    for r in runs.values():
+        assert (r["steps"], r["samples"], r["probe_train_samples"]) == (4, 64, 1438)
+        for key in ("probe", "zeroshot", "i2t_r1", "t2i_r1"):
+            assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert [c["step"] for c in r["curve"]] == [2, 4] and all(0.0 <= c["probe"] <= 1.0 for c in r["curve"])
+    for e in res["main"]["samples_matched"]:
+        assert e["probe"]["n"] == 1 and e["probe"]["mean"] == runs[e["cell"]]["probe"]
+    assert 0.0 <= res["floor"]["runs"][0]["probe"] <= 1.0
+    logged = {cell: (out / f"main_{cell}_b16_samples_s0" / "metrics.jsonl").read_text() for cell in runs}
+    assert '"clip_lite/prior"' in logged["lite-milinear-coop"] and '"clip_lite/jsd"' in logged["lite-milinear-coop"]
+    assert "clip_lite/prior" not in logged["clip-linear"]
+    assert res["main"]["runs"][0]["probe_width"] == 256  # the backbone's features (the MLP's hidden layer), not the head's
