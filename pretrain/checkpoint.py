@@ -149,7 +149,8 @@ def file_manifest(folder: Path) -> dict[str, dict]:
     """Collective: name -> {bytes, sha256} of every file under ``folder`` (but the markers), each
     rank hashing its share."""
     rank, world = _rank_world()
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name not in (COMPLETE, DAMAGED))
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.name not in (COMPLETE, DAMAGED, f"{COMPLETE}.tmp"))
     mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names[rank::world]}
     return {k: v for part in _all_ranks(mine) for k, v in part.items()}
 
@@ -193,18 +194,34 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict]
     if rank == 0 and folder.exists():  # a leftover from an interrupted save of the same step
         shutil.rmtree(folder)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(state(), folder / f"rank{rank:05d}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save(state(), folder / f"rank{rank:05d}.pt")
+    except (OSError, RuntimeError) as err:  # a full disk, a quota, a lost mount (torch wraps some as RuntimeError)
+        free = shutil.disk_usage(ckpt_dir).free  # torch's own message often hides the cause
+        shutil.rmtree(folder, ignore_errors=True)  # never half-written: free what it took
+        before = latest_complete(ckpt_dir)
+        cause = (f"the file system is full ({free} bytes were free)" if free < 64 * 2**20
+                 else f"{free / 2**30:.1f} GiB free there")
+        raise CheckpointSaveError(
+            f"rank {rank} could not write the checkpoint of step {step} to {folder}: {cause}; {err}. "
+            + (f"The previous complete checkpoint {before} stays in force; " if before else "No earlier checkpoint; ")
+            + "free space (or point output_dir elsewhere) and run the same command to resume") from None
     _commit(ckpt_dir, folder, step, rank, keep)
     return folder
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the message names the rank, folder and cause)."""
 
 
 def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> None:
     """Once every rank has written its files: their checksums, the COMPLETE marker, ``latest``, pruning."""
     dist.barrier()
     files = file_manifest(folder)
-    if rank == 0:
-        (folder / COMPLETE).write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+    if rank == 0:  # the marker itself appears whole or not at all
+        (folder / f"{COMPLETE}.tmp").write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+        os.replace(folder / f"{COMPLETE}.tmp", folder / COMPLETE)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(folder.name + "\n")
         os.replace(tmp, ckpt_dir / "latest")

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from pretrain.checkpoint import CheckpointSaveError
 from pretrain.cli import FAILED, OK, STOPPED, run_cli
 from pretrain.config import load_config
 from pretrain.distributed import close_distributed
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return STOPPED if trainer.stopped_by else OK  # stopped by a signal: saved, resume later
 
     return run_cli(run,
-                   errors=[(TrainingError, FAILED), (torch.OutOfMemoryError, FAILED, _out_of_memory)],
+                   errors=[(TrainingError, FAILED), (CheckpointSaveError, FAILED),
+                           (torch.OutOfMemoryError, FAILED, _out_of_memory)],
                    cleanup=close_distributed)
 
 

@@ -238,6 +238,51 @@ def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
     assert seconds < timeout + 5 + 45, seconds
 
 
+@contextlib.contextmanager
+def small_disk(folder, size_bytes: int):
+    """A tmpfs of ``size_bytes`` mounted at ``folder`` (needs root, as on the CI machine)."""
+    folder.mkdir(parents=True)
+    size = max(4096, size_bytes // 4096 * 4096)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the full-disk case (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _tree_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_during_a_save_stops_cleanly(shards, tmp_path):
+    """The second checkpoint does not fit: the run stops (exit 1) with a message naming the cause and
+    the checkpoint kept; nothing half-written is left complete; the kept one resumes."""
+    probe = tmp_path / "probe"  # how much one checkpoint takes, on an ordinary disk
+    ok(single(tiny_overrides(shards, probe, steps=2) + ["eval.enabled=false"]))
+    one = _tree_bytes(probe / "checkpoints" / "step000002")
+    used = _tree_bytes(probe)
+    with small_disk(tmp_path / "disk", used + one // 2 + 64 * 1024) as disk:
+        out = disk / "run"
+        args = tiny_overrides(shards, out, steps=4) + ["train.checkpoint_every=2", "eval.enabled=false"]
+        proc = single(args)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "could not write the checkpoint of step 4" in proc.stderr and "the file system is full" in proc.stderr, \
+            proc.stderr[-3000:]
+        assert f"The previous complete checkpoint {out / 'checkpoints' / 'step000002'} stays in force" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        ckpts = out / "checkpoints"
+        assert [p.name for p in ckpts.iterdir() if p.is_dir()] == ["step000002"]  # the torn one removed
+        assert (ckpts / "latest").read_text().strip() == "step000002"
+        kept = tmp_path / "moved"
+        shutil.copytree(out, kept)
+    resumed = ok(single(tiny_overrides(shards, kept, steps=4) + ["train.checkpoint_every=2", "eval.enabled=false"]))
+    assert f"resumed_from={kept / 'checkpoints' / 'step000002'} at step 2" in resumed
+    assert sorted(losses(kept)) == [1, 2, 3, 4]
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "eval.enabled=false"]
