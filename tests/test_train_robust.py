@@ -283,6 +283,19 @@ def test_a_full_disk_during_a_save_stops_cleanly(shards, tmp_path):
     assert sorted(losses(kept)) == [1, 2, 3, 4]
 
 
+def test_kill9_of_the_whole_job_at_random_moments_resumes_exactly(tmp_path):
+    """benchmarks/fault_matrix.py kill9 with 2 kills here (the script runs many: RESULTS.md): each kill
+    -9 of every process at once, then the same command; every step's loss equals the uninterrupted run's."""
+    report = tmp_path / "kill9.json"
+    ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "fault_matrix.py"), "kill9", "--kills", "2", "--steps", "12",
+                "--every", "3", "--seed", "1", "--out", str(tmp_path / "runs"), "--json", str(report)], timeout=500))
+    result = json.loads(report.read_text())
+    assert result["total"] == 2 and result["exact"] == 2 and result["complete"], result
+    for kill in result["kills"]:  # each resumed from a complete checkpoint and went on from the step after it
+        assert kill["resumed_at"] % 3 == 0 and kill["steps_after"][0] == kill["resumed_at"] + 1, kill
+        assert kill["processes_killed"] >= 3, kill  # the launcher and both workers
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "eval.enabled=false"]
