@@ -107,7 +107,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
         with open(path) as f:
-            loaded = yaml.safe_load(f)
+            try:
+                loaded = yaml.safe_load(f)  # plain data only: a tag such as !!python/object is never built
+            except yaml.constructor.ConstructorError as err:
+                raise ConfigError(f"{path}: refused: a YAML tag this loader does not build ({err.problem}"
+                                  f"{err.problem_mark or ''}); recipes are plain data") from None
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
