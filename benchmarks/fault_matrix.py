@@ -5,7 +5,7 @@
 ``kill9``: a 2-rank run (the test-size towers on tests/assets/shards, checkpoints every
 ``--every`` steps) is killed with SIGKILL, every process of the job at once (the launcher's whole
 process group, no clean-up), at ``--kills`` random moments: a seeded random number of steps into each
-launch (1 to 2 x ``--every``), a seeded random fraction of a second after that step's log line (so
+launch (1 to ``--every``), a seeded random fraction of a second after that step's log line (so
 some kills land inside a checkpoint save), never in the last three steps.
 After each kill the same command runs again; it resumes from the newest complete checkpoint, and
 its losses must equal an uninterrupted run's at every step it runs (fp32, CPU, 1e-5). Prints
@@ -115,7 +115,10 @@ def run_until(out: Path, steps: int, every: int, after: int | None, delay: float
             if "resumed_from=" in line:
                 resumed = int(line.split(" at step ")[1].split()[0])
             if after is not None and kill_at is None and line.startswith("[train] world_size="):
-                kill_at = max(resumed + 1, min(resumed + after, steps - 3))
+                kill_at = min(resumed + after, steps - 3)
+                if kill_at <= resumed:
+                    kill_job(proc.pid)
+                    raise SystemExit(f"resumed at step {resumed} of {steps}: no room left for this kill; raise --steps")
             if kill_at is not None and line.startswith(f"[train] step {kill_at}/"):
                 time.sleep(delay)
                 killed = kill_job(proc.pid)  # every process of the job: none writes after this
@@ -144,7 +147,7 @@ def kill9(args) -> dict:
     kills, seen = [], 0
     for i in range(args.kills + 1):
         last = i == args.kills
-        after = None if last else rng.randint(1, 2 * args.every)  # steps into the launch
+        after = None if last else rng.randint(1, args.every)  # steps into the launch
         delay = 0.0 if last else round(rng.uniform(0.0, args.max_delay), 3)
         launch = run_until(chain, args.steps, args.every, after, delay)
         step = launch["killed_after"]
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="trial", required=True)
     k = sub.add_parser("kill9", help="N kill -9 of a whole 2-rank job, each resumed and compared")
     k.add_argument("--kills", type=int, default=10)
-    k.add_argument("--steps", type=int, default=40)
+    k.add_argument("--steps", type=int, default=60)
     k.add_argument("--every", type=int, default=4, help="checkpoint every N steps (default 4)")
     k.add_argument("--max-delay", type=float, default=0.3, help="kill up to this long after the step's log line")
     k.add_argument("--seed", type=int, default=0)
