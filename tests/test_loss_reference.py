@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from pretrain.losses import LossInputError, accumulate_step, build_loss
 from pretrain.distributed import close_distributed, free_port, init_distributed
 
-open_clip_loss = pytest.importorskip("open_clip.loss", reason="open-clip-torch is a test extra: make setup installs it")
-symile = pytest.importorskip("symile", reason="symile is a test extra: make setup installs it")
+
+
+def _open_clip_loss():
+    """open_clip's losses, imported by the tests that compare against them only (the others need neither)."""
+    return pytest.importorskip("open_clip.loss", reason="open-clip-torch is a test extra: make setup installs it")
 
 B_LOCAL, DIM = 6, 8
 
@@ -36,6 +39,8 @@ def _worker(rank, world, port, out_path):
         img, txt = img[sl], txt[sl]
         scale = torch.tensor([10.0], dtype=torch.float64)
         bias = torch.tensor([-3.0], dtype=torch.float64)
+        import open_clip.loss as open_clip_loss  # (the fixture skipped first if it is missing)
+
         ref_clip = open_clip_loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
         ref_sig = open_clip_loss.SigLipLoss(rank=rank, world_size=world)
         ours_clip, ours_sig = build_loss({"name": "clip"}), build_loss({"name": "siglip", "exchange": "ring"})
@@ -53,6 +58,7 @@ def _worker(rank, world, port, out_path):
 
 @pytest.fixture(scope="module")
 def open_clip_results(tmp_path_factory):
+    _open_clip_loss()  # skips (and fails CI) here, in the parent, when open_clip is missing
     path = tmp_path_factory.mktemp("openclip") / "r"
     mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2)
     return [torch.load(f"{path}.{r}") for r in range(2)]
@@ -73,6 +79,7 @@ def test_matches_open_clip_on_two_ranks(open_clip_results, loss):
 def test_symile_n_squared_matches_symile_package():
     x, y, z = _features(12, seed=3)
     scale = torch.tensor([5.0], dtype=torch.float64)
+    symile = pytest.importorskip("symile", reason="symile is a test extra: make setup installs it")
     ref = symile.Symile(negative_sampling="n_squared")
     ours = build_loss({"name": "symile", "negative_sampling": "n_squared", "chunk_size": 50})
     ref_loss, ref_grads = _grads(lambda a, b, c, s: ref([a, b, c], s), [x, y, z, scale])

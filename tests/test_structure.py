@@ -119,3 +119,31 @@ def test_tests_import_shared_builders_from_helpers_only():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("tests.test_", "tests.conftest")):
                 offenders.append(f"{path.name}: from {node.module}")
     assert not offenders, offenders
+
+
+def test_ci_fails_on_an_unexpected_skip_and_on_a_hung_test(tmp_path):
+    """tests/conftest.py under CI=1: a skip without an ALLOWED_SKIPS entry fails the run; pytest-timeout
+    (configured in pyproject.toml) fails a test that hangs."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_cases.py").write_text(
+        "import time, pytest\n"
+        "def test_skips():\n    pytest.skip('something is not installed')\n"
+        "@pytest.mark.timeout(2)\ndef test_hangs():\n    time.sleep(60)\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT)]
+
+    def run(test: str, ci: bool):
+        env = {k: v for k, v in os.environ.items() if k != "CI"}
+        if ci:
+            env["CI"] = "1"
+        return subprocess.run(cmd + [f"{tmp_path / 'test_cases.py'}::{test}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert run("test_skips", ci=False).returncode == 0
+    under_ci = run("test_skips", ci=True)
+    assert under_ci.returncode == 1 and "unexpected skips" in under_ci.stdout, under_ci.stdout[-2000:]
+    hung = run("test_hangs", ci=False)
+    assert hung.returncode != 0 and "Timeout" in hung.stdout + hung.stderr, hung.stdout[-2000:]
