@@ -256,3 +256,23 @@ def test_prior_on_two_ranks_zero3_and_backbone_probe_in_the_cli(tmp_path):
     assert metrics["eval/linear_probe/image/width"] != 16
     assert 0.0 <= metrics["eval/linear_probe/image/top1"] <= 1.0
     assert "eval/linear_probe/text/top1" not in metrics
+
+
+@pytest.mark.parametrize("name", ["clip_lite", "siglip"])
+def test_anchor_pairs_each_other_modality_with_the_anchor_only(name):
+    """``loss.anchor``: with M = 3 the loss is the mean over (anchor, other) pairs, each pair the
+    two-modality loss of those features (the README's options table)."""
+    from pretrain.losses import build_loss
+
+    torch.manual_seed(6)
+    feats = {m: F.normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1) for m in ("a", "b", "c")}
+    scale, bias = torch.tensor([3.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
+    extra = (bias,) if name == "siglip" else (None,)
+    out = build_loss({"name": name, "anchor": "b"})(feats, scale, *extra)
+    assert sorted(k for k in out if k != "loss") == [f"{name}/b-a", f"{name}/b-c"]
+    pair = build_loss({"name": name, "anchor": "b"})  # two modalities: the one pair (b, other), b first
+    ba = pair({"b": feats["b"], "a": feats["a"]}, scale, *extra)["loss"]
+    bc = pair({"b": feats["b"], "c": feats["c"]}, scale, *extra)["loss"]
+    torch.testing.assert_close(out["loss"], (ba + bc) / 2, rtol=1e-12, atol=1e-12)
+    every_pair = build_loss({"name": name})(feats, scale, *extra)["loss"]
+    assert abs(float(every_pair) - float(out["loss"])) > 1e-6  # the anchor changes the loss

@@ -26,8 +26,8 @@ def test_make_demo_learns(tmp_path):
         assert "(chance 10.00%)" in line, line
     assert f"tensorboard logs: {run}/tensorboard" in out
     assert f"checkpoint: {run}/checkpoints/step" in out
-    # it learned: held-out zero-shot well above the 10% chance
+    # it learned as the README reports (~98% from this very run; chance 10%), with room for noise
     result = json.loads((run / "eval.json").read_text())
     assert result["eval/samples"] == val_index["total_samples"]
-    assert result["eval/zeroshot_top1"] >= 0.5, result
-    assert result["eval/i2t_r1"] >= 0.5 and result["eval/t2i_r1"] >= 0.5, result
+    assert result["eval/zeroshot_top1"] >= 0.9, result
+    assert result["eval/i2t_r1"] >= 0.9 and result["eval/t2i_r1"] >= 0.9, result

@@ -25,6 +25,8 @@ def _cases():
             for sampling in ("n", "n_squared"):
                 cases.append(({"name": "symile", "negative_sampling": sampling, "chunk_size": 7, "seed": 3}, m, masks, False))
         cases.append(({"name": "clip", "anchor": "m1"}, 3, masks, False))
+        cases.append(({"name": "clip_lite", "anchor": "m1"}, 3, masks, False))
+        cases.append(({"name": "siglip", "anchor": "m2", "exchange": "ring"}, 3, masks, False))
         for m in (2, 3):
             for neg in ("global", "local"):
                 cases.append(({"name": "clip_lite", "negative": neg}, m, masks, False))

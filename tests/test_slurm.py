@@ -149,7 +149,11 @@ def test_rendezvous_from_submitit_job_environment(monkeypatch):
     assert rendezvous(local)["MASTER_ADDR"] == "127.0.0.1"
     ports = {master_port(str(j)) for j in range(1000, 1100)}
     assert len(ports) == 100 and all(PORT_BASE <= p < PORT_BASE + PORT_SPAN for p in ports)
-    assert master_port("4321") == master_port("4321")
+    # every task computes the port in its own process: it must not depend on the process (a str hash would)
+    for seed in ("1", "2"):
+        other = subprocess.run([PYTHON, "-c", "from launch.task import master_port; print(master_port('4321'))"],
+                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert other.returncode == 0 and int(other.stdout) == master_port("4321"), other.stderr
 
 
 def test_progress_from_checkpoint_and_metrics(tmp_path):
