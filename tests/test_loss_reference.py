@@ -131,6 +131,32 @@ def test_accumulation_temperature_gradient_is_not_scaled():
     torch.testing.assert_close(tower.weight.grad, want_w, rtol=1e-10, atol=1e-14)
 
 
+def test_accumulation_replays_each_micro_batch_dropout_masks():
+    """Towers with dropout: the second forward of each micro-batch must draw the masks of its first
+    (feature-caching) forward, else the gradients belong to other features than the loss."""
+    torch.manual_seed(0)
+    towers = {m: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, DIM)).double()
+              for m in ("a", "b")}
+    log_scale = torch.nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+    params = [p for t in towers.values() for p in t.parameters()] + [log_scale]
+    x = {m: torch.randn(9, 6, dtype=torch.float64) for m in towers}
+    mbs = [{m: v[i : i + 3] for m, v in x.items()} for i in (0, 3, 6)]
+    loss_fn = build_loss({"name": "clip"})
+
+    def encode(mb):
+        return {m: F.normalize(towers[m](v), dim=-1) for m, v in mb.items()}
+
+    torch.manual_seed(11)  # the reference: the same micro-batches in order, one graph over all of them
+    feats = [encode(mb) for mb in mbs]
+    full = loss_fn({m: torch.cat([f[m] for f in feats]) for m in towers}, log_scale.exp())["loss"]
+    want = torch.autograd.grad(full, params)
+    torch.manual_seed(11)
+    out = accumulate_step(encode, mbs, loss_fn, lambda: (log_scale.exp(), None))
+    torch.testing.assert_close(out["loss"], full.detach(), rtol=1e-12, atol=0)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     "call, words",
     [
