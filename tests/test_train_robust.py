@@ -310,15 +310,57 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
     assert (ckpts / "step000004" / COMPLETE).is_file()
 
 
-def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path):
+def _same(a, b) -> bool:
+    """Equal nested states: tensors bit for bit, everything else by ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path, stage):
+    """A real NaN on rank 0 only at steps 2-3: both ranks skip both steps; the weights and the
+    optimizer state after step 3 are those after step 1, bit for bit; every rank counts 2 skips.
+    (ZeRO-0 too: ZeRO 1-2 would also skip on their own overflow check, hiding a broken skip.)"""
     out = tmp_path / "run"
-    # NaN on rank 0 only at steps 2-3: both ranks must skip together
-    proc = torchrun(tiny_overrides(shards, out, steps=5) + ["eval.enabled=false"], env={"PRETRAIN_FAULT": "nan_loss:2-3"}, module="tests.faults")
+    proc = torchrun(tiny_overrides(shards, out, steps=5) + ["eval.enabled=false", "train.checkpoint_every=1",
+                                                             "train.keep_checkpoints=5", f"train.zero_stage={stage}"],
+                    env={"PRETRAIN_FAULT": "nan_loss:2-3"}, module="tests.faults")
     text = ok(proc)
     assert text.count("non-finite loss, step skipped") == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 5 and rows[-1]["skipped_steps"] == 2.0
     assert math.isfinite(rows[-1]["loss"])
+    ckpts = out / "checkpoints"
+
+    def load(step, name):
+        return torch.load(ckpts / f"step{step:06d}" / name, map_location="cpu", weights_only=False)
+
+    model = "mp_rank_00_model_states.pt"
+    # parameters (not BatchNorm's running statistics: the skipped steps' forwards did run)
+    params = {k for k in load(1, model)["module"] if "running_" not in k and "num_batches_tracked" not in k}
+
+    def weights(step):
+        return {k: v for k, v in load(step, model)["module"].items() if k in params}
+
+    assert _same(weights(1), weights(3))  # skipped: nothing moved
+    assert not _same(weights(3), weights(4))  # (and the next step did move)
+    # moments and step counts (and ZeRO's fp32 master partitions): untouched. The learning rate in the
+    # param groups follows the step count by design: the schedule does not stop.
+    if stage == 0:
+        assert _same(load(1, model)["optimizer"]["state"], load(3, model)["optimizer"]["state"])
+    for rank in range(2):
+        if stage == 2:
+            optim = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            before, after = (load(s, optim)["optimizer_state_dict"] for s in (1, 3))
+            assert _same(before["base_optimizer_state"]["state"], after["base_optimizer_state"]["state"]), rank
+            assert _same(before["single_partition_of_fp32_groups"], after["single_partition_of_fp32_groups"]), rank
+        state = load(3, f"rank{rank:05d}.pt")  # each rank's own counters agree
+        assert state["skipped_steps"] == 2 and state["nonfinite_in_row"] == 2, (rank, state["skipped_steps"])
 
 
 def test_too_many_nonfinite_losses_stop_the_run(shards, tmp_path):
