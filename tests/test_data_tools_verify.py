@@ -87,6 +87,31 @@ def test_verify_catches_lost_member_and_stray_shard(built, capsys):
     assert "sha256" not in text
 
 
+def test_verify_decode_catches_an_image_that_does_not_decode(built, capsys):
+    """A PNG member replaced by other bytes of the same length, the index patched to match: the tar,
+    the checksums and the members are all in order, so only --decode can tell, and it does."""
+    import hashlib
+
+    out, index, _ = built
+    shard = out / index["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == "s0001.png":
+                data = b"\x89PNG\r\n\x1a\n" + bytes(len(data) - 8)  # a PNG signature, then zeros
+            tar.addfile(m, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+    index["shards"][0]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    index["shards"][0]["bytes"] = len(buf.getvalue())
+    (out / "index.json").write_text(json.dumps(index))
+    rc, text = _verify(capsys, out)
+    assert rc == 0, text  # without decoding nothing is wrong
+    rc, text = _verify(capsys, out, "--decode")
+    assert rc == 1 and "s0001.png" in text, text
+
+
 def test_verify_without_index(tmp_path, capsys):
     rc, text = _verify(capsys, tmp_path)
     assert rc == 1 and "index.json: missing" in text

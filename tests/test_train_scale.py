@@ -78,3 +78,26 @@ def test_lamb_trains_on_one_process_and_mfu_is_logged(vectors, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     # counted FLOPs over a 1 GFLOP/s "device": positive, and tflops / peak is the MFU
     assert all(r["mfu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.001) for r in rows)
+
+
+def test_step_flops_equal_a_hand_count_for_mlp_towers(vectors, tmp_path):
+    """The counter behind ``mfu`` on our own MLP towers (8 -> 16 hidden -> linear head to 8), forward
+    and backward of a step: every matrix product counted by hand (2 x rows x in x out each; the first
+    layer's input needs no gradient, so it has one backward product, the others two)."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.data import build_modalities
+    from pretrain.flops import StepFlops
+    from pretrain.models import build_model
+
+    cfg = load_config(QUICKSTART, vector_overrides(vectors, tmp_path / "run", 1, 4))
+    model = build_model(cfg.model, build_modalities(cfg.data, train=True))
+    rows = 6
+    inputs = {m: torch.randn(rows, 8) for m in ("a", "b")}
+    with StepFlops() as counter:
+        features, scale, _ = model(inputs)
+        sum(f.sum() for f in features.values()).backward()
+    per_layer = 2 * rows * 8 * 16  # both layers are 8 x 16 (hidden) and 16 x 8 (head)
+    per_tower = per_layer * 2 + per_layer * 1 + per_layer * 2  # forward, first layer's backward, head's backward
+    assert counter.flops == 2 * per_tower, (counter.flops, 2 * per_tower)
