@@ -237,6 +237,7 @@ def shards(tmp_path_factory):
 def _launch_cmd(shards: Path, root: Path, name: str, steps: int, *flags: str) -> list[str]:
     overrides = [o for o in tiny_overrides(shards, root / "unused", steps) if not o.startswith("output_dir=")]
     overrides.append("eval.enabled=false")  # evaluation is tested elsewhere; here it would only cost time
+    overrides += ["train.zero_stage=0", "data.train.workers=0"]  # ZeRO and loader workers: tested elsewhere
     return [PYTHON, "-m", "launch.slurm", "--config", str(QUICKSTART), *overrides, "--output-root", str(root),
             "--name", name, "--time", "10", "--wait", "--poll", POLL, *flags]
 
@@ -353,3 +354,13 @@ def test_sweep_is_a_job_array(slurm, shards, tmp_path, capsys):
         assert json.loads((run / "checkpoints" / "step000003" / "COMPLETE").read_text())["step"] == 3
         assert _loss_steps(run) == [1, 2, 3]
         assert json.loads((run / "ranks" / "rank0.json").read_text())["world_size"] == 1
+
+
+def test_wait_reports_a_failed_job_and_exits_1(slurm, shards, tmp_path):
+    """A run that fails inside the job (its shards are not there): --wait says so, shows the task's
+    error and exits 1 (not 0, not 75)."""
+    cmd = _launch_cmd(shards, tmp_path, "fails", 2, "--tasks-per-node", "1")
+    cmd += [f"data.train.urls={tmp_path}/missing/shard-{{000000..000001}}.tar"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "not every run completed" in proc.stdout and "error:" in proc.stdout, proc.stdout[-3000:]
