@@ -373,8 +373,10 @@ def test_too_many_nonfinite_losses_stop_the_run(shards, tmp_path):
 @pytest.mark.parametrize("stage, precision, loss", [(0, "fp32", "siglip"), (1, "bf16", "clip_lite"), (3, "fp32", "symile")])
 def test_zero_stages_precisions_and_objectives_train(shards, tmp_path, stage, precision, loss):
     out = tmp_path / "run"
-    text = ok(torchrun(tiny_overrides(shards, out, steps=3) + [f"train.zero_stage={stage}", f"train.precision={precision}",
-                                                                f"loss.name={loss}", "eval.enabled=false"]))
+    common = tiny_overrides(shards, out, steps=3) + [f"train.precision={precision}", f"loss.name={loss}",
+                                                     "eval.enabled=false", "train.checkpoint_every=1",
+                                                     "train.keep_checkpoints=3"]
+    text = ok(torchrun(common + [f"train.zero_stage={stage}"]))
     assert f"zero_stage={stage} precision={precision}" in text
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith(f"{loss}/") for r in rows for k in r)  # the objective's own terms were logged
@@ -382,9 +384,27 @@ def test_zero_stages_precisions_and_objectives_train(shards, tmp_path, stage, pr
     assert sorted(values) == [1, 2, 3] and all(math.isfinite(v) for v in values.values())
     folder = out / "checkpoints" / "step000003"
     assert (folder / COMPLETE).is_file()
-    if stage == 3:  # partitioned parameters are consolidated on export
+    from pretrain.export import consolidated_state_dict
+
+    first, last = (consolidated_state_dict(out / "checkpoints" / f"step{s:06d}") for s in (1, 3))
+    for tower in ("towers.image.", "towers.text."):  # it trained: every tower's weights moved, and stay finite
+        names = [k for k in last if k.startswith(tower) and last[k].is_floating_point() and "running_" not in k]
+        assert any(not torch.equal(first[k], last[k]) for k in names), tower
+        assert all(torch.isfinite(last[k]).all() for k in names), tower
+    if stage == 3:  # partitioned parameters are consolidated on export: equal to a ZeRO-2 twin's whole weights
         from pretrain.export import Embedder, export
 
-        emb = Embedder.load(export(folder, tmp_path / "exported"))
-        e = emb.embed_texts(["class number 2"])
+        twin = tmp_path / "zero2"
+        ok(torchrun(tiny_overrides(shards, twin, steps=3) + [f"train.precision={precision}", f"loss.name={loss}",
+                                                             "eval.enabled=false", "train.zero_stage=2"]))
+        want = torch.load(twin / "checkpoints" / "step000003" / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
+        exported = Embedder.load(export(folder, tmp_path / "exported"))
+        got = exported.model.state_dict()
+        assert set(want) == set(got)
+        for k in want:
+            torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+        e = exported.embed_texts(["class number 2"])
         assert e.shape == (1, 16) and torch.isfinite(e).all()
+
+
