@@ -8,6 +8,7 @@ from tests.helpers import run_cmd
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole demo: data, 2-rank training, evaluation
 def test_make_demo_learns(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("GNU make is not installed: the demo is driven by the Makefile")
