@@ -18,8 +18,11 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
 4. agrees (one more collective) whether the loss is finite everywhere, and lets DeepSpeed update
    (one micro-step per micro-batch). A non-finite step is skipped on every rank *on the device*:
    the fused AdamW gets the agreed flag as ``found_inf`` and leaves parameters and optimizer state
-   as they were, while the schedule advances (it stays on the step count). An optimizer without
-   that ability (LAMB) is skipped by reading the flag on the host instead.
+   as they were, while the schedule advances (it stays on the step count); BatchNorm's running
+   statistics, which the step's forward moved, are put back too (a device-side select). An
+   optimizer without that ability (LAMB) is skipped by reading the flag on the host instead. With
+   accumulation the statistics are put back between the cached forwards and their replays, so each
+   micro-batch updates them once.
 
 Nothing is read back from the device in a step: the agreed flags travel to the host with a
 non-blocking copy and are read one step later (``StepOutput.earlier``), or at once by ``settle()``
@@ -72,12 +75,17 @@ class ContrastiveStep:
         self._event = None
         self._pending: Optional[int] = None  # the step whose flags are on their way to the host
         self._scales: tuple = (None, None)
+        # BatchNorm's running statistics: a forward updates them, so a skipped step puts them back
+        # (on the device), and the accumulation's replay does not update them a second time
+        self.norm_buffers = [b for mod in self.model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+                             for b in mod.buffers()]
 
     def __call__(self, batches: list, step: int) -> StepOutput:
         lr = self.scheduler.get_last_lr()[0]
         earlier = self.settle()  # the previous step's flags: their copy finished long ago
         loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
                                              for m in self.masked if m in b.masks}) for b in batches]
+        saved = [b.clone() for b in self.norm_buffers]
         if len(batches) == 1:
             features, scale, bias, prior = self.forward(batches[0], step)
             losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, prior=prior)
@@ -88,7 +96,9 @@ class ContrastiveStep:
         else:
             check = None if self.device_skip else (lambda _: self._host_finite())
             losses = accumulate_step(lambda b: self.forward(b)[:3], batches, self.guarded_loss, masks=loss_masks,
-                                     backward=self.backward_micro, step=step, check=check)
+                                     backward=self.backward_micro, step=step, check=check,
+                                     before_replay=lambda: self._put_back(saved))
+        self._put_back(saved, only_if_skipped=True)
         if not self.device_skip and not self._host_finite():
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
         self._send(step + 1)
@@ -139,6 +149,12 @@ class ContrastiveStep:
             self.optimizer.found_inf = bad[0]  # the fused update is skipped on the device where 1
         out["loss"] = torch.where(bad[0] == 0, out["loss"], torch.full_like(out["loss"], float("nan")))
         return out
+
+    def _put_back(self, saved: list, only_if_skipped: bool = False) -> None:
+        """BatchNorm's running statistics as they were before the step: always, or (on the device, no
+        host read) only where the step was skipped."""
+        for buf, old in zip(self.norm_buffers, saved):
+            buf.copy_(torch.where(self._flags[0] > 0, old, buf) if only_if_skipped else old)
 
     def backward_micro(self, surrogate: torch.Tensor) -> None:
         self.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient

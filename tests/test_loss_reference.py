@@ -157,6 +157,41 @@ def test_accumulation_replays_each_micro_batch_dropout_masks():
         torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-14)
 
 
+def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch():
+    """BatchNorm's running statistics after an accumulated step equal those of one plain forward per
+    micro-batch when ``before_replay`` puts them back between the cached pass and the replay (as the
+    trainer does); without it every micro-batch counts twice."""
+    torch.manual_seed(0)
+    tower = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, DIM)).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    mbs = [x[i : i + 3] for i in (0, 3, 6)]
+    other = F.normalize(torch.randn(9, DIM, dtype=torch.float64), dim=-1)
+    bn = tower[1]
+    start = [b.clone() for b in bn.buffers()]
+
+    def encode(mb):
+        rows = next(i for i, m in enumerate(mbs) if m is mb) * 3
+        return {"a": F.normalize(tower(mb), dim=-1), "b": other[rows : rows + 3]}
+
+    for mb in mbs:  # the reference: each micro-batch through the tower once
+        tower(mb)
+    want = [b.clone() for b in bn.buffers()]
+    for buf, s in zip(bn.buffers(), start):
+        buf.copy_(s)
+
+    def put_back():
+        for buf, s in zip(bn.buffers(), start):
+            buf.copy_(s)
+
+    accumulate_step(encode, mbs, build_loss({"name": "clip"}), lambda: (torch.tensor([3.0], dtype=torch.float64), None),
+                    before_replay=put_back)
+    for got, w in zip(bn.buffers(), want):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+    put_back()
+    accumulate_step(encode, mbs, build_loss({"name": "clip"}), lambda: (torch.tensor([3.0], dtype=torch.float64), None))
+    assert int(bn.num_batches_tracked) == 6  # without the hook: twice per micro-batch
+
+
 @pytest.mark.parametrize(
     "call, words",
     [

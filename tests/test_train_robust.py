@@ -342,14 +342,10 @@ def test_nonfinite_losses_are_skipped_on_every_rank(shards, tmp_path, stage):
         return torch.load(ckpts / f"step{step:06d}" / name, map_location="cpu", weights_only=False)
 
     model = "mp_rank_00_model_states.pt"
-    # parameters (not BatchNorm's running statistics: the skipped steps' forwards did run)
-    params = {k for k in load(1, model)["module"] if "running_" not in k and "num_batches_tracked" not in k}
-
-    def weights(step):
-        return {k: v for k, v in load(step, model)["module"].items() if k in params}
-
-    assert _same(weights(1), weights(3))  # skipped: nothing moved
-    assert not _same(weights(3), weights(4))  # (and the next step did move)
+    # parameters and BatchNorm's running statistics (the skipped steps' forwards ran; they are put back)
+    assert any("running_mean" in k for k in load(1, model)["module"])
+    assert _same(load(1, model)["module"], load(3, model)["module"])  # skipped: nothing moved
+    assert not _same(load(3, model)["module"], load(4, model)["module"])  # (and the next step did move)
     # moments and step counts (and ZeRO's fp32 master partitions): untouched. The learning rate in the
     # param groups follows the step count by design: the schedule does not stop.
     if stage == 0:

@@ -33,6 +33,7 @@ def accumulate_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     step: int | None = None,
     check: Callable[[dict[str, torch.Tensor]], bool] | None = None,
+    before_replay: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step's gradients over ``micro_batches``; returns the loss output (detached).
 
@@ -42,7 +43,9 @@ def accumulate_step(
     ``backward(t)`` backpropagates t (default ``t.backward()``); it is called exactly once per
     micro-batch, the temperature's and bias's gradients riding on the first one.
     ``check(loss_output)`` runs before any backward; when it returns False nothing is
-    backpropagated (a skipped step).
+    backpropagated (a skipped step). ``before_replay()`` runs between the cached forwards and their
+    replays (the trainer puts BatchNorm's running statistics back there, so that each micro-batch
+    updates them once, not twice).
     """
     if not micro_batches:
         raise ValueError("accumulate_step: no micro-batches")
@@ -66,6 +69,8 @@ def accumulate_step(
                 scale_value = scale0.detach()
                 bias_value = None if bias0 is None else bias0.detach()
     after = torch_rng_state()
+    if before_replay is not None:
+        before_replay()
     names = sorted(cached[0])
     sizes = [cached_mb[names[0]].shape[0] for cached_mb in cached]
     feats = {m: torch.cat([c[m] for c in cached]).requires_grad_(True) for m in names}
