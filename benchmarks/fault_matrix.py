@@ -29,22 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.distributed import free_port  # noqa: E402
-
-SHARDS = ROOT / "tests" / "assets" / "shards"
-TINY = [  # the quickstart shrunk to test size (as tests/helpers.py's TINY_MODEL)
-    "data.image_size=16", "data.context_length=24", "model.towers.image.options.name=test_resnet",
-    "model.embed_dim=16", "model.towers.text.options.width=32", "model.towers.text.options.layers=1",
-    "model.towers.text.options.heads=2",
-]
+from tests.helpers import ASSET_SHARDS, QUICKSTART, free_port, tiny_overrides  # noqa: E402 - the test-size run
 
 
 def command(out: Path, steps: int, every: int) -> list[str]:
+    """The test-size quickstart on tests/assets/shards, 2 ranks, checkpoints every ``every`` steps."""
     return [sys.executable, "-u", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            "-m", "pretrain.train", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"output_dir={out}",
-            f"data.train.urls={SHARDS}/train/shard-{{000000..000007}}.tar",
-            f"data.val.urls={SHARDS}/val/shard-{{000000..000001}}.tar", "data.train.shuffle_buffer=4", *TINY,
-            f"train.steps={steps}", "train.micro_batch_size=6", "train.warmup_steps=1", "train.log_every=1",
+            "-m", "pretrain.train", "--config", str(QUICKSTART), *tiny_overrides(ASSET_SHARDS, out, steps),
             f"train.checkpoint_every={every}", "train.keep_checkpoints=2", "eval.enabled=false"]
 
 

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.distributed import gather_objects, world_size
+from pretrain.distributed import rank as this_rank
 from pretrain.options import ConfigError, require
 
 COMPLETE = "COMPLETE"
@@ -130,35 +132,20 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _all_ranks(value) -> list:
-    """Every rank's ``value`` (collective when a process group is up)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def file_manifest(folder: Path) -> dict[str, dict]:
     """Collective: name -> {bytes, sha256} of every file under ``folder`` (but the markers), each
     rank hashing its share."""
-    rank, world = _rank_world()
+    rank, world = this_rank(), world_size()
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and p.name not in (COMPLETE, DAMAGED, f"{COMPLETE}.tmp"))
     mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names[rank::world]}
-    return {k: v for part in _all_ranks(mine) for k, v in part.items()}
+    return {k: v for part in gather_objects(mine) for k, v in part.items()}
 
 
 def damaged_files(folder: Path) -> list[str]:
     """Collective: the files of a complete checkpoint that differ from what its COMPLETE marker
     recorded ("name (why)"), each rank checking its share; [] when all match or nothing was recorded."""
-    rank, world = _rank_world()
+    rank, world = this_rank(), world_size()
     try:
         recorded = json.loads((folder / COMPLETE).read_text()).get("files")
         problems = [] if recorded is None or isinstance(recorded, dict) else [f"{COMPLETE} (no file list)"]
@@ -173,7 +160,7 @@ def damaged_files(folder: Path) -> list[str]:
             bad.append(f"{name} ({path.stat().st_size} bytes, {want['bytes']} written)")
         elif _sha256(path) != want["sha256"]:
             bad.append(f"{name} (SHA-256 differs from the one written)")
-    return problems + sorted(b for part in _all_ranks(bad) for b in part)
+    return problems + sorted(b for part in gather_objects(bad) for b in part)
 
 
 def mark_damaged(folder: Path, problems: list[str]) -> None:

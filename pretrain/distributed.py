@@ -88,6 +88,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value) -> list:
+    """Every rank's picklable ``value``, in rank order (collective in a group of several ranks)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 # ------------------------------------------------------------------ collectives without gradient
 
 

@@ -57,6 +57,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         store, start = None, time.monotonic()
+        keys = [f"{self.prefix}{r}" for r in range(self.world)]
         counts = [None] * self.world
         heard = [start] * self.world  # when each rank's counter last moved (this rank's clock)
         store_heard = start
@@ -64,9 +65,12 @@ class Heartbeat:
             now = time.monotonic()
             try:
                 store = store or self._connect()
-                store.add(f"{self.prefix}{self.rank}", 1)
-                for r in range(self.world):
-                    c = store.add(f"{self.prefix}{r}", 0)  # read without waiting (0 if it never beat)
+                store.add(keys[self.rank], 1)
+                # two requests per beat whatever the world size; until every rank has beaten once, one
+                # per rank (adding 0 reads without waiting, and creates the counter of a rank not yet there)
+                values = ([int(v) for v in store.multi_get(keys)] if store.check(keys)
+                          else [store.add(k, 0) for k in keys])
+                for r, c in enumerate(values):
                     if c != counts[r]:
                         counts[r], heard[r] = c, now
                 store_heard = now

@@ -62,23 +62,30 @@ def test_verify_catches_truncated_and_missing_shards(built, capsys):
     assert "shard-000002.tar: missing" in text
 
 
-def test_verify_catches_lost_member_and_stray_shard(built, capsys):
-    """A shard rewritten without one member, its checksum patched into the index: the member check catches it."""
-    out, index, _ = built
+def _rewrite_first_shard(out, index, edit) -> None:
+    """Rewrites shard 0 with ``edit(name, data)`` applied to each member (None drops it) and patches
+    its size and checksum into index.json, so that only what ``edit`` did is wrong."""
+    import hashlib
+
     shard = out / index["shards"][0]["name"]
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
-            if m.name != "s0001.txt":
+            data = edit(m.name, data)
+            if data is not None:
                 tar.addfile(m, io.BytesIO(data))
     shard.write_bytes(buf.getvalue())
-    import hashlib
-
     index["shards"][0]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     index["shards"][0]["bytes"] = len(buf.getvalue())
     (out / "index.json").write_text(json.dumps(index))
+
+
+def test_verify_catches_lost_member_and_stray_shard(built, capsys):
+    """A shard rewritten without one member, its checksum patched into the index: the member check catches it."""
+    out, index, _ = built
+    _rewrite_first_shard(out, index, lambda name, data: None if name == "s0001.txt" else data)
     (out / "shard-000009.tar").write_bytes(b"")
     rc, text = _verify(capsys, out)
     assert rc == 1
@@ -90,22 +97,12 @@ def test_verify_catches_lost_member_and_stray_shard(built, capsys):
 def test_verify_decode_catches_an_image_that_does_not_decode(built, capsys):
     """A PNG member replaced by other bytes of the same length, the index patched to match: the tar,
     the checksums and the members are all in order, so only --decode can tell, and it does."""
-    import hashlib
-
     out, index, _ = built
-    shard = out / index["shards"][0]["name"]
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            if m.name == "s0001.png":
-                data = b"\x89PNG\r\n\x1a\n" + bytes(len(data) - 8)  # a PNG signature, then zeros
-            tar.addfile(m, io.BytesIO(data))
-    shard.write_bytes(buf.getvalue())
-    index["shards"][0]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    index["shards"][0]["bytes"] = len(buf.getvalue())
-    (out / "index.json").write_text(json.dumps(index))
+
+    def garble(name, data):  # a PNG signature, then zeros
+        return b"\x89PNG\r\n\x1a\n" + bytes(len(data) - 8) if name == "s0001.png" else data
+
+    _rewrite_first_shard(out, index, garble)
     rc, text = _verify(capsys, out)
     assert rc == 0, text  # without decoding nothing is wrong
     rc, text = _verify(capsys, out, "--decode")

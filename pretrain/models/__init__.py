@@ -141,18 +141,15 @@ class ContrastiveModel(nn.Module):
         per modality with a discriminator, ``prior_noise``) a fourth item: modality -> (logits of
         the prior samples, logits of the backbone features), each (B,)."""
         masks = masks or {}
-        if noise is None:
-            features = {m: self.encode(m, x, masks.get(m)) for m, x in inputs.items()}
-            return features, *self.scales()
         features, prior = {}, {}
         for m, x in inputs.items():
             h = self.towers[m].backbone_features(x, masks.get(m))
             features[m] = F.normalize(self.towers[m].head(h), dim=-1)
-            if self.prior_discriminators is not None and m in self.prior_discriminators:
+            if noise is not None and self.prior_discriminators is not None and m in self.prior_discriminators:
                 d = self.prior_discriminators[m]
                 fake = reverse_gradient(h) if self.prior_mode == "adversarial" else h
                 prior[m] = (d(noise[m].to(h.dtype)), d(fake))
-        return features, *self.scales(), prior
+        return (features, *self.scales()) if noise is None else (features, *self.scales(), prior)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict without training-only parts (the prior discriminators): what the
