@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR := data/demo
 DEMO_RUN ?= runs/demo
+# extra config overrides for the demo's training run, e.g. DEMO_ARGS="train.steps=80"
+DEMO_ARGS ?=
 # torch and torchvision are installed first and pinned here: on the project's CPU machines these
 # releases lie on local disk for pip (a pip constraints file caps torch at them).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
@@ -41,7 +43,7 @@ demo: demo-data
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \
 	  -m pretrain.train --config configs/quickstart.yaml output_dir=$(DEMO_RUN) \
 	  "data.train.urls=$(DEMO_DIR)/shards/train/shard-{000000..000007}.tar" \
-	  "data.val.urls=$(DEMO_DIR)/shards/val/shard-{000000..000001}.tar"
+	  "data.val.urls=$(DEMO_DIR)/shards/val/shard-{000000..000001}.tar" $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

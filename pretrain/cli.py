@@ -16,11 +16,14 @@ Exit codes a scheduler can act on (documented in the README):
 - KeyboardInterrupt: the ``interrupted`` line, exit 130 (re-raised when no line is given);
 - anything else is a bug or an unexpected failure: its traceback, exit 1.
 
+Afterwards the garbage collector is frozen (``gc.freeze``), so that the process exits promptly.
+
 Used by ``python -m pretrain.train``, ``pretrain.eval``, ``pretrain.export``, ``data_tools`` and
 ``launch.slurm``. Imports nothing heavy.
 """
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -54,3 +57,7 @@ def run_cli(body: Callable[[], Optional[int]], *, errors: Sequence[tuple] = (), 
     finally:
         if cleanup is not None:
             cleanup()
+        # The process ends next: without this, the interpreter's shutdown collection walks every
+        # object torch, timm, transformers and DeepSpeed made (about 600k after a training run, 1-1.5 s
+        # of CPU per process). Everything the tool writes is closed by now; nothing is left to collect.
+        gc.freeze()
