@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,6 +93,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg, cfg.steps)
+    _stand_in_for_deepspeed_muon()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
@@ -101,3 +104,31 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
             if buf.is_floating_point():
                 buf.data = buf.data.to(cfg.dtype)
     return engine, optimizer, scheduler
+
+
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def _not_here(*args, **kwargs):
+    raise RuntimeError("DeepSpeed's Muon is not used by this project (pretrain.engine stands in for it)")
+
+
+def _stand_in_for_deepspeed_muon() -> None:
+    """DeepSpeed's ZeRO code imports its Muon optimizer only to ask whether the optimizer is one (when
+    the engine is built, and again in ZeRO-1/2's first gradient reduction, which also takes Muon's
+    update function and calls it only for Muon parameters). That import wraps three functions in
+    ``torch.compile``, which loads inductor: 1.1-1.4 s of CPU in every rank of every run (DeepSpeed
+    0.19, torch 2.14, the project's 2-core machine). No optimizer here is Muon: ``train.optimizer`` is
+    AdamW or LAMB and ``train.deepspeed.optimizer`` is refused. So, unless something imported the real
+    modules already, stand-ins answer the same "no" without that import: a class nothing is an
+    instance of, and update functions that would say so if ever called."""
+    if any(name in sys.modules for name in MUON_MODULES):
+        return
+
+    class MuonWithAuxAdam:  # no optimizer of this project is one
+        pass
+
+    for name in MUON_MODULES:
+        stand_in = types.ModuleType(name, "pretrain.engine's stand-in: DeepSpeed's Muon is not used here")
+        stand_in.MuonWithAuxAdam, stand_in.muon_update, stand_in.adam_update = MuonWithAuxAdam, _not_here, _not_here
+        sys.modules[name] = stand_in
