@@ -6,11 +6,12 @@
 ``--every`` steps) is killed with SIGKILL, every process of the job at once (the launcher's whole
 process group, no clean-up), at ``--kills`` random moments: a seeded random number of steps into each
 launch (1 to ``--every``), a seeded random fraction of a second after that step's log line (so
-some kills land inside a checkpoint save), never in the last three steps.
+some kills land inside a checkpoint save), never in the last three steps; with ``--first-after K``
+the first kill comes no earlier than after step K (so that even a single kill resumes from a checkpoint).
 After each kill the same command runs again; it resumes from the newest complete checkpoint, and
 its losses must equal an uninterrupted run's at every step it runs (fp32, CPU, 1e-5). Prints
 "N of N exact" and writes every kill (step, delay, where the next run resumed) with ``--json``.
-tests/test_train_robust.py runs it with 2 kills; this script runs many.
+tests/test_train_robust.py runs it with one kill after the first checkpoint; this script runs many.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def kill_job(root: int, timeout: float = 60) -> int:
     raise SystemExit(f"processes {pids} still alive {timeout} s after SIGKILL")
 
 
-def run_until(out: Path, steps: int, every: int, after: int | None, delay: float, timeout: float = 600) -> dict:
+def run_until(out: Path, steps: int, every: int, after: int | None, delay: float, timeout: float = 600,
+              at_least: int = 0) -> dict:
     """One launch; with ``after``, SIGKILL to the whole job ``delay`` s after the launch logged that
-    many steps (counted from where it resumed; at the latest after step ``steps - 3``)."""
+    many steps (counted from where it resumed; at the latest after step ``steps - 3``; no earlier
+    than after step ``at_least``)."""
     proc = subprocess.Popen(command(out, steps, every), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines, resumed, t0, kill_at, killed = [], 0, time.monotonic(), None, 0
@@ -106,7 +109,7 @@ def run_until(out: Path, steps: int, every: int, after: int | None, delay: float
             if "resumed_from=" in line:
                 resumed = int(line.split(" at step ")[1].split()[0])
             if after is not None and kill_at is None and line.startswith("[train] world_size="):
-                kill_at = min(resumed + after, steps - 3)
+                kill_at = min(max(resumed + after, at_least), steps - 3)
                 if kill_at <= resumed:
                     kill_job(proc.pid)
                     raise SystemExit(f"resumed at step {resumed} of {steps}: no room left for this kill; raise --steps")
@@ -140,7 +143,7 @@ def kill9(args) -> dict:
         last = i == args.kills
         after = None if last else rng.randint(1, args.every)  # steps into the launch
         delay = 0.0 if last else round(rng.uniform(0.0, args.max_delay), 3)
-        launch = run_until(chain, args.steps, args.every, after, delay)
+        launch = run_until(chain, args.steps, args.every, after, delay, at_least=args.first_after if i == 0 else 0)
         step = launch["killed_after"]
         rows = logged(chain)
         new, seen = rows[seen:], len(rows)
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--every", type=int, default=4, help="checkpoint every N steps (default 4)")
     k.add_argument("--max-delay", type=float, default=0.3, help="kill up to this long after the step's log line")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--first-after", type=int, default=0, metavar="K",
+                   help="the first kill no earlier than after step K (default 0: anywhere in the first --every steps)")
     k.add_argument("--out", default="runs/fault_matrix")
     k.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)

@@ -6,11 +6,15 @@ code has no fault hooks):
   step's real finiteness guard);
 - ``die:R:S``: rank R exits at once (code 13, no clean-up) when it starts step S;
 - ``crash_in_save:S``: every rank exits (code 17) in the middle of the save at step S, after its
-  files are written and before the checkpoint is marked complete.
+  files are written and before the checkpoint is marked complete;
+- ``fill_disk:S``: just before the save at step S, rank 0 fills the output folder's file system
+  (another writer, as it were) with a file ``disk_filler``, leaving free half the size of the newest
+  complete checkpoint.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import torch.distributed as dist
@@ -60,6 +64,19 @@ def install(spec: str) -> None:
             return commit(ckpt_dir, folder, at, rank, keep)
 
         checkpoint._commit = crash
+    elif kind == "fill_disk":
+        step, save = int(arg), checkpoint.save
+
+        def fill_then_save(engine, ckpt_dir, at, rank, *args, **kwargs):
+            if at == step and rank == 0:
+                before = checkpoint.latest_complete(ckpt_dir)
+                size = sum(p.stat().st_size for p in before.rglob("*") if p.is_file())
+                room = shutil.disk_usage(ckpt_dir).free - size // 2
+                with open(ckpt_dir.parent / "disk_filler", "wb") as f:
+                    f.write(bytes(room))
+            return save(engine, ckpt_dir, at, rank, *args, **kwargs)
+
+        checkpoint.save = fill_then_save
     elif spec:
         raise SystemExit(f"tests.faults: unknown PRETRAIN_FAULT {spec!r}")
 
