@@ -68,42 +68,37 @@ def test_two_rank_run_records(uninterrupted):
     assert (out / "config.yaml").is_file()
 
 
-def test_accelerate_launch_matches_torchrun(shards, uninterrupted, tmp_path):
-    """The same config and seed under `accelerate launch` gives the torchrun run's losses and eval."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), f"--main_process_port={free_port()}",
-           "-m", "pretrain.train", "--config", str(QUICKSTART),
-           *tiny_overrides(shards, out, steps=6), "train.checkpoint_every=2", "train.log_keys=true"]
-    ok(run_cmd(cmd, timeout=600))
-    assert [json.loads((out / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in range(2)] == [2, 2]
-    want, got = losses(uninterrupted), losses(out)
-    assert sorted(got) == sorted(want)
-    for step in want:
-        assert math.isclose(got[step], want[step], rel_tol=1e-6), (step, got[step], want[step])
-    ev = lambda d: json.loads((d / "eval.json").read_text())["eval/zeroshot_top1"]
-    assert ev(out) == ev(uninterrupted)
-
-
 def _keys(out, rank):
     rows = [json.loads(line) for line in (out / "keys" / f"rank{rank}.jsonl").read_text().splitlines()]
     return {r["step"]: r["keys"] for r in rows}
 
 
-def test_resume_reproduces_the_uninterrupted_run(shards, uninterrupted, tmp_path):
+def test_accelerate_launch_stops_and_torchrun_resumes_the_uninterrupted_run(shards, uninterrupted, tmp_path):
+    """The same config and seed under `accelerate launch`, ended early by train.stop_at_step=3 (mid-
+    epoch: an epoch is 4 steps), gives the torchrun run's losses; the same command under torchrun
+    resumes from that checkpoint and continues the uninterrupted run exactly: losses, the data stream
+    on each rank, the final evaluation."""
     out = tmp_path / "run"
     args = tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true"]
-    first = ok(torchrun(args + ["train.stop_at_step=3"]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), f"--main_process_port={free_port()}",
+           "-m", "pretrain.train", "--config", str(QUICKSTART), *args, "train.stop_at_step=3"]
+    first = ok(run_cmd(cmd, timeout=600))
+    assert [json.loads((out / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in range(2)] == [2, 2]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
-    assert "eval" not in "".join(l for l in first.splitlines() if l.startswith("[eval]"))
+    assert not [line for line in first.splitlines() if line.startswith("[eval]")]  # no final evaluation at a stop
+    want = losses(uninterrupted)
+    assert sorted(losses(out)) == [1, 2, 3]
     second = ok(torchrun(args))
     assert "at step 3" in second
-    want, got = losses(uninterrupted), losses(out)
+    got = losses(out)
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         assert math.isclose(got[step], want[step], rel_tol=1e-5, abs_tol=1e-6), (step, got[step], want[step])
     for rank in range(2):  # the data stream continued where it stopped
         assert _keys(out, rank) == _keys(uninterrupted, rank)
+    ev = lambda d: json.loads((d / "eval.json").read_text())["eval/zeroshot_top1"]  # noqa: E731
+    assert ev(out) == ev(uninterrupted)
 
 
 def test_damaged_checkpoint_is_named_and_resume_falls_back(uninterrupted, tmp_path):
