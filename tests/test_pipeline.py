@@ -77,7 +77,9 @@ def test_window_shuffle_mixes_across_shards(shards):
 
 
 def _resume_check(d: DataConfig, rank: int, total: int, cuts: list[int], batch: int = 3):
-    full = take(iter(loader(d, rank=rank, world=2, batch=batch)), total)
+    whole = loader(d, rank=rank, world=2, batch=batch)
+    full = take(iter(whole), total)
+    whole.close()  # shut its workers down now: a loader left to the garbage collector waits 5 s per worker
     for cut in cuts:
         first = loader(d, rank=rank, world=2, batch=batch)
         head = take(iter(first), cut)
