@@ -1,26 +1,27 @@
-"""`python -m pretrain.eval` end to end: a tiny CLIP run (2 steps, one process),
-then the CLI on its checkpoint under torchrun with 2 ranks (one of which embeds no probe-training
-sample): every task, the JSON file, the plots, the summary; bad input stops with a message."""
+"""`python -m pretrain.eval` end to end: the CLI under torchrun with 2 ranks (one of which embeds
+no probe-training sample) on a tiny CLIP run's checkpoint (tests/assets/run_v1: 2 steps, written by
+an earlier version): every task, the JSON file, the plots, the summary; bad input stops with a
+message."""
 import json
+import shutil
 
 import pytest
 from PIL import Image
 
-from tests.helpers import ASSET_SHARDS, PYTHON, free_port, ok, run_cmd, single, tiny_overrides
+from tests.helpers import ASSETS, PYTHON, free_port, ok, run_cmd
 
 pytestmark = pytest.mark.slow
 
 
 def test_eval_cli_on_a_trained_checkpoint(tmp_path):
-    shards = ASSET_SHARDS
-    run = tmp_path / "run"
-    # ZeRO-0 and no loader worker keep it short; the CLI consolidates any stage through pretrain.export
-    ok(single(tiny_overrides(shards, run, steps=2) + ["eval.enabled=false", "train.zero_stage=0", "data.train.workers=0"]))
+    run = tmp_path / "run"  # a copy: the CLI writes its results into the run folder
+    shutil.copytree(ASSETS / "run_v1", run)
     ckpt = run / "checkpoints" / "step000002"
     out = ok(run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                       "-m", "pretrain.eval", "--checkpoint", str(ckpt),
                       "eval.tasks=[zeroshot,retrieval,symile,linear_probe]", "eval.symile.candidates=3",
-                      "eval.linear_probe.max_train_samples=1", "eval.chunk_size=5"], timeout=300))
+                      "eval.linear_probe.max_train_samples=1", "eval.chunk_size=5",
+                      "eval.classnames=[a, b, c, d]", "eval.templates=['class number {}']"], timeout=300))
     result = json.loads((run / "eval" / "step000002.json").read_text())
     assert result["step"] == 2 and result["eval/samples"] == 12  # both ranks' parts gathered
     for key in ("eval/zeroshot/image/top1", "eval/zeroshot/image/top4", "eval/retrieval/image_to_text/r1",
