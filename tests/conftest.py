@@ -1,10 +1,13 @@
-"""Suite-wide rules (issue 18), for every test module.
+"""Suite-wide rules (issue 18), for every test module, and the one fixture two modules share.
 
 Under CI (the ``CI`` environment variable set, as ``.ci/run`` does), a skipped test or module fails
 the run: a skip there means a missing install step or a broken import, and would otherwise hide
 behind a green exit code. A skip that is expected on the CI machine needs an entry in
 ``ALLOWED_SKIPS`` (a fragment of its reason -> why CI may skip it). Outside CI, skips only print
 their reasons (``-ra``).
+
+``uninterrupted_run``: a tiny 2-rank training run (6 steps, checkpoints every 2, sample keys
+logged, evaluation every 2 steps) that resume, export and S3 tests compare against; made once.
 """
 from __future__ import annotations
 
@@ -17,6 +20,17 @@ ALLOWED_SKIPS: dict[str, str] = {
 }
 
 _unexpected: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    from tests.helpers import ASSET_SHARDS, ok, tiny_overrides, torchrun
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    # eval.every=2 here only: a resumed run (no mid-run evaluation) must still match it exactly
+    ok(torchrun(tiny_overrides(ASSET_SHARDS, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true",
+                                                              "eval.every=2"]))
+    return out
 
 
 def _check(report) -> None:

@@ -113,10 +113,12 @@ def _keys(out, rank):
 
 
 @pytest.mark.slow
-def test_two_rank_training_from_s3_resumes_exactly_and_evaluates(endpoint, tmp_path):
+def test_two_rank_training_from_s3_resumes_exactly_and_evaluates(endpoint, uninterrupted_run, tmp_path):
+    """2 ranks stream the asset shards from the bucket, stop at step 3 (mid-epoch) and resume: every
+    loss, each rank's data stream and the final evaluation (read from the bucket's val shards) equal
+    the same run's on the local copies of those shards (tests/conftest.py's uninterrupted_run)."""
     env = {**AWS_ENV, "FSSPEC_S3_ENDPOINT_URL": endpoint}
-    whole, out = tmp_path / "whole", tmp_path / "run"
-    ok(torchrun(_args(whole), env=env))
+    whole, out = uninterrupted_run, tmp_path / "run"
     first = ok(torchrun(_args(out) + ["train.stop_at_step=3"], env=env))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
     assert "[eval]" not in first

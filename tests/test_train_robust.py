@@ -27,12 +27,8 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runA") / "run"
-    # eval.every=2 here only: the resumed run (no mid-run evaluation) must still match it exactly
-    ok(torchrun(tiny_overrides(shards, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true",
-                                                        "eval.every=2"]))
-    return out
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run  # tests/conftest.py: 6 steps on 2 ranks, checkpoints every 2, evaluation every 2
 
 
 def test_two_rank_run_records(uninterrupted):
