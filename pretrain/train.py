@@ -15,7 +15,7 @@ import sys
 import torch
 
 from pretrain.checkpoint import CheckpointSaveError
-from pretrain.cli import FAILED, OK, STOPPED, run_cli
+from pretrain.cli import FAILED, OK, STOPPED, collector_paused, run_cli
 from pretrain.config import load_config
 from pretrain.distributed import close_distributed
 from pretrain.trainer import Trainer, TrainingError
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
 
     def run() -> int:
-        trainer = Trainer(load_config(config_path, overrides))
+        with collector_paused():  # start-up: imports, model, engine, loader
+            trainer = Trainer(load_config(config_path, overrides))
         trainer.train()
         return STOPPED if trainer.stopped_by else OK  # stopped by a signal: saved, resume later
 
