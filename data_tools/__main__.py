@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_tools.errors import BuildError, StrictFailure
 from data_tools.members import AUDIO_FORMATS, IMAGE_FORMATS, Processing
-from pretrain.cli import run_cli
+from pretrain.cli import exit_process, run_cli
 
 EXIT_BAD_INPUT = 1  # --strict stopped at a bad input; verify found problems
 EXIT_USAGE = 2  # bad flags or an unreadable input
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

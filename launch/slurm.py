@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.task import PREEMPT_SIGNAL, TrainTask
-from pretrain.cli import FAILED, INTERRUPTED, OK, STOPPED, USAGE, run_cli
+from pretrain.cli import FAILED, INTERRUPTED, OK, STOPPED, USAGE, exit_process, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding launch/ and pretrain/
 FINAL_STATES = {
@@ -543,4 +543,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

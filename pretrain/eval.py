@@ -14,11 +14,10 @@ the split; the parts are gathered). The tasks and metric keys: ``pretrain/evalua
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from pretrain.checkpoint import CheckpointError, find_checkpoint
-from pretrain.cli import FAILED, USAGE, run_cli
+from pretrain.cli import FAILED, USAGE, exit_process, run_cli
 from pretrain.config import load_config
 from pretrain.data import build_modalities
 from pretrain.distributed import close_distributed, init_distributed
@@ -60,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

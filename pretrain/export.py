@@ -21,14 +21,13 @@ import argparse
 import dataclasses
 import io
 import random
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint, find_checkpoint
-from pretrain.cli import USAGE, run_cli
+from pretrain.cli import USAGE, exit_process, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
 from pretrain.models import FORMATS, ContrastiveModel, PriorSpec, build_model
@@ -168,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

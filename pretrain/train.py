@@ -10,12 +10,11 @@ finished, 1 when failed, 2 for a bad configuration), and skips (and counts) step
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from pretrain.checkpoint import CheckpointSaveError
-from pretrain.cli import FAILED, OK, STOPPED, collector_paused, run_cli
+from pretrain.cli import FAILED, OK, STOPPED, collector_paused, exit_process, run_cli
 from pretrain.config import load_config
 from pretrain.distributed import close_distributed
 from pretrain.trainer import Trainer, TrainingError
@@ -51,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

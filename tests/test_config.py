@@ -67,6 +67,20 @@ def test_cli_stops_with_clear_message():
     assert "config error: train.steps: expected an integer, got 'many'" in proc.stderr
 
 
+def test_a_tools_main_called_from_python_leaves_the_garbage_collector_alone():
+    """The collector is frozen (for a prompt exit) only by the __main__ block's exit_process, never
+    by main() itself, and start-up's pause gives it back."""
+    import gc
+
+    from pretrain.eval import main as eval_main
+    from pretrain.train import main as train_main
+
+    before = gc.get_freeze_count()
+    assert train_main(["--config", str(QUICKSTART), "train.steps=many"]) == 2  # config error: exit code 2
+    assert eval_main(["--checkpoint", "/no/such/run"]) == 2
+    assert gc.get_freeze_count() == before and gc.isenabled()
+
+
 def test_loss_options_validated_against_the_named_loss():
     cfg = load_config(QUICKSTART, ["loss.name=clip_lite", "loss.negative=local"])
     assert cfg.loss.name == "clip_lite" and cfg.loss.negative == "local"
