@@ -7,7 +7,8 @@
 process group, no clean-up), at ``--kills`` random moments: a seeded random number of steps into each
 launch (1 to ``--every``), a seeded random fraction of a second after that step's log line (so
 some kills land inside a checkpoint save), never in the last three steps; with ``--first-after K``
-the first kill comes no earlier than after step K (so that even a single kill resumes from a checkpoint).
+the first kill comes no earlier than after step K (so that even a single kill resumes from a checkpoint);
+``--reference RUN`` compares with an existing uninterrupted run of the same recipe instead of a new one.
 After each kill the same command runs again; it resumes from the newest complete checkpoint, and
 its losses must equal an uninterrupted run's at every step it runs (fp32, CPU, 1e-5). Prints
 "N of N exact" and writes every kill (step, delay, where the next run resumed) with ``--json``.
@@ -134,9 +135,12 @@ def kill9(args) -> dict:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    ref, chain = out / "reference", out / "chain"
-    run_until(ref, args.steps, args.every, None, 0.0)
+    ref, chain = Path(args.reference) if args.reference else out / "reference", out / "chain"
+    if not args.reference:
+        run_until(ref, args.steps, args.every, None, 0.0)
     want = {r["step"]: r["loss"] for r in logged(ref)}
+    if sorted(want) != list(range(1, args.steps + 1)):
+        raise SystemExit(f"the reference {ref} logged steps {sorted(want)}, not 1..{args.steps}")
     rng = random.Random(args.seed)
     kills, seen = [], 0
     for i in range(args.kills + 1):
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--every", type=int, default=4, help="checkpoint every N steps (default 4)")
     k.add_argument("--max-delay", type=float, default=0.3, help="kill up to this long after the step's log line")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--reference", metavar="RUN", help="a finished run of the same recipe and --steps (any "
+                   "checkpoint interval) to compare with, instead of running one first")
     k.add_argument("--first-after", type=int, default=0, metavar="K",
                    help="the first kill no earlier than after step K (default 0: anywhere in the first --every steps)")
     k.add_argument("--out", default="runs/fault_matrix")

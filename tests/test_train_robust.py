@@ -268,20 +268,21 @@ def test_a_full_disk_during_a_save_stops_cleanly(shards, tmp_path):
     assert sorted(losses(kept)) == [1, 2, 3, 4]
 
 
-def test_kill9_of_the_whole_job_at_random_moments_resumes_exactly(tmp_path):
+def test_kill9_of_the_whole_job_at_random_moments_resumes_exactly(uninterrupted, tmp_path):
     """benchmarks/fault_matrix.py kill9 with one kill here, a random fraction of a second after step
-    4's log line (the script runs many, at random steps too: RESULTS.md): kill -9 of every process at
-    once, then the same command; every step's loss equals the uninterrupted run's."""
+    3's log line, checkpoints at every step (the script runs many kills, at random steps too:
+    RESULTS.md): kill -9 of every process at once, then the same command; every step's loss equals
+    the uninterrupted run's (the suite's 6-step run: same recipe, other checkpoint interval)."""
     report = tmp_path / "kill9.json"
-    ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "fault_matrix.py"), "kill9", "--kills", "1", "--steps", "10",
-                "--every", "3", "--first-after", "4", "--seed", "1", "--out", str(tmp_path / "runs"),
-                "--json", str(report)], timeout=500))
+    ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "fault_matrix.py"), "kill9", "--kills", "1", "--steps", "6",
+                "--every", "1", "--first-after", "3", "--seed", "1", "--reference", str(uninterrupted),
+                "--out", str(tmp_path / "runs"), "--json", str(report)], timeout=500))
     result = json.loads(report.read_text())
     assert result["total"] == 1 and result["exact"] == 1 and result["complete"], result
-    # the kill came after step 4 (the job may have run on a few steps in the delay): it resumed from a
-    # complete checkpoint (step 3 or a later one), not from the start, and went on from the step after it
+    # the kill came after step 3 (the job may have run on a step or two in the delay): it resumed from a
+    # complete checkpoint, not from the start, and went on from the step after it
     (kill,) = result["kills"]
-    assert kill["kill_after_step"] == 4 and kill["resumed_at"] in (3, 6, 9), kill
+    assert kill["kill_after_step"] == 3 and kill["resumed_at"] >= 2, kill
     assert kill["steps_after"][0] == kill["resumed_at"] + 1, kill
     assert kill["processes_killed"] >= 3, kill  # the launcher and both workers
 
