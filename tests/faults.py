@@ -1,6 +1,6 @@
-"""The trainer with a fault injected, for the tests: ``python -m tests.faults --config ... [overrides]``
-runs ``pretrain.train.main()`` after patching one part as ``PRETRAIN_FAULT`` says (the production
-code has no fault hooks):
+"""The trainer with a fault injected (or a probe), for the tests: ``python -m tests.faults --config ...
+[overrides]`` runs ``pretrain.train.main()`` after patching one part as ``PRETRAIN_FAULT`` says (the
+production code has no fault hooks):
 
 - ``nan_loss:A-B``: rank 0's loss is NaN at steps A..B (a real NaN from the objective, through the
   step's real finiteness guard);
@@ -9,7 +9,10 @@ code has no fault hooks):
   files are written and before the checkpoint is marked complete;
 - ``fill_disk:S``: just before the save at step S, rank 0 fills the output folder's file system
   (another writer, as it were) with a file ``disk_filler``, leaving free half the size of the newest
-  complete checkpoint.
+  complete checkpoint;
+- ``record_partitions:PATH`` (a probe): right after the model is built, each rank saves
+  ``{"rows": [(name, numel, ds_numel, local numel)], "decayed": [names]}`` to ``PATH.<rank>``
+  (ZeRO-3 with ``train.zero3_init``: what each rank holds of each parameter), then trains on.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import shutil
 import sys
 
+import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint, train
@@ -77,6 +81,22 @@ def install(spec: str) -> None:
             return save(engine, ckpt_dir, at, rank, *args, **kwargs)
 
         checkpoint.save = fill_then_save
+    elif kind == "record_partitions":
+        from pretrain import trainer
+        from pretrain.optim import param_groups
+
+        build = trainer.build_model
+
+        def build_and_record(*args, **kwargs):
+            model = build(*args, **kwargs)
+            names = {id(p): n for n, p in model.named_parameters()}
+            rows = [(n, p.numel(), getattr(p, "ds_numel", p.numel()),
+                     p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for n, p in model.named_parameters()]
+            decayed = sorted(names[id(p)] for p in param_groups(model, 0.1)[0]["params"])
+            torch.save({"rows": rows, "decayed": decayed}, f"{arg}.{dist.get_rank()}")
+            return model
+
+        trainer.build_model = build_and_record
     elif spec:
         raise SystemExit(f"tests.faults: unknown PRETRAIN_FAULT {spec!r}")
 

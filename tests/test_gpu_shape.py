@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import ASSET_SHARDS, ok, single, tiny_overrides
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ok, single, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -29,66 +29,39 @@ def test_no_host_reads_in_steady_state_steps(tmp_path):
     assert all(n > 0 for n in theirs.values()), counts
 
 
-def _partition_worker(rank: int, world: int, port: int, out: str) -> None:
+def test_zero3_init_builds_each_rank_only_its_partition_then_trains_and_exports(tmp_path):
+    """train.zero3_init: right after the model is built, each of 2 ranks holds only its part of every
+    parameter (the full tensors exist nowhere; recorded by tests.faults' record_partitions probe), weight
+    decay falls on the same tensors as in a model built as usual; the run trains and exports."""
+    import math
+
     import torch
 
     from pretrain.config import load_config
     from pretrain.data import build_modalities
-    from pretrain.distributed import close_distributed, init_distributed
-    from pretrain.engine import construction
+    from pretrain.export import Embedder, export
     from pretrain.models import build_model
-    from tests.helpers import QUICKSTART, TINY_MODEL
+    from pretrain.optim import param_groups
+    from tests.helpers import TINY_MODEL, torchrun
 
-    init_distributed(rank, world, port, cpu=True)
-    try:
-        cfg = load_config(QUICKSTART, ["data.train.urls=x.tar", "train.zero_stage=3", "train.zero3_init=true",
-                                       *TINY_MODEL])
-        modalities = build_modalities(cfg.data, train=True)
-        with construction(cfg.train, world):
-            model = build_model(cfg.model, modalities)
-        rows = [(n, p.numel(), p.ds_numel, p.ds_tensor.numel()) for n, p in model.named_parameters()]
-        from pretrain.optim import param_groups
-
-        names = {id(p): n for n, p in model.named_parameters()}
-        decayed = sorted(names[id(p)] for p in param_groups(model, 0.1)[0]["params"])
-        whole = build_model(cfg.model, modalities)  # built as usual: weight decay on the same tensors
-        whole_names = {id(p): n for n, p in whole.named_parameters()}
-        assert decayed == sorted(whole_names[id(p)] for p in param_groups(whole, 0.1)[0]["params"])
-        torch.save(rows, f"{out}.{rank}")
-    finally:
-        close_distributed()
-
-
-def test_zero3_init_builds_each_rank_only_its_partition(tmp_path):
-    """train.zero3_init: right after the model is built, each of 2 ranks holds only its part of every
-    parameter (the full tensors exist nowhere)."""
-    import math
-
-    import torch
-    import torch.multiprocessing as mp
-
-    from pretrain.distributed import free_port
-
-    mp.spawn(_partition_worker, args=(2, free_port(), str(tmp_path / "parts")), nprocs=2)
-    ranks = [torch.load(f"{tmp_path / 'parts'}.{r}") for r in range(2)]
-    assert [n for n, *_ in ranks[0]] == [n for n, *_ in ranks[1]] and len(ranks[0]) > 20
-    full = sum(row[2] for row in ranks[0])
-    held = [sum(row[3] for row in rows) for rows in ranks]
-    assert all(row[1] == 0 for rows in ranks for row in rows)  # no rank holds a whole parameter
-    assert all(row[3] <= math.ceil(row[2] / 2) for rows in ranks for row in rows)
-    assert full <= sum(held) <= full + 2 * len(ranks[0])  # the parts cover the model (padding at most 1 each)
-
-
-def test_zero3_init_trains_and_exports(tmp_path):
-    from pretrain.export import export
-    from tests.helpers import torchrun
-
-    run = tmp_path / "run"
+    run, parts = tmp_path / "run", tmp_path / "parts"
     ok(torchrun(tiny_overrides(ASSET_SHARDS, run, steps=2) + ["train.zero_stage=3", "train.zero3_init=true",
-                                                              "eval.enabled=false", "data.train.workers=0"]))
-    out = export(run / "checkpoints" / "step000002", tmp_path / "exported")
-    from pretrain.export import Embedder
+                                                              "eval.enabled=false", "data.train.workers=0"],
+                env={"PRETRAIN_FAULT": f"record_partitions:{parts}"}, module="tests.faults"))
+    ranks = [torch.load(f"{parts}.{r}") for r in range(2)]
+    rows = [r["rows"] for r in ranks]
+    assert [n for n, *_ in rows[0]] == [n for n, *_ in rows[1]] and len(rows[0]) > 20
+    full = sum(row[2] for row in rows[0])
+    held = [sum(row[3] for row in rank_rows) for rank_rows in rows]
+    assert all(row[1] == 0 for rank_rows in rows for row in rank_rows)  # no rank holds a whole parameter
+    assert all(row[3] <= math.ceil(row[2] / 2) for rank_rows in rows for row in rank_rows)
+    assert full <= sum(held) <= full + 2 * len(rows[0])  # the parts cover the model (padding at most 1 each)
+    cfg = load_config(QUICKSTART, ["data.train.urls=x.tar", *TINY_MODEL])
+    whole = build_model(cfg.model, build_modalities(cfg.data, train=True))  # built as usual
+    names = {id(p): n for n, p in whole.named_parameters()}
+    assert ranks[0]["decayed"] == ranks[1]["decayed"] == sorted(names[id(p)] for p in param_groups(whole, 0.1)[0]["params"])
 
+    out = export(run / "checkpoints" / "step000002", tmp_path / "exported")
     emb = Embedder.load(out)
     assert emb.embed_texts(["class number 1"]).shape == (1, 16)
 
