@@ -32,7 +32,7 @@ PYTHON = sys.executable
 __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
     "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
-    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "single", "take", "text_shards",
+    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "run_cmds", "single", "take", "text_shards",
     "tiny_overrides", "torchrun", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
 ]
@@ -43,6 +43,15 @@ __all__ = [
 def run_cmd(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_cmds(cmds: list[list[str]], timeout: int = 600, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Independent commands run at once (each ``run_cmd``): single-process runs spend most of their
+    time in one-threaded start-up, so two cores take two of them for little more than one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(cmds)) as pool:
+        return list(pool.map(lambda cmd: run_cmd(cmd, timeout=timeout, env=env), cmds))
 
 
 def ok(proc) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_tools.build import build_shards
 from pretrain.data import DataSourceError
-from tests.helpers import TINY_MODEL, data_config, loader, ok, run_cmd, write_jsonl, write_shard, caption_rows, QUICKSTART
+from tests.helpers import QUICKSTART, TINY_MODEL, caption_rows, data_config, loader, ok, run_cmds, write_jsonl, write_shard
 
 
 def _jpg(seed: int) -> bytes:
@@ -98,12 +98,13 @@ def test_default_build_and_img2dataset_folder_train_with_the_quickstart_recipe(t
     rows = [{"key": r["key"], "image": r["image"], "text": r["caption"], "label": r["label"]} for r in rows]
     build_shards(write_jsonl(tmp_path / "raw" / "m.jsonl", rows), tmp_path / "default", shard_size=6)
     _img2dataset(tmp_path / "i2d", [12, 12])
-    for name, urls in (("default", f"{tmp_path}/default/shard-{{000000..000003}}.tar"),
-                       ("i2d", f"{tmp_path}/i2d/{{00000..00001}}.tar")):
+    sources = {"default": f"{tmp_path}/default/shard-{{000000..000003}}.tar", "i2d": f"{tmp_path}/i2d/{{00000..00001}}.tar"}
+    cmds = [[sys.executable, "-m", "pretrain.train", "--config", str(QUICKSTART), f"output_dir={tmp_path / f'run_{name}'}",
+             f"data.train.urls={urls}", "data.val.urls=", "data.train.workers=0", "train.steps=2",
+             "train.micro_batch_size=6", "train.log_every=1", "train.checkpoint=false", *TINY_MODEL]
+            for name, urls in sources.items()]
+    for name, proc in zip(sources, run_cmds(cmds, timeout=300)):  # both at once
+        ok(proc)
         out = tmp_path / f"run_{name}"
-        cmd = [sys.executable, "-m", "pretrain.train", "--config", str(QUICKSTART), f"output_dir={out}",
-               f"data.train.urls={urls}", "data.val.urls=", "data.train.workers=0", "train.steps=2",
-               "train.micro_batch_size=6", "train.log_every=1", "train.checkpoint=false", *TINY_MODEL]
-        ok(run_cmd(cmd, timeout=300))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and rows[-1].get("data/dropped_samples", 0) == 0, (name, rows)

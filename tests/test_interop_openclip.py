@@ -19,7 +19,7 @@ from pretrain.config import config_from_dict, load_config
 from pretrain.data import build_modalities
 from pretrain.models import build_model
 from pretrain.options import ConfigError
-from tests.helpers import ASSET_SHARDS, ASSETS, PYTHON, ROOT, ok, run_cmd, torchrun
+from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, ok, run_cmd, run_cmds, torchrun
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency (pip install -e .[test])")
 
@@ -177,17 +177,29 @@ def test_fine_tune_on_two_ranks_then_open_clip_loads_the_export(ck, tmp_path):
     torch.testing.assert_close(emb.embed_texts(TEXTS), ours.encode("text", ids), atol=1e-5, rtol=0)
 
 
+RECIPES = ["openclip_vit_b32", "openclip_vit_b16", "lit"]
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(ck, tmp_path_factory):
+    """Each recipe's tiny variant, 2 steps in one process; the three run at once."""
+    base = tmp_path_factory.mktemp("recipes")
+    cmds = []
+    for recipe in RECIPES:
+        tiny = [f"model.towers.{m}.options.{k}={v}" for m in ("image", "text")
+                for k, v in (("model", ck.name), ("model_config", ck.config))]
+        tiny += ["model.embed_dim=16", "data.modalities.image.options.size=16", "data.context_length=12",
+                 "eval.enabled=false", "train.checkpoint=false"]
+        if recipe == "lit":
+            tiny += [f"model.init_from.path={ck.weights}", f"model.init_from.model={ck.name}",
+                     f"model.init_from.model_config={ck.config}"]
+        args = _tiny_recipe(ck, base / recipe) + tiny
+        cmds.append([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / f"{recipe}.yaml"), *args])
+    return dict(zip(RECIPES, run_cmds(cmds, timeout=300)))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["openclip_vit_b32", "openclip_vit_b16", "lit"])
-def test_recipes_train_in_their_tiny_variant(ck, tmp_path, recipe):
-    tiny = [f"model.towers.{m}.options.{k}={v}" for m in ("image", "text")
-            for k, v in (("model", ck.name), ("model_config", ck.config))]
-    tiny += ["model.embed_dim=16", "data.modalities.image.options.size=16", "data.context_length=12",
-             "eval.enabled=false", "train.checkpoint=false"]
-    if recipe == "lit":
-        tiny += [f"model.init_from.path={ck.weights}", f"model.init_from.model={ck.name}",
-                 f"model.init_from.model_config={ck.config}"]
-    args = _tiny_recipe(ck, tmp_path / "run") + tiny
-    cmd = [sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / f"{recipe}.yaml"), *args]
-    out = ok(run_cmd(cmd, timeout=300))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_train_in_their_tiny_variant(recipe_runs, recipe):
+    out = ok(recipe_runs[recipe])
     assert "step 2/2" in out
