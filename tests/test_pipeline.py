@@ -117,6 +117,30 @@ def test_resume_is_exact_in_resampled_mode_with_weights(tmp_path):
             _resume_check(d, rank, total=20, cuts=[3, 10])
 
 
+def test_an_abandoned_iteration_shuts_its_workers_down_at_once(shards):
+    """Dropping the last reference to an iteration (a loop left early) ends its worker processes
+    right away, with no help from the cyclic garbage collector: were the loader to hold its
+    iteration strongly (a cycle), the collector would close it later, after multiprocessing's queue
+    finalizers, and DataLoader would wait out 5 s per worker that never heard the shutdown."""
+    import gc
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    gc.disable()  # only reference counting may end the iteration here
+    try:
+        kept = loader(data_config({"urls": shards, "shuffle_buffer": 5, "workers": 2}))
+        it = iter(kept)
+        take(it, 3)
+        assert len({p.pid for p in multiprocessing.active_children()} - before) == 2  # its two workers
+        del it  # the loader itself is kept: its state stays readable
+        assert {p.pid for p in multiprocessing.active_children()} - before == set()
+        assert kept.state_dict()["batches"] == 3
+        take(iter(loader(data_config({"urls": shards, "workers": 2}))), 2)  # loader and iteration dropped at once
+        assert {p.pid for p in multiprocessing.active_children()} - before == set()
+    finally:
+        gc.enable()
+
+
 def test_state_is_taken_between_batches_of_a_live_iteration(shards):
     d = data_config({"urls": shards, "shuffle_buffer": 5})
     ref = take(iter(loader(d)), 10)

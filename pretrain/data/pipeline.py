@@ -42,6 +42,7 @@ import logging
 import math
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -160,7 +161,11 @@ class Loader:
         self._states: list[Optional[dict]] = [None] * self._slots
         self._next = 0
         self._batches = 0
-        self._active: Optional[Iterator[Batch]] = None
+        # the live iteration, weakly: the generator's frame holds this loader, so a strong reference
+        # would make a cycle, and an abandoned iteration would then be closed by the cyclic collector,
+        # which runs multiprocessing's queue finalizers first: the workers never hear the shutdown and
+        # DataLoader waits 5 s per worker. Held weakly, it is closed as soon as its iterator is dropped.
+        self._active: Optional[weakref.ref] = None
         self._exhausted = False
         spec = dataset.spec
         self._fingerprint = hashlib.sha256(json.dumps(sources.fingerprint()).encode()).hexdigest()
@@ -174,8 +179,9 @@ class Loader:
         self.close()
         if self._exhausted:
             self._states, self._next, self._batches, self._exhausted = [None] * self._slots, 0, 0, False
-        self._active = self._generate()
-        return self._active
+        active = self._generate()
+        self._active = weakref.ref(active)
+        return active
 
     def _generate(self) -> Iterator[Batch]:
         ds = copy.copy(self.dataset)
@@ -205,9 +211,10 @@ class Loader:
             del it
 
     def close(self) -> None:
-        if self._active is not None:
-            self._active.close()  # type: ignore[attr-defined]
-            self._active = None
+        active = self._active() if self._active is not None else None
+        if active is not None:
+            active.close()
+        self._active = None
 
     # -- position
     def _identity_fields(self) -> dict:
