@@ -26,16 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import ASSET_SHARDS, QUICKSTART, free_port, tiny_overrides  # noqa: E402 - the test-size run
+from tests.helpers import ASSET_SHARDS, tiny_overrides, torchrun_cmd  # noqa: E402 - the test-size run
 
 MARKS = ("built", "first_step", "last_line", "exit")
 
 
 def launch(checkout: Path, out: Path) -> dict[str, float]:
     """One 2-rank run from ``checkout``; seconds from the launch to each mark."""
-    args = tiny_overrides(ASSET_SHARDS, out, steps=6) + ["train.checkpoint_every=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "pretrain.train", "--config", str(QUICKSTART), *args]
+    cmd = torchrun_cmd(tiny_overrides(ASSET_SHARDS, out, steps=6) + ["train.checkpoint_every=2"])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

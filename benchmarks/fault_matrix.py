@@ -31,14 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import ASSET_SHARDS, QUICKSTART, free_port, tiny_overrides  # noqa: E402 - the test-size run
+from tests.helpers import ASSET_SHARDS, tiny_overrides, torchrun_cmd  # noqa: E402 - the test-size run
 
 
 def command(out: Path, steps: int, every: int) -> list[str]:
     """The test-size quickstart on tests/assets/shards, 2 ranks, checkpoints every ``every`` steps."""
-    return [sys.executable, "-u", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            "-m", "pretrain.train", "--config", str(QUICKSTART), *tiny_overrides(ASSET_SHARDS, out, steps),
-            f"train.checkpoint_every={every}", "train.keep_checkpoints=2", "eval.enabled=false"]
+    return torchrun_cmd(tiny_overrides(ASSET_SHARDS, out, steps) + [f"train.checkpoint_every={every}",
+                                                                   "train.keep_checkpoints=2", "eval.enabled=false"])
 
 
 def logged(out: Path) -> list[dict]:

@@ -33,7 +33,7 @@ __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
     "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
     "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "run_cmds", "single", "take", "text_shards",
-    "tiny_overrides", "torchrun", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
+    "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
 ]
 
@@ -305,12 +305,17 @@ def vector_overrides(shards: Path, out: Path, steps: int, micro_batch: int, dim:
     ]
 
 
+def torchrun_cmd(args: list[str], nproc: int = 2, module: str = "pretrain.train", config: Path = QUICKSTART) -> list[str]:
+    """The ``torchrun`` command line of the trainer (or ``module``: tests.faults runs it with faults
+    injected) on one host, a free rendezvous port each time."""
+    return [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", module, "--config", str(config), *args]
+
+
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
              module: str = "pretrain.train", config: Path = QUICKSTART):
-    """``torchrun`` of the trainer (or ``module``: tests.faults runs it with faults injected)."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", module, "--config", str(config), *args]
-    return run_cmd(cmd, timeout=timeout, env=env)
+    """Runs ``torchrun_cmd`` to its end."""
+    return run_cmd(torchrun_cmd(args, nproc, module, config), timeout=timeout, env=env)
 
 
 def single(args: list[str], env: dict | None = None, timeout: int = 600, module: str = "pretrain.train"):

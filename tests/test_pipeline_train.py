@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT, TINY_MODEL, free_port, png_bytes, run_cmd, write_index, write_shard
+from tests.helpers import TINY_MODEL, png_bytes, run_cmd, torchrun_cmd, write_index, write_shard
 
 STEPS, MICRO_BATCH = 8, 6
 
@@ -51,8 +51,7 @@ def test_two_rank_training_over_broken_shards_reports_skips(broken_shards, tmp_p
         "train.checkpoint=false",
         "eval.enabled=false",
     ]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "pretrain.train", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
+    cmd = torchrun_cmd(overrides)
     proc = run_cmd(cmd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     assert "[data] skipped (" in proc.stderr  # the bounded log of the bad samples

@@ -16,7 +16,8 @@ import torch
 
 from pretrain.checkpoint import COMPLETE
 from pretrain.cli import STOPPED
-from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, deadline, free_port, losses, ok, run_cmd, single, tiny_overrides, torchrun
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, deadline, free_port, losses, ok, run_cmd, single, tiny_overrides, \
+    torchrun, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +27,9 @@ def shards(tmp_path_factory):
     return ASSET_SHARDS
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(uninterrupted_run):
-    return uninterrupted_run  # tests/conftest.py: 6 steps on 2 ranks, checkpoints every 2, evaluation every 2
-
-
-def test_two_rank_run_records(uninterrupted):
+def test_two_rank_run_records(uninterrupted_run):
     """Both ranks were one job of world size 2; they saw different samples; outputs are complete."""
-    out = uninterrupted
+    out = uninterrupted_run
     records = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r["world_size"] == 2 and r["backend"] == "gloo" for r in records)
@@ -69,7 +65,7 @@ def _keys(out, rank):
     return {r["step"]: r["keys"] for r in rows}
 
 
-def test_accelerate_launch_stops_and_torchrun_resumes_the_uninterrupted_run(shards, uninterrupted, tmp_path):
+def test_accelerate_launch_stops_and_torchrun_resumes_the_uninterrupted_run(shards, uninterrupted_run, tmp_path):
     """The same config and seed under `accelerate launch`, ended early by train.stop_at_step=3 (mid-
     epoch: an epoch is 4 steps), gives the torchrun run's losses; the same command under torchrun
     resumes from that checkpoint and continues the uninterrupted run exactly: losses, the data stream
@@ -83,7 +79,7 @@ def test_accelerate_launch_stops_and_torchrun_resumes_the_uninterrupted_run(shar
     assert [json.loads((out / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in range(2)] == [2, 2]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000003"
     assert not [line for line in first.splitlines() if line.startswith("[eval]")]  # no final evaluation at a stop
-    want = losses(uninterrupted)
+    want = losses(uninterrupted_run)
     assert sorted(losses(out)) == [1, 2, 3]
     second = ok(torchrun(args))
     assert "at step 3" in second
@@ -92,18 +88,18 @@ def test_accelerate_launch_stops_and_torchrun_resumes_the_uninterrupted_run(shar
     for step in range(1, 7):
         assert math.isclose(got[step], want[step], rel_tol=1e-5, abs_tol=1e-6), (step, got[step], want[step])
     for rank in range(2):  # the data stream continued where it stopped
-        assert _keys(out, rank) == _keys(uninterrupted, rank)
+        assert _keys(out, rank) == _keys(uninterrupted_run, rank)
     ev = lambda d: json.loads((d / "eval.json").read_text())["eval/zeroshot_top1"]  # noqa: E731
-    assert ev(out) == ev(uninterrupted)
+    assert ev(out) == ev(uninterrupted_run)
 
 
-def test_damaged_checkpoint_is_named_and_resume_falls_back(uninterrupted, tmp_path):
+def test_damaged_checkpoint_is_named_and_resume_falls_back(uninterrupted_run, tmp_path):
     """A truncated model file and flipped bytes in an optimizer partition of the newest checkpoint:
     the resume names both, marks the folder, continues from the one before and matches the
-    uninterrupted run; a damaged checkpoint named by train.resume stops the run with the names."""
+    uninterrupted_run run; a damaged checkpoint named by train.resume stops the run with the names."""
     out = tmp_path / "run"
-    shutil.copytree(uninterrupted, out)
-    want = losses(uninterrupted)
+    shutil.copytree(uninterrupted_run, out)
+    want = losses(uninterrupted_run)
     newest = out / "checkpoints" / "step000006"
     recorded = json.loads((newest / COMPLETE).read_text())["files"]
     assert {"mp_rank_00_model_states.pt", "rank00000.pt", "rank00001.pt"} <= recorded.keys()
@@ -131,22 +127,22 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(uninterrupted, tmp_pa
     assert "mp_rank_00_model_states.pt (100 bytes," in proc.stderr + proc.stdout, proc.stderr[-3000:]
 
 
-def test_periodic_checkpoints_keep_the_newest(uninterrupted):
-    ckpts = uninterrupted / "checkpoints"
+def test_periodic_checkpoints_keep_the_newest(uninterrupted_run):
+    ckpts = uninterrupted_run / "checkpoints"
     kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
     assert kept == ["step000004", "step000006"]  # keep_checkpoints=2 of step 2, 4, 6
     assert all((ckpts / k / COMPLETE).is_file() for k in kept)
 
 
-def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
+def test_export_gives_the_trained_embeddings(shards, uninterrupted_run, tmp_path):
     from pretrain.data import build_modalities
     from pretrain.export import Embedder, export
     from pretrain.models import build_model
 
-    exported = export(uninterrupted / "checkpoints" / "step000006", tmp_path / "exported")
+    exported = export(uninterrupted_run / "checkpoints" / "step000006", tmp_path / "exported")
     emb = Embedder.load(exported)
     # the same weights read the other way: DeepSpeed's own model-states file (ZeRO-2 keeps them whole)
-    states = torch.load(uninterrupted / "checkpoints" / "step000006" / "mp_rank_00_model_states.pt",
+    states = torch.load(uninterrupted_run / "checkpoints" / "step000006" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)
     decoders = build_modalities(emb.cfg.data, train=False)
     ref = build_model(emb.cfg.model, decoders)
@@ -164,7 +160,7 @@ def test_export_gives_the_trained_embeddings(shards, uninterrupted, tmp_path):
     torch.testing.assert_close(emb.embed_texts(texts), want_txt, rtol=1e-5, atol=1e-6)
     # the CLI writes the same files
     proc = subprocess.run([sys.executable, "-m", "pretrain.export", "--checkpoint",
-                           str(uninterrupted / "checkpoints" / "step000006"), "--output", str(tmp_path / "cli")],
+                           str(uninterrupted_run / "checkpoints" / "step000006"), "--output", str(tmp_path / "cli")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
@@ -198,9 +194,8 @@ def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
     with exit 1 (figure: seconds from the stop to the named line). torchrun then waits its own 30 s
     grace on the stopped process before SIGKILL; the test plays the scheduler and kills it at once."""
     out, timeout = tmp_path / "run", 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "pretrain.train", "--config", str(QUICKSTART), *tiny_overrides(shards, out, steps=10_000),
-           "eval.enabled=false", "train.checkpoint=false", f"train.collective_timeout={timeout}"]
+    cmd = torchrun_cmd(tiny_overrides(shards, out, steps=10_000) + ["eval.enabled=false", "train.checkpoint=false",
+                                                                   f"train.collective_timeout={timeout}"])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines, pid, named = [], None, None
@@ -268,14 +263,14 @@ def test_a_full_disk_during_a_save_stops_cleanly(shards, tmp_path):
     assert sorted(losses(kept)) == [1, 2, 3, 4]
 
 
-def test_kill9_of_the_whole_job_at_random_moments_resumes_exactly(uninterrupted, tmp_path):
+def test_kill9_of_the_whole_job_at_random_moments_resumes_exactly(uninterrupted_run, tmp_path):
     """benchmarks/fault_matrix.py kill9 with one kill here, a random fraction of a second after step
     3's log line, checkpoints at every step (the script runs many kills, at random steps too:
     RESULTS.md): kill -9 of every process at once, then the same command; every step's loss equals
     the uninterrupted run's (the suite's 6-step run: same recipe, other checkpoint interval)."""
     report = tmp_path / "kill9.json"
     ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "fault_matrix.py"), "kill9", "--kills", "1", "--steps", "6",
-                "--every", "1", "--first-after", "3", "--seed", "1", "--reference", str(uninterrupted),
+                "--every", "1", "--first-after", "3", "--seed", "1", "--reference", str(uninterrupted_run),
                 "--out", str(tmp_path / "runs"), "--json", str(report)], timeout=500))
     result = json.loads(report.read_text())
     assert result["total"] == 1 and result["exact"] == 1 and result["complete"], result

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, QUICKSTART, ROOT, deadline, free_port, losses, make_vector_shards, ok, single, \
-    torchrun, vector_overrides
+from tests.helpers import QUICKSTART, ROOT, deadline, losses, make_vector_shards, ok, single, \
+    torchrun, torchrun_cmd, vector_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,8 @@ def test_accumulation_reproduces_the_large_batch_run_under_zero3(vectors, tmp_pa
 def test_a_rank_that_dies_ends_the_job_promptly(vectors, tmp_path):
     """Rank 1 exits at step 3: the launcher exits non-zero within seconds of the death line (start-up
     not counted)."""
-    cmd = [PYTHON, "-u", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "tests.faults", "--config", str(QUICKSTART),
-           *vector_overrides(vectors, tmp_path / "run", 400, 4), "train.checkpoint=false"]
+    cmd = torchrun_cmd(vector_overrides(vectors, tmp_path / "run", 400, 4) + ["train.checkpoint=false"],
+                       module="tests.faults")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PRETRAIN_FAULT": "die:1:3", "PYTHONUNBUFFERED": "1"})
     lines, died = [], None
