@@ -31,6 +31,9 @@ class EngineConfig:
     grad_clip: float = 1.0
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     zero3_init: bool = False  # ZeRO-3: build the model already partitioned (deepspeed.zero.Init)
+    # ZeRO-0 in fp32 on several ranks: average gradients in buckets while backward runs (pretrain.gradsync)
+    # instead of DeepSpeed's one reduction after it
+    overlap_grad_reduce: bool = True
 
     def check_engine(self, key: str = "train") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -86,9 +89,14 @@ def construction(cfg, world_size: int):
     return contextlib.nullcontext()
 
 
+# DeepSpeed settings that change how ZeRO-0 averages gradients: with any of them DeepSpeed does it
+DS_REDUCTION_KEYS = ("prescale_gradients", "gradient_predivide_factor", "communication_data_type", "sparse_gradients")
+
+
 def build_engine(model: torch.nn.Module, cfg, world_size: int):
     """DeepSpeed engine with the configured optimizer and schedule (``cfg``: a ``TrainConfig``);
-    returns (engine, the torch optimizer DeepSpeed steps (inside its ZeRO wrapper), scheduler)."""
+    returns (engine, the torch optimizer DeepSpeed steps (inside its ZeRO wrapper), scheduler,
+    the overlapped gradient averaging or None where DeepSpeed averages: ``pretrain.gradsync``)."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
@@ -103,7 +111,16 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
         for buf in engine.module.buffers():
             if buf.is_floating_point():
                 buf.data = buf.data.to(cfg.dtype)
-    return engine, optimizer, scheduler
+    sync = None
+    if (cfg.overlap_grad_reduce and cfg.zero_stage == 0 and cfg.precision == "fp32" and world_size > 1
+            and not any(k in cfg.deepspeed for k in DS_REDUCTION_KEYS)):
+        from pretrain.gradsync import OverlappedGradSync
+
+        timeout = 2 * getattr(cfg, "collective_timeout", 0) or None  # as the default group's (pretrain.trainer)
+        sync = OverlappedGradSync(engine.module, timeout=timeout)
+        engine.enable_backward_allreduce = False  # the buckets are averaged by the step (sync.finish)
+        engine.zero_grad = sync.zero_grad  # between steps: buckets zeroed, gradients kept as their views
+    return engine, optimizer, scheduler, sync
 
 
 MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")

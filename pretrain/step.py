@@ -59,7 +59,8 @@ class StepOutput:
 
 class ContrastiveStep:
     def __init__(self, engine, scheduler, optimizer, loss_fn, device: torch.device, dtype: torch.dtype,
-                 stop_signal, masked: frozenset[str] = frozenset(), seed: int = 0):
+                 stop_signal, masked: frozenset[str] = frozenset(), seed: int = 0, grad_sync=None):
+        self.grad_sync = grad_sync  # pretrain.gradsync.OverlappedGradSync, or None: DeepSpeed averages
         self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
         self.model = engine.module
         # CLIP-Lite's prior term: modality -> backbone width of each prior discriminator
@@ -90,7 +91,7 @@ class ContrastiveStep:
             features, scale, bias, prior = self.forward(batches[0], step)
             losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, prior=prior)
             if self.device_skip or self._host_finite():
-                self.engine.backward(losses["loss"])
+                self._backward(losses["loss"])
                 self.engine.step()
             losses = {k: v.detach() for k, v in losses.items()}
         else:
@@ -157,8 +158,18 @@ class ContrastiveStep:
             buf.copy_(torch.where(self._flags[0] > 0, old, buf) if only_if_skipped else old)
 
     def backward_micro(self, surrogate: torch.Tensor) -> None:
-        self.engine.backward(surrogate, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
+        self._backward(surrogate, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
         self.engine.step()  # DeepSpeed updates at the last micro-batch of the step
+
+    def _backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """DeepSpeed's backward; with the overlapped averaging, the buckets go out while it runs (at the
+        step's last micro-batch) and are averaged before DeepSpeed's step."""
+        if self.grad_sync is None:
+            self.engine.backward(loss, **kwargs)
+            return
+        self.grad_sync.arm(self.engine.is_gradient_accumulation_boundary())
+        self.engine.backward(loss, **kwargs)
+        self.grad_sync.finish()
 
     # -- the flags on the host
 

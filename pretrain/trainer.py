@@ -230,7 +230,7 @@ class Trainer:
         _refuse_own_weights_when_partitioned(cfg)
         with construction(t, self.world):  # ZeRO-3 with train.zero3_init: partitioned as it is built
             model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias, prior=PriorSpec.of(cfg.loss.options))
-        self.engine, optimizer, self.scheduler = build_engine(model, t, self.world)
+        self.engine, optimizer, self.scheduler, grad_sync = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)
         self.state = TrainState(self.loader)
@@ -242,7 +242,7 @@ class Trainer:
         self.batches = iter(self.loader)
         masked = frozenset(m for m, mc in cfg.data.modalities.items() if not mc.required)  # may be absent
         self.step = ContrastiveStep(self.engine, self.scheduler, optimizer, loss_fn, info.device, t.dtype,
-                                    self.stop_signal, masked, seed=t.seed)
+                                    self.stop_signal, masked, seed=t.seed, grad_sync=grad_sync)
         self.writer = MetricsWriter(self.out, enabled=self.rank == 0, wandb=t.wandb, run_config=to_dict(cfg))
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
         self.logger = StepLogger(t, self.writer, self.meter, self.engine, self.scheduler, self.loader,
