@@ -198,7 +198,8 @@ def our_config(urls: str, out: Path, ckpt: Path, args, seed: int) -> dict:
         "train": {"steps": args.steps, "micro_batch_size": args.batch, "seed": seed, "lr": args.lr,
                   "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.1, "warmup_steps": args.lr_warmup,
                   "schedule": "cosine", "grad_clip": 0.0, "zero_stage": args.zero_stage, "precision": "fp32",
-                  "log_every": 1, "checkpoint": False, "deepspeed": json.loads(args.deepspeed)},
+                  "log_every": 1, "checkpoint": False, "deepspeed": json.loads(args.deepspeed),
+                  **json.loads(getattr(args, "train", None) or "{}")},
         "eval": {"enabled": False},
     }
 
@@ -443,6 +444,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (both)")
     parser.add_argument("--zero-stage", type=int, default=2, help="ours: DeepSpeed ZeRO stage (train.zero_stage)")
     parser.add_argument("--deepspeed", default="{}", help="ours: extra DeepSpeed settings (train.deepspeed), JSON")
+    parser.add_argument("--train", default="{}", help='ours: more train.* settings, JSON (e.g. \'{"overlap_grad_reduce": false}\')')
     parser.add_argument("--init-seed", type=int, default=0, help="torch seed of the shared initial checkpoint")
     parser.add_argument("--csv", default=str(HERE / "openclip_arch_curves.csv"))
     parser.add_argument("--json", default=str(HERE / "openclip_arch_results.json"))
