@@ -55,12 +55,16 @@ class StepOutput:
     logit_bias: Optional[torch.Tensor]
     lr: float  # the learning rate of this step's update (the schedule has moved on when it returns)
     earlier: Optional[StepFlags]  # the previous step's flags, read now that they are on the host
+    # where asked (a log step) and DeepSpeed keeps none (ZeRO-0): the norm of the averaged gradient
+    # before clipping, on the device
+    grad_norm: Optional[torch.Tensor] = None
 
 
 class ContrastiveStep:
     def __init__(self, engine, scheduler, optimizer, loss_fn, device: torch.device, dtype: torch.dtype,
                  stop_signal, masked: frozenset[str] = frozenset(), seed: int = 0, grad_sync=None):
         self.grad_sync = grad_sync  # pretrain.gradsync.OverlappedGradSync, or None: DeepSpeed averages
+        self._norm_wanted, self._norm = False, None  # this step measures the gradient norm (ZeRO-0 log steps)
         self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
         self.model = engine.module
         # CLIP-Lite's prior term: modality -> backbone width of each prior discriminator
@@ -81,8 +85,10 @@ class ContrastiveStep:
         self.norm_buffers = [b for mod in self.model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
                              for b in mod.buffers()]
 
-    def __call__(self, batches: list, step: int) -> StepOutput:
+    def __call__(self, batches: list, step: int, grad_norm: bool = False) -> StepOutput:
+        """``grad_norm``: measure the gradient's norm where DeepSpeed does not (ZeRO-0), for the log."""
         lr = self.scheduler.get_last_lr()[0]
+        self._norm_wanted, self._norm = grad_norm and self.engine.zero_optimization_stage() == 0, None
         earlier = self.settle()  # the previous step's flags: their copy finished long ago
         loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
                                              for m in self.masked if m in b.masks}) for b in batches]
@@ -104,7 +110,7 @@ class ContrastiveStep:
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
         self._send(step + 1)
         scale, bias = self._scales
-        return StepOutput(losses, scale, bias, lr, earlier)
+        return StepOutput(losses, scale, bias, lr, earlier, self._norm)
 
     def forward(self, batch, step: Optional[int] = None):
         """(features as float32, logit scale, logit bias or None, prior logits) of one micro-batch;
@@ -166,10 +172,13 @@ class ContrastiveStep:
         step's last micro-batch) and are averaged before DeepSpeed's step."""
         if self.grad_sync is None:
             self.engine.backward(loss, **kwargs)
-            return
-        self.grad_sync.arm(self.engine.is_gradient_accumulation_boundary())
-        self.engine.backward(loss, **kwargs)
-        self.grad_sync.finish()
+        else:
+            self.grad_sync.arm(self.engine.is_gradient_accumulation_boundary())
+            self.engine.backward(loss, **kwargs)
+            self.grad_sync.finish()
+        if self._norm_wanted and self.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 
     # -- the flags on the host
 

@@ -146,6 +146,7 @@ class StepLogger:
         values.update(window, global_batch=float(self.global_batch), lr=out.lr,
                       temperature=1.0 / float(out.logit_scale), skipped_steps=float(state.skipped_steps))
         grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+        grad_norm = out.grad_norm if grad_norm is None else grad_norm  # ZeRO-0: the step measured it
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         if out.logit_bias is not None:
@@ -259,7 +260,7 @@ class Trainer:
             with self.meter.waiting():
                 batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
             with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
-                out = self.step(batches, state.step)
+                out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
             state.step += 1
             self._after_step(batches)
             stop = self._settle(out.earlier)  # the step before's flags, read now without waiting

@@ -52,11 +52,11 @@ def install(spec: str) -> None:
         rank, step = (int(x) for x in arg.split(":"))
         call = ContrastiveStep.__call__
 
-        def die(self, batches, index):
+        def die(self, batches, index, **kwargs):
             if dist.get_rank() == rank and index + 1 == step:
                 print(f"[train] rank {rank}: injected death at step {step}", flush=True)
                 os._exit(13)
-            return call(self, batches, index)
+            return call(self, batches, index, **kwargs)
 
         ContrastiveStep.__call__ = die
     elif kind == "crash_in_save":

@@ -73,9 +73,9 @@ def install() -> None:
         _count(method)
     call = ContrastiveStep.__call__
 
-    def step(self, batches, index):
+    def step(self, batches, index, **kwargs):
         NOW["step"] = index + 1
-        return call(self, batches, index)
+        return call(self, batches, index, **kwargs)
 
     ContrastiveStep.__call__ = step
     _quiet(trainer.StepLogger, "log", mark_logged=True)

@@ -66,7 +66,7 @@ def _worker(rank, world, port, overlap, accumulation, out_path):
                           micro_batch_size=4, grad_accumulation_steps=accumulation, overlap_grad_reduce=overlap)
         engine, _, _, sync = build_engine(model, cfg, world)
         assert (sync is not None) == overlap
-        step = SimpleNamespace(engine=engine, grad_sync=sync)  # what ContrastiveStep._backward uses
+        step = SimpleNamespace(engine=engine, grad_sync=sync, _norm_wanted=False)  # what ContrastiveStep._backward uses
         record = {"sent_before_finish": [], "grads": [], "buckets": len(sync.buckets) if sync else 0}
         if sync:
             finish = sync.finish

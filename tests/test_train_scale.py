@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import QUICKSTART, ROOT, deadline, losses, make_vector_shards, ok, single, \
+from tests.helpers import QUICKSTART, ROOT, deadline, losses, make_vector_shards, ok, run_cmds, single, \
     torchrun, torchrun_cmd, vector_overrides
 
 pytestmark = pytest.mark.slow
@@ -21,24 +21,29 @@ def vectors(tmp_path_factory):
 
 
 def test_accumulation_reproduces_the_large_batch_run_under_zero3(vectors, tmp_path):
-    """2 ranks: micro-batch 8 in one step (ZeRO-2) vs 2 micro-batches of 4 (ZeRO-3). The negatives span
+    """2 ranks: micro-batch 8 in one step (ZeRO-2) vs 2 micro-batches of 4 (ZeRO-3, and ZeRO-0). The negatives span
     the accumulated batch, so every step's loss, gradient norm and temperature are the same: a
     gradient scaled by the number of micro-batches (or the temperature's, as OpenCLIP's accumulation
     does) would show in the norm and the temperature even where AdamW's update hides it. (Dropout
     masks replayed by the accumulation: test_loss_reference.py.)"""
-    big, acc = tmp_path / "big", tmp_path / "acc"
+    big, acc, acc0 = tmp_path / "big", tmp_path / "acc", tmp_path / "acc0"
     common = ["train.checkpoint=false", "train.steps=4", "train.lr=0.05", "train.grad_clip=0"]
+    accumulated = ["train.grad_accumulation_steps=2", "train.global_batch_size=16"]
     ok(torchrun(vector_overrides(vectors, big, 4, 8) + common + ["train.zero_stage=2"]))
-    out = ok(torchrun(vector_overrides(vectors, acc, 4, 4) + common + [
-        "train.zero_stage=3", "train.grad_accumulation_steps=2", "train.global_batch_size=16"]))
-    assert "accumulation=2 global_batch=16" in out
+    # and under ZeRO-0, whose gradients are averaged while the last micro-batch's backward runs
+    outs = [ok(p) for p in run_cmds([torchrun_cmd(vector_overrides(vectors, acc, 4, 4) + common + accumulated
+                                                  + ["train.zero_stage=3"]),
+                                     torchrun_cmd(vector_overrides(vectors, acc0, 4, 4) + common + accumulated
+                                                  + ["train.zero_stage=0"])])]
+    assert all("accumulation=2 global_batch=16" in out for out in outs)
     rows = {name: {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-            for name, run in (("big", big), ("acc", acc))}
-    assert sorted(rows["big"]) == sorted(rows["acc"]) == [1, 2, 3, 4]
+            for name, run in (("big", big), ("acc", acc), ("acc0", acc0))}
+    assert sorted(rows["big"]) == sorted(rows["acc"]) == sorted(rows["acc0"]) == [1, 2, 3, 4]
     for step, want in rows["big"].items():
-        got = rows["acc"][step]
-        for key in ("loss", "grad_norm", "temperature"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key, want[key], got[key])
+        for name in ("acc", "acc0"):
+            got = rows[name][step]
+            for key in ("loss", "grad_norm", "temperature"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (name, step, key, want[key], got[key])
     assert len({round(r["loss"], 4) for r in rows["big"].values()}) == 4  # the model moved between steps
     assert rows["big"][4]["temperature"] != pytest.approx(rows["big"][1]["temperature"], rel=1e-4)  # so did T
     assert {r.get("global_batch") for r in rows["acc"].values()} == {16.0}
