@@ -72,7 +72,8 @@ class OverlappedGradSync:
                 self.where[p] = (bucket, view)
         self.armed = False
         self.next = 0  # the next bucket to send: buckets go in order
-        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._ready)
 
     # -- backward
 
@@ -120,7 +121,3 @@ class OverlappedGradSync:
             for p, view in zip(bucket.params, bucket.views):
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()

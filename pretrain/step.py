@@ -16,7 +16,9 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
    ``pretrain.losses.accumulate_step`` (negatives span every micro-batch, the temperature's gradient
    is counted once);
 4. agrees (one more collective) whether the loss is finite everywhere, and lets DeepSpeed update
-   (one micro-step per micro-batch). A non-finite step is skipped on every rank *on the device*:
+   (one micro-step per micro-batch; under ZeRO-0 the gradients are averaged while the last
+   micro-batch's backward runs, ``pretrain.gradsync``, and at log steps their norm is measured,
+   which DeepSpeed does not do there). A non-finite step is skipped on every rank *on the device*:
    the fused AdamW gets the agreed flag as ``found_inf`` and leaves parameters and optimizer state
    as they were, while the schedule advances (it stays on the step count); BatchNorm's running
    statistics, which the step's forward moved, are put back too (a device-side select). An
