@@ -318,8 +318,13 @@ def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: 
     return run_cmd(torchrun_cmd(args, nproc, module, config), timeout=timeout, env=env)
 
 
+def single_cmd(args: list[str], module: str = "pretrain.train") -> list[str]:
+    """The command line of the trainer (or ``module``) in one process."""
+    return [PYTHON, "-m", module, "--config", str(QUICKSTART), *args]
+
+
 def single(args: list[str], env: dict | None = None, timeout: int = 600, module: str = "pretrain.train"):
-    return run_cmd([PYTHON, "-m", module, "--config", str(QUICKSTART), *args], timeout=timeout, env=env)
+    return run_cmd(single_cmd(args, module), timeout=timeout, env=env)
 
 
 def losses(out: Path) -> dict[int, float]:

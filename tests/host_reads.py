@@ -86,7 +86,8 @@ def install() -> None:
 if __name__ == "__main__":
     install()
     code = train.main()
-    with open(os.environ["HOST_READS_OUT"], "w") as f:
+    path = os.environ["HOST_READS_OUT"].replace("{rank}", os.environ.get("RANK", "0"))
+    with open(path.replace("{world}", os.environ.get("WORLD_SIZE", "1")), "w") as f:
         json.dump({s: {**c, "logged": s in LOGGED} for s, c in COUNTS.items()} | {
             s: {"logged": True} for s in LOGGED if s not in COUNTS}, f, indent=1)
     sys.exit(code)

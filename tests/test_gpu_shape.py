@@ -4,29 +4,42 @@ counted beside ours."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import ASSET_SHARDS, QUICKSTART, ok, single, tiny_overrides
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ok, run_cmds, single_cmd, tiny_overrides, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
 
 def test_no_host_reads_in_steady_state_steps(tmp_path):
-    counts_file = tmp_path / "reads.json"
-    args = tiny_overrides(ASSET_SHARDS, tmp_path / "run", steps=8) + [
-        "train.log_every=4", "eval.enabled=false", "train.checkpoint=false", "data.train.workers=0"]
-    ok(single(args, env={"HOST_READS_OUT": str(counts_file)}, module="tests.host_reads"))
-    counts = {int(k): v for k, v in json.loads(counts_file.read_text()).items()}
-    steady = [s for s in range(2, 8) if not counts.get(s, {}).get("logged")]
-    assert steady == [2, 3, 5, 6, 7], counts
-    ours = {s: counts.get(s, {}).get("pretrain", 0) for s in steady}
-    theirs = {s: counts.get(s, {}).get("deepspeed", 0) for s in steady}
-    print(f"host reads per steady-state step (ZeRO-2, clipping): pretrain {ours}, deepspeed {theirs}")
-    assert set(ours.values()) == {0}, counts
-    # the counter does see reads in these steps: DeepSpeed's own (its gradient-norm check under ZeRO-2
-    # with clipping), which this project does not control
-    assert all(n > 0 for n in theirs.values()), counts
+    """One process under ZeRO-2 (the quickstart's), and 2 ranks under ZeRO-0, whose gradients are
+    averaged while backward runs (pretrain.gradsync); both with clipping."""
+    common = ["train.log_every=4", "eval.enabled=false", "train.checkpoint=false", "data.train.workers=0"]
+    pattern = tmp_path / "reads-{world}-{rank}.json"  # tests.host_reads fills in its world size and rank
+    procs = run_cmds([
+        single_cmd(tiny_overrides(ASSET_SHARDS, tmp_path / "run", steps=8) + common, module="tests.host_reads"),
+        torchrun_cmd(tiny_overrides(ASSET_SHARDS, tmp_path / "run0", steps=8) + common + ["train.zero_stage=0"],
+                     module="tests.host_reads")], env={"HOST_READS_OUT": str(pattern)})
+    for proc in procs:
+        ok(proc)
+    for name, ranks, deepspeed_reads in (("ZeRO-2, 1 process", 1, True), ("ZeRO-0, 2 ranks", 2, False)):
+        for rank in range(ranks):
+            raw = json.loads(Path(str(pattern).format(world=ranks, rank=rank)).read_text())
+            counts = {int(k): v for k, v in raw.items()}
+            steady = [s for s in range(2, 8) if not counts.get(s, {}).get("logged")]
+            assert steady == [2, 3, 5, 6, 7], counts
+            ours = {s: counts.get(s, {}).get("pretrain", 0) for s in steady}
+            theirs = {s: counts.get(s, {}).get("deepspeed", 0) for s in steady}
+            print(f"host reads per steady-state step ({name}, rank {rank}, clipping): pretrain {ours}, deepspeed {theirs}")
+            assert set(ours.values()) == {0}, counts
+            if deepspeed_reads:
+                # the counter does see reads in these steps: DeepSpeed's own (its gradient-norm check
+                # under ZeRO-2 with clipping), which this project does not control
+                assert all(n > 0 for n in theirs.values()), counts
+            else:  # ZeRO-0: none from DeepSpeed either
+                assert set(theirs.values()) == {0}, counts
 
 
 def test_zero3_init_builds_each_rank_only_its_partition_then_trains_and_exports(tmp_path):
