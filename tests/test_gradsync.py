@@ -49,59 +49,65 @@ class Net(torch.nn.Module):
         return (full * self.scale).pow(2).mean() + (full[:, :2] @ full[:, 2:].T).logsumexp(1).mean()
 
 
-def _worker(rank, world, port, overlap, accumulation, out_path):
+def _train(rank, world, overlap, accumulation) -> dict:
+    """STEPS steps of a fresh model under a DeepSpeed ZeRO-0 engine, through the step's backward."""
     from types import SimpleNamespace
 
-    import pretrain.gradsync as gradsync
     from pretrain.engine import build_engine
     from pretrain.step import ContrastiveStep
     from pretrain.trainer import TrainConfig
 
+    torch.manual_seed(0)
+    model = Net()
+    cfg = TrainConfig(zero_stage=0, precision="fp32", grad_clip=1.0, lr=0.05, warmup_steps=0, steps=STEPS,
+                      micro_batch_size=4, grad_accumulation_steps=accumulation, overlap_grad_reduce=overlap)
+    engine, _, _, sync = build_engine(model, cfg, world)
+    assert (sync is not None) == overlap
+    step = SimpleNamespace(engine=engine, grad_sync=sync, _norm_wanted=False)  # what ContrastiveStep._backward uses
+    record = {"sent_before_finish": [], "grads": [], "buckets": len(sync.buckets) if sync else 0}
+    if sync:
+        finish = sync.finish
+        sync.finish = lambda: (record["sent_before_finish"].append(sync.next) if sync.armed else None, finish())
+    for s in range(STEPS):
+        # step 2: rank 1 leaves `extra` out (the ranks' graphs differ); step 3: nobody uses it
+        use_extra = s == 0 or (s == 1 and rank == 0)
+        for k in range(accumulation):
+            g = torch.Generator().manual_seed(1000 * s + 10 * k + rank)
+            loss = model(torch.randn(4, 6, generator=g), use_extra)
+            ContrastiveStep._backward(step, loss)
+            if k == accumulation - 1:
+                record["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
+            engine.step()
+    record["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if sync:  # the gradients stayed views of the buckets through DeepSpeed's steps and zero_grad
+        record["views_kept"] = all(p.grad.data_ptr() == sync.where[p][1].data_ptr() for p in model.parameters())
+        record["zero_after_step"] = all(float(p.grad.abs().max()) == 0 for p in model.parameters())
+    record["names"] = [n for n, _ in model.named_parameters()]
+    return record
+
+
+def _worker(rank, world, port, out_path):
+    import pretrain.gradsync as gradsync
+
     init_distributed(rank, world, port, cpu=True)
     gradsync.BUCKET_MB = 4 * 1024 / 2**20  # 4 KB: several buckets in this small model
-    try:
-        torch.manual_seed(0)
-        model = Net()
-        cfg = TrainConfig(zero_stage=0, precision="fp32", grad_clip=1.0, lr=0.05, warmup_steps=0, steps=STEPS,
-                          micro_batch_size=4, grad_accumulation_steps=accumulation, overlap_grad_reduce=overlap)
-        engine, _, _, sync = build_engine(model, cfg, world)
-        assert (sync is not None) == overlap
-        step = SimpleNamespace(engine=engine, grad_sync=sync, _norm_wanted=False)  # what ContrastiveStep._backward uses
-        record = {"sent_before_finish": [], "grads": [], "buckets": len(sync.buckets) if sync else 0}
-        if sync:
-            finish = sync.finish
-            sync.finish = lambda: (record["sent_before_finish"].append(sync.next) if sync.armed else None, finish())
-        names = [n for n, _ in model.named_parameters()]
-        for s in range(STEPS):
-            # step 2: rank 1 leaves `extra` out (the ranks' graphs differ); step 3: nobody uses it
-            use_extra = s == 0 or (s == 1 and rank == 0)
-            for k in range(accumulation):
-                g = torch.Generator().manual_seed(1000 * s + 10 * k + rank)
-                loss = model(torch.randn(4, 6, generator=g), use_extra)
-                ContrastiveStep._backward(step, loss)
-                if k == accumulation - 1:
-                    record["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
-                engine.step()
-        record["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if sync:  # the gradients stayed views of the buckets through DeepSpeed's steps and zero_grad
-            record["views_kept"] = all(p.grad.data_ptr() == sync.where[p][1].data_ptr()
-                                       for p in model.parameters())
-            record["zero_after_step"] = all(float(p.grad.abs().max()) == 0 for p in model.parameters())
-        record["names"] = names
-        torch.save(record, f"{out_path}.{rank}")
+    try:  # every case in one pair of processes (start-up is most of the time)
+        records = {(overlap, k): _train(rank, world, overlap, k) for k in (1, 2) for overlap in (False, True)}
+        torch.save(records, f"{out_path}.{rank}")
     finally:
         close_distributed()
 
 
-def _run(tmp_path, overlap: bool, accumulation: int) -> list[dict]:
-    path = tmp_path / f"rec-{overlap}-{accumulation}"
-    mp.spawn(_worker, args=(2, free_port(), overlap, accumulation, str(path)), nprocs=2)
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gradsync") / "records"
+    mp.spawn(_worker, args=(2, free_port(), str(path)), nprocs=2)
     return [torch.load(f"{path}.{r}") for r in range(2)]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_overlapped_averaging_is_deepspeeds_bit_for_bit(tmp_path, accumulation):
-    ours, theirs = _run(tmp_path, True, accumulation), _run(tmp_path, False, accumulation)
+def test_overlapped_averaging_is_deepspeeds_bit_for_bit(records, accumulation):
+    ours, theirs = [r[True, accumulation] for r in records], [r[False, accumulation] for r in records]
     for rank in range(2):
         got, want = ours[rank], theirs[rank]
         for s in range(STEPS):
