@@ -12,4 +12,4 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tm
     > "$OUT/deepspeed_install.log" 2>&1 || { tail -30 "$OUT/deepspeed_install.log"; exit 1; }
 nvidia-smi > "$OUT/nvidia-smi.txt" || true
 python3 -c "import torch, deepspeed, open_clip; print(torch.__version__, deepspeed.__version__, open_clip.__version__)"
-python3 benchmarks/bench_gpu.py --out "$OUT" --steps "${STEPS:-40}" --warmup 10 --micro-batch 256 2>&1 | tee "$OUT/bench_gpu.log"
+python3 benchmarks/bench_gpu.py --out "$OUT" --steps "${STEPS:-40}" --warmup 10 --micro-batch 256 --zero-stage "${ZERO_STAGE:-1}" 2>&1 | tee "$OUT/bench_gpu.log"
