@@ -172,13 +172,14 @@ class ContrastiveStep:
     def _backward(self, loss: torch.Tensor, **kwargs) -> None:
         """DeepSpeed's backward; with the overlapped averaging, the buckets go out while it runs (at the
         step's last micro-batch) and are averaged before DeepSpeed's step."""
+        last = self.engine.is_gradient_accumulation_boundary()  # the step's last micro-batch
         if self.grad_sync is None:
             self.engine.backward(loss, **kwargs)
         else:
-            self.grad_sync.arm(self.engine.is_gradient_accumulation_boundary())
+            self.grad_sync.arm(last)
             self.engine.backward(loss, **kwargs)
             self.grad_sync.finish()
-        if self._norm_wanted and self.engine.is_gradient_accumulation_boundary():
+        if self._norm_wanted and last:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self._norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 

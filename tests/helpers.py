@@ -32,7 +32,7 @@ PYTHON = sys.executable
 __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
     "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
-    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "run_cmds", "single", "take", "text_shards",
+    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
 ]
