@@ -225,7 +225,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     nproc = max(1, torch.cuda.device_count()) if not args.tiny else 1
-    work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:  # shards and runs; the figures go to --out
+        return _measure(args, out, nproc, Path(tmp))
+
+
+def _measure(args, out: Path, nproc: int, work: Path) -> int:
+    import torch
+
     model_config = None
     if args.tiny:
         model_config = str(work / "tiny_bench.json")

@@ -106,9 +106,10 @@ def bench_clip(args) -> None:
     import tempfile
 
     port = free_port()
-    path = Path(tempfile.mkdtemp()) / "clip"
-    mp.spawn(_clip_worker, args=(args.world, port, args.sizes, args.dim, args.reps, str(path)), nprocs=args.world)
-    per_rank = [torch.load(f"{path}.{r}") for r in range(args.world)]
+    with tempfile.TemporaryDirectory() as tmp:  # each rank's rows
+        path = Path(tmp) / "clip"
+        mp.spawn(_clip_worker, args=(args.world, port, args.sizes, args.dim, args.reps, str(path)), nprocs=args.world)
+        per_rank = [torch.load(f"{path}.{r}") for r in range(args.world)]
     print(f"\nCLIP fwd+bwd, W={args.world} gloo ranks x 1 thread, d={args.dim}, fp32, median of {args.reps} "
           f"(time: slowest rank; memory: largest rank)\n")
     print("| B_local | ours s | open_clip s | time ratio | ours peak MiB | open_clip peak MiB | memory ratio |")

@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     checkouts = [ROOT] + [Path(d).resolve() for d in args.other]
     times: dict[str, list[dict[str, float]]] = {str(c): [] for c in checkouts}
-    work = Path(tempfile.mkdtemp(prefix="bench_startup_"))
-    for r in range(args.rounds):
-        for i, checkout in enumerate(checkouts if r % 2 == 0 else checkouts[::-1]):  # alternate the order
-            times[str(checkout)].append(launch(checkout, work / f"r{r}_{i}"))
+    with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
+        for r in range(args.rounds):
+            for i, checkout in enumerate(checkouts if r % 2 == 0 else checkouts[::-1]):  # alternate the order
+                times[str(checkout)].append(launch(checkout, Path(tmp) / f"r{r}_{i}"))
     result = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "load_avg_1min": os.getloadavg()[0],
               "checkouts": {c: {m: statistics.median(t[m] for t in runs) for m in MARKS} for c, runs in times.items()}}
     print(f"{'checkout':<40} " + " ".join(f"{m:>10}" for m in MARKS) + "   (seconds from the launch, medians)")
