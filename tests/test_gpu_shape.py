@@ -93,3 +93,48 @@ def test_the_gpu_benchmark_runs_in_its_tiny_mode(tmp_path):
     assert runs["ours_synthetic"]["samples_per_s"] > 0 and runs["ours_synthetic"]["data_wait_fraction"] < 0.5
     assert runs["ours_shards"]["samples_per_s"] > 0 and "data_wait_fraction" in runs["ours_shards"]
     assert runs["openclip_synthetic"]["samples_per_s"] > 0 and result["ratio_vs_openclip"] > 0
+
+
+def _list_file(path: Path) -> list[list[str]]:
+    """The words of each line of a list file, comments and blank lines left out."""
+    return [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_what_travels_to_the_gpu_machine_with_its_image_covers_every_need():
+    """benchmarks/gpu/carry.txt + the GPU image's list (image_packages.txt) hold the project's
+    dependencies and, for each carried wheel or source archive, every requirement that its installed
+    metadata here names (pip resolves only the with-deps lines there): a need on neither list would
+    stop `import deepspeed` or the benchmark on the lent machine, after its minutes had started."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from tests.helpers import ROOT
+
+    gpu = ROOT / "benchmarks" / "gpu"
+    norm = lambda name: re.sub(r"-cu\d+$", "", re.sub(r"[-_.]+", "-", name).lower())  # noqa: E731
+    image = {norm(name) for (name,) in _list_file(gpu / "image_packages.txt")}
+    lines = _list_file(gpu / "carry.txt")
+    assert all(len(words) == 2 and words[1] in ("wheel", "with-deps", "source") for words in lines), lines
+    carried = {norm(Requirement(requirement).name): how for requirement, how in lines}
+    assert {"deepspeed", "open-clip-torch", "webdataset"} <= set(carried)
+    # markers evaluated as on the GPU machine (Python 3.12, Linux), no extras
+    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    needs = {}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    needs["the project"] = [Requirement(r) for r in project]
+    unread = set()
+    for name, how in carried.items():
+        if how != "with-deps":
+            try:
+                needs[name] = [Requirement(r) for r in md.requires(name) or []]
+            except md.PackageNotFoundError:
+                unread.add(name)
+    # DeepSpeed's GPU-only need, not installed on a CPU machine; its wheel names no requirement
+    assert unread <= {"nvidia-ml-py"}, f"carried but not installed here, so their needs are unread: {unread}"
+    missing = [f"{who} needs {req.name}" for who, reqs in needs.items() for req in reqs
+               if (req.marker is None or req.marker.evaluate(env)) and norm(req.name) not in image | set(carried)]
+    assert not missing, f"neither on the GPU image nor in benchmarks/gpu/carry.txt: {missing}"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Tries the device call on this CPU machine, in an environment shaped like the GPU machine's, so that a
+# lent machine's minutes are not spent on a missing package or a broken install step:
+#   1. a bare virtual environment holding only the distributions of image_packages.txt (those of them
+#      installed in .venv, linked in: torch, timm, transformers, setuptools, pip, ...);
+#   2. fetch_wheels.sh for this machine's Python, into a folder of the rehearsal's own;
+#   3. run.sh in it, as on the device (offline install, DeepSpeed built from its source archive, the
+#      imports), then the benchmark at its CPU size (TINY=1).
+# Differences left: Python 3.11 and torch 2.14 here (3.12 and 2.11 there), no CUDA. Needs pip access
+# for step 2. Writes under WORK (default: a new folder in /tmp, removed at the end unless KEEP=1).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+venv_py=${VENV_PY:-$root/.venv/bin/python}
+work=${WORK:-$(mktemp -d /tmp/gpu_rehearsal_XXXXXX)}
+[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
+base_py=$("$venv_py" -c "import sys; print(sys._base_executable)")
+"$base_py" -m venv --without-pip "$work/image"
+"$venv_py" - "$work/image" benchmarks/gpu/image_packages.txt <<'PY'
+"""Links each distribution of the image list that .venv holds (its top-level files and folders and its
+metadata) into the bare environment's site-packages."""
+import importlib.metadata as md
+import re
+import sys
+from pathlib import Path
+
+image, listing = Path(sys.argv[1]), Path(sys.argv[2])
+norm = lambda name: re.sub(r"-cu\d+$", "", re.sub(r"[-_.]+", "-", name).lower())  # noqa: E731
+wanted = {norm(line) for line in listing.read_text().split() if line and not line.startswith("#")}
+(site,) = image.glob("lib/python*/site-packages")
+linked, missing = set(), set(wanted)
+for dist in md.distributions():
+    name = norm(dist.metadata["Name"])
+    if name not in wanted:
+        continue
+    missing.discard(name)
+    linked.add(name)
+    tops = {Path(str(f)).parts[0] for f in dist.files or [] if Path(str(f)).parts[0] != ".."}
+    for top in tops:
+        target = Path(dist.locate_file(top))
+        if target.exists() and not (site / top).exists():
+            (site / top).symlink_to(target)
+print(f"rehearsal image: {len(linked)} distributions linked; not installed here (not needed by the "
+      f"project): {len(missing)}")
+PY
+py_version=$("$venv_py" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+PY_VERSION=$py_version WHEELS=$work/whl bash benchmarks/gpu/fetch_wheels.sh 2>&1 | grep -v "is ignored" || true
+PATH=$work/image/bin:$PATH OUT=$work/out SITE=$work/site WHEELS=$work/whl TINY=1 \
+    ZERO_STAGE=${ZERO_STAGE:-1} bash benchmarks/gpu/run.sh
+echo "rehearsal passed: run.sh installed what travels and ran the benchmark at its CPU size"
