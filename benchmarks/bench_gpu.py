@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -162,7 +163,17 @@ def _launch(nproc: int, argv: list[str], env: dict, timeout: int) -> subprocess.
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *argv]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # a session of its own: past the timeout the launcher and its workers all end (a worker left
+    # behind would hold the GPU through the next run); the run counts as failed, the others go on
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\nbench_gpu: timed out after {timeout} s; the launcher and its workers were killed"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _openclip(args, nproc: int, work: Path, model_config: str | None, env: dict) -> dict:
@@ -254,12 +265,14 @@ def _measure(args, out: Path, nproc: int, work: Path) -> int:
         proc = _launch(nproc, worker_argv, env, args.timeout)
         if proc.returncode != 0:
             results["runs"][f"ours_{source}"] = {"failed": proc.stderr[-3000:]}
-            continue
-        figures = _figures(run, args.warmup)
-        figures.update(json.loads(result.read_text()), wall_s=time.perf_counter() - t0)
-        if figures.get("samples_per_s"):
-            figures["step_time_s"] = args.micro_batch * nproc / figures["samples_per_s"]
-        results["runs"][f"ours_{source}"] = figures
+        else:
+            figures = _figures(run, args.warmup)
+            figures.update(json.loads(result.read_text()), wall_s=time.perf_counter() - t0)
+            if figures.get("samples_per_s"):
+                figures["step_time_s"] = args.micro_batch * nproc / figures["samples_per_s"]
+            results["runs"][f"ours_{source}"] = figures
+        # after each run: a device call cut off at its limit still brings back the runs done
+        (out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
     if not args.no_openclip:
         results["runs"]["openclip_synthetic"] = _openclip(args, nproc, work, model_config, env)
     ours, theirs = results["runs"].get("ours_synthetic", {}), results["runs"]["openclip_synthetic"] \

@@ -45,6 +45,9 @@ print(f"rehearsal image: {len(linked)} distributions linked; not installed here 
 PY
 py_version=$("$venv_py" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 PY_VERSION=$py_version WHEELS=$work/whl bash benchmarks/gpu/fetch_wheels.sh 2>&1 | grep -v "is ignored" || true
+# DeepSpeed's CPU op is built in a folder of the rehearsal's own: torch 2.14 leaves its lock file in
+# the shared cache by design (it locks the file, not its existence), and an older torch (2.11, as on
+# the GPU machine) meeting that file waits for it to go, forever (seen: VENV_PY of a torch 2.11 venv)
 PATH=$work/image/bin:$PATH OUT=$work/out SITE=$work/site WHEELS=$work/whl TINY=1 \
-    ZERO_STAGE=${ZERO_STAGE:-1} bash benchmarks/gpu/run.sh
+    TORCH_EXTENSIONS_DIR=$work/torch_extensions ZERO_STAGE=${ZERO_STAGE:-1} bash benchmarks/gpu/run.sh
 echo "rehearsal passed: run.sh installed what travels and ran the benchmark at its CPU size"
