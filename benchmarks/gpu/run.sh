@@ -17,6 +17,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # every import the benchmark's processes make, before any time is spent on them
 python3 -c "import torch, deepspeed, open_clip, webdataset, braceexpand, submitit, soundfile, soxr, pretrain.train
 print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'open_clip', open_clip.__version__)"
-size=(--steps "${STEPS:-40}" --warmup 10 --micro-batch 256)
+# each of the three runs (ours on synthetic inputs, on shards; OpenCLIP's) gets at most RUN_TIMEOUT s, so
+# that one hung run leaves the others time inside the call's 600 s
+size=(--steps "${STEPS:-40}" --warmup 10 --micro-batch 256 --timeout "${RUN_TIMEOUT:-160}")
 if [ "${TINY:-0}" = 1 ]; then size=(--tiny); fi
 python3 benchmarks/bench_gpu.py --out "$OUT" "${size[@]}" --zero-stage "${ZERO_STAGE:-1}" 2>&1 | tee "$OUT/bench_gpu.log"
