@@ -95,30 +95,22 @@ def test_the_gpu_benchmark_runs_in_its_tiny_mode(tmp_path):
     assert runs["openclip_synthetic"]["samples_per_s"] > 0 and result["ratio_vs_openclip"] > 0
 
 
-def _list_file(path: Path) -> list[list[str]]:
-    """The words of each line of a list file, comments and blank lines left out."""
-    return [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
 def test_what_travels_to_the_gpu_machine_with_its_image_covers_every_need():
     """benchmarks/gpu/carry.txt + the GPU image's list (image_packages.txt) hold the project's
     dependencies and, for each carried wheel or source archive, every requirement that its installed
     metadata here names (pip resolves only the with-deps lines there): a need on neither list would
     stop `import deepspeed` or the benchmark on the lent machine, after its minutes had started."""
     import importlib.metadata as md
-    import re
     import tomllib
 
     from packaging.requirements import Requirement
 
+    from benchmarks.gpu.packages import carried as read_carried
+    from benchmarks.gpu.packages import image as read_image
+    from benchmarks.gpu.packages import norm
     from tests.helpers import ROOT
 
-    gpu = ROOT / "benchmarks" / "gpu"
-    norm = lambda name: re.sub(r"-cu\d+$", "", re.sub(r"[-_.]+", "-", name).lower())  # noqa: E731
-    image = {norm(name) for (name,) in _list_file(gpu / "image_packages.txt")}
-    lines = _list_file(gpu / "carry.txt")
-    assert all(len(words) == 2 and words[1] in ("wheel", "with-deps", "source") for words in lines), lines
-    carried = {norm(Requirement(requirement).name): how for requirement, how in lines}
+    image, carried = read_image(), {name: how for name, (_, how) in read_carried().items()}
     assert {"deepspeed", "open-clip-torch", "webdataset"} <= set(carried)
     # markers evaluated as on the GPU machine (Python 3.12, Linux), no extras
     env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",

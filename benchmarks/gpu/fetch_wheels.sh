@@ -15,7 +15,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 binary=(--only-binary=:all: --python-version "$PY_VERSION" --implementation cp "${platforms[@]}" -d "$WHEELS")
 # carry.txt says what and how
-read_carry() { awk -v how="$1" '!/^#/ && NF == 2 && $2 == how {print $1}' benchmarks/gpu/carry.txt; }
+read_carry() { python3 benchmarks/gpu/packages.py carried "$1"; }
 mapfile -t wheel < <(read_carry wheel)
 mapfile -t with_deps < <(read_carry with-deps)
 mapfile -t source < <(read_carry source)

@@ -16,33 +16,7 @@ work=${WORK:-$(mktemp -d /tmp/gpu_rehearsal_XXXXXX)}
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
 base_py=$("$venv_py" -c "import sys; print(sys._base_executable)")
 "$base_py" -m venv --without-pip "$work/image"
-"$venv_py" - "$work/image" benchmarks/gpu/image_packages.txt <<'PY'
-"""Links each distribution of the image list that .venv holds (its top-level files and folders and its
-metadata) into the bare environment's site-packages."""
-import importlib.metadata as md
-import re
-import sys
-from pathlib import Path
-
-image, listing = Path(sys.argv[1]), Path(sys.argv[2])
-norm = lambda name: re.sub(r"-cu\d+$", "", re.sub(r"[-_.]+", "-", name).lower())  # noqa: E731
-wanted = {norm(line) for line in listing.read_text().split() if line and not line.startswith("#")}
-(site,) = image.glob("lib/python*/site-packages")
-linked, missing = set(), set(wanted)
-for dist in md.distributions():
-    name = norm(dist.metadata["Name"])
-    if name not in wanted:
-        continue
-    missing.discard(name)
-    linked.add(name)
-    tops = {Path(str(f)).parts[0] for f in dist.files or [] if Path(str(f)).parts[0] != ".."}
-    for top in tops:
-        target = Path(dist.locate_file(top))
-        if target.exists() and not (site / top).exists():
-            (site / top).symlink_to(target)
-print(f"rehearsal image: {len(linked)} distributions linked; not installed here (not needed by the "
-      f"project): {len(missing)}")
-PY
+"$venv_py" benchmarks/gpu/packages.py link "$work/image"
 py_version=$("$venv_py" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 PY_VERSION=$py_version WHEELS=$work/whl bash benchmarks/gpu/fetch_wheels.sh 2>&1 | grep -v "is ignored" || true
 # DeepSpeed's CPU op is built in a folder of the rehearsal's own: torch 2.14 leaves its lock file in
