@@ -1,8 +1,8 @@
 """Submit training to Slurm through submitit: ``python -m launch.slurm --config FILE [key=value ...]``.
 
-    python -m launch.slurm --config configs/clip.yaml train.steps=20000 \\
+    python -m launch.slurm --config configs/quickstart.yaml train.steps=20000 \\
         --nodes 2 --gpus-per-node 8 --partition gpu --time 1440 --max-requeues 5 --wait
-    python -m launch.slurm --config configs/clip.yaml --sweep train.lr=1e-4,3e-4 --sweep loss.name=clip,siglip
+    python -m launch.slurm --config configs/quickstart.yaml --sweep train.lr=1e-4,3e-4 --sweep loss.name=clip,siglip
     python -m launch.slurm --config configs/quickstart.yaml --tasks-per-node 2 --local --wait
 
 One task per GPU (``--tasks-per-node`` on CPU nodes); every task calls ``pretrain.train.main()``
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "examples:\n"
-            "  python -m launch.slurm --config configs/clip.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
+            "  python -m launch.slurm --config configs/quickstart.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
             "  python -m launch.slurm --config configs/quickstart.yaml --tasks-per-node 2 --sweep train.lr=1e-3,3e-4 --dry-run\n"
         ),
     )

@@ -25,6 +25,7 @@ This module imports nothing of the project: everything else builds on it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Callable, Literal, Optional, TypeVar, Union
@@ -120,7 +121,9 @@ def from_dict(cls: type[T], values: Optional[dict], key: str = "") -> T:
     for k, v in values.items():
         where = f"{key}.{k}" if key else str(k)
         if k not in names:
-            raise ConfigError(f"{where}: unknown key (known keys here: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{where}: unknown key ({hint}known keys here: {', '.join(sorted(names))})")
         kwargs[k] = convert(v, hints[k], where)
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)

@@ -316,7 +316,7 @@ class Trainer:
         results = {"loss": self.logger.last.get("loss", float("nan"))}
         self.stopped_by = stopped_by if self.state.step < self.cfg.train.end_step else None  # (exit code 75)
         if stopped_by is not None:
-            if self.rank == 0:
+            if self.rank == 0 and self.cfg.train.checkpoint:
                 print(f"[train] stopped by {stopped_by} at step {self.state.step}; resume with the same command",
                       flush=True)
         elif self.evaluation.enabled and self.state.step >= self.cfg.train.steps:
@@ -328,6 +328,9 @@ class Trainer:
         self.writer.close()
         dist.barrier()
         self.heartbeat.stop()
+        if self.stopped_by is not None and not self.cfg.train.checkpoint:  # exit code 1, not 75
+            raise TrainingError(f"stopped by {stopped_by} at step {self.state.step}; train.checkpoint is false, so "
+                                "nothing was saved: the same command starts over")
         return results
 
     def _final_evaluation(self) -> dict[str, float]:

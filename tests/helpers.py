@@ -31,8 +31,8 @@ PYTHON = sys.executable
 
 __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
-    "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
-    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
+    "ReadmeBlock", "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
+    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
 ]
@@ -335,3 +335,56 @@ def losses(out: Path) -> dict[int, float]:
         if "loss" in row:
             result[row["step"]] = row["loss"]
     return result
+
+
+# ------------------------------------------------------------------------------ the README's blocks
+
+
+class ReadmeBlock:
+    """One fenced block of a README: its language tag, first line, text and line number."""
+
+    def __init__(self, path: Path, line: int, lang: str, text: str):
+        self.path, self.line, self.lang, self.text = path, line, lang, text
+        self.first = text.strip().splitlines()[0] if text.strip() else ""
+
+    def __repr__(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line} ```{self.lang} {self.first[:60]!r}"
+
+    def commands(self) -> list[list[str]]:
+        """The shell commands of a bash block: continuation lines joined, comments dropped, one
+        argv per command (a leading ``$ `` prompt is dropped too; output lines are not commands)."""
+        import shlex
+
+        joined = self.text.replace("\\\n", " ")
+        out = []
+        for line in joined.splitlines():
+            line = line.strip()
+            if self.lang != "bash" and not line.startswith("$ "):
+                continue
+            line = line.removeprefix("$ ")
+            if line and not line.startswith("#"):
+                out.append(shlex.split(line, comments=True))
+        return out
+
+
+def readme_blocks(path: Path | None = None) -> list[ReadmeBlock]:
+    """Every fenced block of ``path`` (default: the README), in order."""
+    path = path or ROOT / "README.md"
+    blocks, current, start, lang = [], None, 0, ""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            if current is None:
+                current, start, lang = [], number, line[3:].strip()
+            else:
+                blocks.append(ReadmeBlock(path, start, lang, "\n".join(current) + "\n"))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def readme_block(fragment: str, path: Path | None = None) -> ReadmeBlock:
+    """The one block of the README whose first line contains ``fragment``."""
+    found = [b for b in readme_blocks(path) if fragment in b.first]
+    assert len(found) == 1, f"README blocks starting with {fragment!r}: {found}"
+    return found[0]

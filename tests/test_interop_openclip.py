@@ -19,7 +19,7 @@ from pretrain.config import config_from_dict, load_config
 from pretrain.data import build_modalities
 from pretrain.models import build_model
 from pretrain.options import ConfigError
-from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, ok, run_cmd, run_cmds, torchrun
+from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, ok, readme_block, run_cmd, run_cmds, torchrun
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency (pip install -e .[test])")
 
@@ -141,8 +141,6 @@ def test_fine_tune_on_two_ranks_then_open_clip_loads_the_export(ck, tmp_path):
     """configs/finetune_openclip.yaml at tiny size: the OpenCLIP checkpoint -> init_from -> 2 steps on
     2 ranks -> export --format open_clip -> open_clip reproduces our trained embeddings; the native
     export still serves the Embedder."""
-    from safetensors.torch import load_file
-
     from pretrain.export import Embedder, consolidated_state_dict, model_from_state
 
     run = tmp_path / "run"
@@ -156,9 +154,11 @@ def test_fine_tune_on_two_ranks_then_open_clip_loads_the_export(ck, tmp_path):
     exported = tmp_path / "oc_export"
     ok(run_cmd([PYTHON, "-m", "pretrain.export", "--checkpoint", str(ckpt), "--output", str(exported),
                 "--format", "open_clip"]))
-    open_clip.add_model_config(exported / "open_clip_config.json")
-    theirs = open_clip.create_model("open_clip_config", pretrained=None).eval()
-    theirs.load_state_dict(load_file(str(exported / "open_clip_model.safetensors")))  # strict
+    # the README's lines, as printed, with DIR the export
+    snippet = readme_block("import open_clip").text.replace("DIR", str(exported))
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    theirs = scope["model"].eval()  # loaded strictly
     cfg = load_config(run / "config.yaml")
     modalities = build_modalities(cfg.data, train=False)
     ours = model_from_state(cfg, consolidated_state_dict(ckpt), modalities).eval()

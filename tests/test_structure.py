@@ -97,19 +97,28 @@ def test_the_training_loop_fits_a_screen_without_closures():
     assert not nested, [getattr(n, "name", "lambda") for n in nested]
 
 
-def test_the_readme_layout_names_the_package_as_it_is():
-    """Every module and subpackage of pretrain/ appears in the README's layout block, and every
-    pretrain file or folder the block names exists."""
+def test_the_readme_layout_names_the_project_as_it_is():
+    """Every module and subpackage of pretrain/, and every module of data_tools/ and launch/, appears
+    in the README's layout block, and every pretrain file or folder the block names exists."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     named = set(re.findall(r"[\w/]+\.py|\b\w+/", block))
     present = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
     present |= {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    for sub in PACKAGE.iterdir():  # the modules of each subpackage
+        if sub.is_dir() and (sub / "__init__.py").exists():
+            present |= {p.name for p in sub.glob("*.py") if p.name != "__init__.py"}
+    for top in ("data_tools", "launch"):
+        present |= {p.name for p in (ROOT / top).glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert present <= named, sorted(present - named)
     pretrain_part = block.split("pretrain/", 1)[1].split("launch/", 1)[0]
     for name in set(re.findall(r"\b\w+\.py", pretrain_part)) | set(re.findall(r"(?m)^\s+(\w+/)", pretrain_part)):
         found = list(PACKAGE.rglob(name.rstrip("/")))
         assert found, f"README layout names {name}, which pretrain/ does not have"
+    for top in ("data_tools", "launch"):
+        part = block.split(f"{top}/", 1)[1].split("\n", 3)
+        for name in set(re.findall(r"\b\w+\.py", " ".join(part[:3]))):
+            assert (ROOT / top / name).is_file() or list(PACKAGE.rglob(name)), f"README layout names {top}/{name}"
 
 
 def test_tests_import_shared_builders_from_helpers_only():

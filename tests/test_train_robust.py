@@ -167,22 +167,29 @@ def test_export_gives_the_trained_embeddings(shards, uninterrupted_run, tmp_path
 
 
 def test_sigterm_saves_and_the_run_resumes(shards, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-u", "-m", "pretrain.train", "--config", str(QUICKSTART),
-           *tiny_overrides(shards, out, steps=10_000), "eval.enabled=false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("[train] step 3/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "".join(lines[-20:])
-    rest = proc.communicate(timeout=300)[0]
-    output = "".join(lines) + rest
-    assert proc.returncode == STOPPED == 75, output[-4000:]  # saved: resume later (not "finished", not "failed")
+    """SIGTERM mid-run: a checkpoint at the next step boundary, exit 75, and the same command resumes;
+    the same signal to a run with train.checkpoint=false (beside it) exits 1 saying nothing was saved."""
+    out, unsaved = tmp_path / "run", tmp_path / "unsaved"
+    procs = [subprocess.Popen([sys.executable, "-u", "-m", "pretrain.train", "--config", str(QUICKSTART),
+                               *tiny_overrides(shards, folder, steps=10_000), "eval.enabled=false", *extra],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for folder, extra in ((out, []), (unsaved, ["train.checkpoint=false"]))]
+    outputs = []
+    for proc in procs:
+        lines = []
+        deadline = time.time() + 300
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[train] step 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "".join(lines[-20:])
+        outputs.append("".join(lines) + proc.communicate(timeout=300)[0])
+    output, nothing_saved = outputs
+    assert procs[0].returncode == STOPPED == 75, output[-4000:]  # saved: resume later (not "finished", not "failed")
     assert "stopped by SIGTERM" in output
+    assert procs[1].returncode == 1, nothing_saved[-4000:]  # nothing to resume from: not "stopped, resume later"
+    assert "train.checkpoint is false, so nothing was saved" in nothing_saved and not (unsaved / "checkpoints").exists()
     stopped = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     assert 3 <= stopped < 10_000
     again = ok(single(tiny_overrides(shards, out, steps=stopped + 1) + ["eval.enabled=false"]))
