@@ -25,7 +25,7 @@ from pretrain.evaluation.config import EvalConfig
 from pretrain.losses import LossConfig
 from pretrain.models.config import ModelConfig
 from pretrain.models.interop import follow_init_from
-from pretrain.options import ConfigError, from_dict, require, to_dict
+from pretrain.options import ConfigError, from_dict, to_dict
 from pretrain.trainer import TrainConfig
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "parse_overrides", "to_dict"]
@@ -48,19 +48,7 @@ class Config:
         self.train.check("train")
         self.eval.check("eval")
         self.eval.check_against(self.data, "eval")
-        self._check_prior()
-
-    def _check_prior(self) -> None:
-        """CLIP-Lite's prior term: on modalities of the data, one micro-batch per step (its
-        discriminators' outputs are not among the features that accumulation caches)."""
-        if not (getattr(self.loss.options, "prior_weight", 0.0) or 0.0) > 0:
-            return
-        for i, m in enumerate(self.loss.prior_on or []):
-            require(m in self.data.modalities, f"loss.prior_on[{i}]",
-                    f"no such modality in data.modalities ({', '.join(self.data.modalities)})")
-        require(self.train.grad_accumulation_steps == 1, "loss.prior_weight",
-                f"the prior term needs train.grad_accumulation_steps: 1 (got {self.train.grad_accumulation_steps}); "
-                "raise train.micro_batch_size or the number of ranks instead")
+        self.loss.check_against(list(self.data.modalities), self.train, "loss")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

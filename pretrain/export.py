@@ -30,7 +30,7 @@ from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint
 from pretrain.cli import USAGE, exit_process, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
-from pretrain.models import FORMATS, ContrastiveModel, PriorSpec, build_model
+from pretrain.models import FORMATS, ContrastiveModel, build_model
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -49,9 +49,7 @@ def model_from_state(cfg: Config, state: dict[str, torch.Tensor], modalities: Mo
     """The plain (no DeepSpeed) model of ``cfg`` holding ``state`` (strict: every weight must fit);
     ``model.init_from`` is not read again (``init``) since ``state`` holds every weight."""
     model_cfg = cfg.model if init else dataclasses.replace(cfg.model, init_from=None)
-    model = build_model(model_cfg, modalities, with_bias="logit_bias" in state,
-                        prior=PriorSpec.of(cfg.loss.options) if any(k.startswith("prior_discriminators.") for k in state)
-                        else None)
+    model = build_model(model_cfg, modalities, objective=cfg.loss.build())
     model.load_state_dict(state, strict=True)
     return model
 
@@ -89,6 +87,7 @@ def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native
     if fmt != "native":
         fmt_cls = FORMATS.get(fmt, "--format")
         model = model_from_state(cfg, state, build_modalities(cfg.data, train=False), init=False)
+        model.inference_state_dict(fmt)  # first: refused when the objective's parameters have no place there
         fmt_cls().export(model, cfg, output)
         return output
     output.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
 
 1. moves each batch to the device (``non_blocking``: the loader pins it), casts floating inputs to
    the engine's precision (token ids stay integers) and encodes it: L2-normalised features per
-   modality, the logit scale and bias (with CLIP-Lite's prior term, also the prior discriminators'
-   logits over prior samples drawn for the global batch from the step's seed);
+   modality, the logit scale and bias, and what the objective's own parameters give its loss
+   (``params``: the model's forward gets a ``BatchContext`` saying where the micro-batch sits in the
+   step's global batch, e.g. for CLIP-Lite's prior samples);
 2. agrees with the other ranks, in one collective, whether every rank's features and scale are
    finite and whether any rank received a stop signal. Where some rank's features are not finite,
    every rank replaces its features by zeros, so all ranks still run the same loss collectives;
@@ -39,8 +40,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.losses import accumulate_step
-from pretrain.models.prior import prior_noise
+from torch.utils._pytree import tree_map
+
+from pretrain.losses import BatchContext, accumulate_step
 
 
 @dataclass
@@ -69,8 +71,8 @@ class ContrastiveStep:
         self._norm_wanted, self._norm = False, None  # this step measures the gradient norm (ZeRO-0 log steps)
         self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
         self.model = engine.module
-        # CLIP-Lite's prior term: modality -> backbone width of each prior discriminator
-        self.prior_widths = self.model.prior_widths() if hasattr(self.model, "prior_widths") else {}
+        # the objective's parameters' outputs with one row per sample (accumulation concatenates them)
+        self.per_sample = getattr(getattr(self.model, "objective", None), "per_sample", frozenset())
         self.seed = seed
         self.device, self.dtype, self.stop_signal, self.masked = device, dtype, stop_signal, masked
         loss_fn.check_finite = False  # the step guards finiteness itself, without reading the device
@@ -96,17 +98,18 @@ class ContrastiveStep:
                                              for m in self.masked if m in b.masks}) for b in batches]
         saved = [b.clone() for b in self.norm_buffers]
         if len(batches) == 1:
-            features, scale, bias, prior = self.forward(batches[0], step)
-            losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, prior=prior)
+            features, scale, bias, params = self.forward(batches[0], step)
+            losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, params=params)
             if self.device_skip or self._host_finite():
                 self._backward(losses["loss"])
                 self.engine.step()
             losses = {k: v.detach() for k, v in losses.items()}
         else:
             check = None if self.device_skip else (lambda _: self._host_finite())
-            losses = accumulate_step(lambda b: self.forward(b)[:3], batches, self.guarded_loss, masks=loss_masks,
-                                     backward=self.backward_micro, step=step, check=check,
-                                     before_replay=lambda: self._put_back(saved))
+            losses = accumulate_step(lambda ib: self.forward(ib[1], step, ib[0], len(batches)), list(enumerate(batches)),
+                                     self.guarded_loss, masks=loss_masks, backward=self.backward_micro, step=step,
+                                     check=check, before_replay=lambda: self._put_back(saved),
+                                     per_sample=self.per_sample)
         self._put_back(saved, only_if_skipped=True)
         if not self.device_skip and not self._host_finite():
             self.scheduler.step()  # no backward, no update; the schedule stays on the step count
@@ -114,29 +117,24 @@ class ContrastiveStep:
         scale, bias = self._scales
         return StepOutput(losses, scale, bias, lr, earlier, self._norm)
 
-    def forward(self, batch, step: Optional[int] = None):
-        """(features as float32, logit scale, logit bias or None, prior logits) of one micro-batch;
-        the prior discriminators' logits (``pretrain.models.prior``) when the model has them and
-        ``step`` is given (it seeds the prior samples), else {}."""
+    def forward(self, batch, step: int, micro: int = 0, micros: int = 1):
+        """(features as float32, logit scale, logit bias or None, the objective's ``params``) of micro-
+        batch ``micro`` of ``micros`` of the step."""
         inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.modalities.items()}
         if self.dtype != torch.float32:  # floating inputs follow the parameters; token ids stay integers
             inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
-        prior = {}
-        if self.prior_widths and step is not None:
-            rows = len(batch)  # training batches are full: every rank holds as many
-            noise = prior_noise(self.prior_widths, (self.seed * 1_000_003 + step) % 2**62,
-                                dist.get_rank() * rows, rows, self.world * rows, self.device)
-            features, scale, bias, prior = self.engine(inputs, masks, noise=noise)
-            prior = {m: (real.float(), fake.float()) for m, (real, fake) in prior.items()}
-        else:
-            features, scale, bias = self.engine(inputs, masks)
+        rows = len(batch)  # training batches are full: every rank holds as many
+        # rank-major over the step's global batch, as one micro-batch of micros x rows per rank would be
+        where = BatchContext(step, self.seed, (dist.get_rank() * micros + micro) * rows, rows, self.world * micros * rows)
+        features, scale, bias, params = self.engine(inputs, masks, batch=where)
         features = {m: f.float() for m, f in features.items()}
+        params = tree_map(lambda x: x.float() if torch.is_tensor(x) and x.is_floating_point() else x, params)
         scale, bias = scale.float(), None if bias is None else bias.float()
         self._scales = (scale.detach(), None if bias is None else bias.detach())
-        return features, scale, bias, prior
+        return features, scale, bias, params
 
-    def guarded_loss(self, features, scale, bias, masks=None, step=None, prior=None) -> dict[str, torch.Tensor]:
+    def guarded_loss(self, features, scale, bias, masks=None, step=None, params=None) -> dict[str, torch.Tensor]:
         """The loss of features that are finite on every rank (zeros stand in where some rank's are
         not, so every rank runs the same collectives); NaN where anything was not finite. Leaves the
         agreed [nonfinite, stop] flags in ``self._flags``."""
@@ -149,8 +147,8 @@ class ContrastiveStep:
         scale = torch.where(ok, scale, torch.ones_like(scale))
         bias = None if bias is None else torch.where(ok, bias, torch.zeros_like(bias))
         rows = next(iter(features.values())).shape[0]  # training batches are full: every rank has as many
-        extra = {"prior": prior} if prior else {}  # CLIP-Lite's prior term (the other objectives take none)
-        out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world, **extra)
+        out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world,
+                           params=params or None)
         bad = torch.stack([flags[0], (~torch.isfinite(out["loss"].detach())).float()]).max().reshape(1)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
         self._flags = torch.stack([bad[0], flags[1]])

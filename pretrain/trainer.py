@@ -36,7 +36,7 @@ from pretrain.distributed import (
 from pretrain.engine import EngineConfig, build_engine, construction
 from pretrain.evaluation import evaluate, format_metrics
 from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
-from pretrain.models import PriorSpec, build_model
+from pretrain.models import build_model
 from pretrain.optim import OptimConfig
 from pretrain.options import ConfigError, require, to_dict
 from pretrain.step import ContrastiveStep, StepFlags, StepOutput
@@ -230,7 +230,7 @@ class Trainer:
         loss_fn = cfg.loss.build()
         _refuse_own_weights_when_partitioned(cfg)
         with construction(t, self.world):  # ZeRO-3 with train.zero3_init: partitioned as it is built
-            model = build_model(cfg.model, modalities, with_bias=loss_fn.uses_bias, prior=PriorSpec.of(cfg.loss.options))
+            model = build_model(cfg.model, modalities, objective=loss_fn)  # and the parameters the loss owns
         self.engine, optimizer, self.scheduler, grad_sync = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)

@@ -44,7 +44,6 @@ def install(spec: str) -> None:
                     out = {**out, "loss": out["loss"] * float("nan")}  # a real NaN, through the real guard
                 return out
 
-            nan_loss.uses_bias = loss_fn.uses_bias
             init(self, engine, scheduler, optimizer, nan_loss, *args, **kwargs)
 
         ContrastiveStep.__init__ = with_nan_loss

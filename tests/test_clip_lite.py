@@ -16,7 +16,8 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data import build_modalities
 from pretrain.export import consolidated_state_dict
 from pretrain.losses.clip_lite import ClipLiteLoss
-from pretrain.models import PriorSpec, build_model, prior_noise
+from pretrain.losses import BatchContext
+from pretrain.models import build_model
 from pretrain.models.heads import build_head
 from tests.helpers import ASSET_SHARDS, PYTHON, QUICKSTART, make_vector_shards, ok, run_cmd, torchrun, tiny_overrides, \
     vector_overrides
@@ -112,7 +113,7 @@ def test_prior_term_equals_the_official_formula():
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     logits = {m: (torch.randn(B, dtype=torch.float64, requires_grad=True),
                   torch.randn(B, dtype=torch.float64, requires_grad=True)) for m in ("image", "text")}
-    got = ClipLiteLoss(prior_weight=0.1)(feats, scale, prior=logits)
+    got = ClipLiteLoss(prior_weight=0.1)(feats, scale, params={"prior": logits})
 
     a, b = feats["image"], feats["text"]
     pos = scale * (a * b).sum(1)
@@ -147,34 +148,34 @@ def vector_model(tmp_path, mode: str, prior_on: str = "[a, b]"):
     cfg = load_config(None, vector_overrides(shards, tmp_path / "run", steps=1, micro_batch=4, dim=6) + [
         "loss.name=clip_lite", "loss.prior_weight=0.1", f"loss.prior_mode={mode}", f"loss.prior_on={prior_on}",
         "model.towers.a.head=milinear", "model.towers.a.head_options={width: 12}"])
-    return cfg, build_model(cfg.model, build_modalities(cfg.data, train=True), prior=PriorSpec.of(cfg.loss.options))
+    return cfg, build_model(cfg.model, build_modalities(cfg.data, train=True), objective=cfg.loss.build())
 
 
 def test_adversarial_reverses_the_gradient_at_the_discriminator_input(tmp_path):
     cfg, coop = vector_model(tmp_path / "c", "cooperative")
     _, adv = vector_model(tmp_path / "a", "adversarial")
     adv.load_state_dict(coop.state_dict())
-    assert sorted(coop.prior_discriminators) == ["a", "b"] and coop.prior_mode == "cooperative"
-    assert adv.prior_mode == "adversarial"
+    assert sorted(coop.objective.prior) == ["a", "b"] and coop.objective.mode == "cooperative"
+    assert adv.objective.mode == "adversarial"
     torch.manual_seed(4)
     inputs = {m: torch.randn(8, 6) for m in ("a", "b")}
-    noise = prior_noise(coop.prior_widths(), seed=5, offset=0, local=8, total=8, device=torch.device("cpu"))
+    where = BatchContext(step=0, seed=5, offset=0, rows=8, total=8)
     loss = ClipLiteLoss(prior_weight=0.1)
 
     def grads(model, only_prior: bool):
         model.zero_grad()
-        feats, scale, _, prior = model(inputs, noise=noise)
+        feats, scale, _, params = model(inputs, batch=where)
         if only_prior:
-            term = sum(-(F.logsigmoid(r).mean() + F.logsigmoid(-f).mean()) for r, f in prior.values())
+            term = sum(-(F.logsigmoid(r).mean() + F.logsigmoid(-f).mean()) for r, f in params["prior"].values())
         else:
-            term = loss(feats, scale, prior=prior)["loss"]
+            term = loss(feats, scale, params=params)["loss"]
         term.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     gc, ga = grads(coop, True), grads(adv, True)
     assert gc.keys() == ga.keys()
     encoder = [n for n in gc if n.startswith("towers.") and ".head." not in n]
-    discriminator = [n for n in gc if n.startswith("prior_discriminators.")]
+    discriminator = [n for n in gc if n.startswith("objective.prior.")]
     assert encoder and discriminator
     for n in encoder:  # the encoder is pushed the other way ...
         assert float(gc[n].abs().max()) > 0
@@ -192,17 +193,57 @@ def test_adversarial_reverses_the_gradient_at_the_discriminator_input(tmp_path):
 
 def test_prior_only_on_the_named_modalities(tmp_path):
     _, model = vector_model(tmp_path, "cooperative", prior_on="[b]")
-    assert list(model.prior_discriminators) == ["b"]
-    assert model.prior_widths() == {"b": model.towers["b"].backbone.width}
-    assert not any(k.startswith("prior_discriminators.") for k in model.inference_state_dict())
-    assert any(k.startswith("prior_discriminators.") for k in model.state_dict())
+    assert list(model.objective.prior) == ["b"]
+    assert model.objective.widths() == {"b": model.towers["b"].backbone.width}
+    assert not any(k.startswith("objective.") for k in model.inference_state_dict())
+    assert any(k.startswith("objective.prior.b.") for k in model.state_dict())
+    # a state dict written before the objective owned its parameters loads under the old names
+    legacy = {k.replace("objective.prior.", "prior_discriminators."): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("prior_discriminators.") for k in legacy)
+    _, again = vector_model(tmp_path / "again", "cooperative", prior_on="[b]")
+    again.load_state_dict(legacy, strict=True)
+    torch.testing.assert_close(again.objective.prior["b"][0].weight, model.objective.prior["b"][0].weight)
+
+
+def test_prior_term_under_accumulation_equals_one_micro_batch(tmp_path):
+    """The prior discriminators' logits are cached and replayed by the accumulation like the features:
+    2 micro-batches of 4 give the loss and every gradient (discriminators, towers, temperature) of
+    one micro-batch of 8, the prior samples included (drawn for the global batch, sliced per micro-batch)."""
+    from pretrain.losses import accumulate_step
+
+    _, model = vector_model(tmp_path, "adversarial")
+    model.double().eval()  # BatchNorm (tower a's milinear head) on running statistics: a batch-size-free forward
+    torch.manual_seed(6)
+    inputs = {m: torch.randn(8, 6, dtype=torch.float64) for m in ("a", "b")}
+    loss = ClipLiteLoss(prior_weight=0.1)
+
+    def encode(micro, micros):
+        rows = 8 // micros
+        part = {m: x[micro * rows:(micro + 1) * rows] for m, x in inputs.items()}
+        return model(part, batch=BatchContext(step=3, seed=1, offset=micro * rows, rows=rows, total=8))
+
+    def grads():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    feats, scale, bias, params = encode(0, 1)
+    whole = loss(feats, scale, bias, params=params)
+    whole["loss"].backward()
+    want = grads()
+    model.zero_grad()
+    got = accumulate_step(lambda micro: encode(micro, 2), [0, 1], loss, per_sample=model.objective.per_sample)
+    torch.testing.assert_close(got["loss"], whole["loss"].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["clip_lite/prior"], whole["clip_lite/prior"], rtol=1e-12, atol=1e-12)
+    have = grads()
+    assert have.keys() == want.keys() and any(n.startswith("objective.prior.") for n in have)
+    for n in want:
+        torch.testing.assert_close(have[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
 # ----------------------------------------------------------------------------- configuration errors
 
 
 @pytest.mark.parametrize("override, key", [
-    (["loss.prior_weight=0.1", "train.grad_accumulation_steps=2"], "loss.prior_weight"),
     (["loss.prior_weight=0.1", "loss.prior_on=[image, sound]"], "loss.prior_on"),
     (["loss.prior_weight=1.0"], "loss.prior_weight"),
     (["loss.prior_weight=-0.1"], "loss.prior_weight"),
@@ -244,7 +285,7 @@ def test_prior_on_two_ranks_zero3_and_backbone_probe_in_the_cli(tmp_path):
     # the consolidated checkpoint holds the discriminators (trained, sharded by ZeRO-3, gathered)
     state = consolidated_state_dict(sorted((out / "checkpoints").glob("step*"))[-1])
     for m in ("image", "text"):
-        weight = state[f"prior_discriminators.{m}.0.weight"]
+        weight = state[f"objective.prior.{m}.0.weight"]
         assert weight.shape[0] == 1000 and bool(torch.isfinite(weight).all())
 
     ok(run_cmd([PYTHON, "-m", "pretrain.eval", "--checkpoint", str(out), "--output", str(tmp_path / "probe"),

@@ -83,7 +83,7 @@ def test_a_tools_main_called_from_python_leaves_the_garbage_collector_alone():
 
 def test_loss_options_validated_against_the_named_loss():
     cfg = load_config(QUICKSTART, ["loss.name=clip_lite", "loss.negative=local"])
-    assert cfg.loss.name == "clip_lite" and cfg.loss.negative == "local"
+    assert cfg.loss.name == "clip_lite" and cfg.loss.options.negative == "local"
     with pytest.raises(ConfigError, match=r"^loss\.negative: not an option of clip \(its options: anchor\)"):
         load_config(QUICKSTART, ["loss.negative=local"])
     with pytest.raises(ConfigError, match=r"^loss\.negative_sampling: must be one of 'n', 'n_squared'"):
@@ -128,9 +128,7 @@ def test_a_module_in_data_imports_registers_a_loss_and_an_evaluation_task(tmp_pa
         "        factor: float = 1.0\n"
         "        def check(self, key):\n"
         "            require(self.factor > 0, f'{key}.factor', 'must be > 0')\n"
-        "    def __init__(self, factor=1.0):\n"
-        "        super().__init__()\n"
-        "        self.factor = factor\n\n"
+        "\n"
         "@register_evaluator('count')\n"
         "class Count(Evaluator):\n"
         "    def run(self, ctx):\n"
@@ -141,7 +139,7 @@ def test_a_module_in_data_imports_registers_a_loss_and_an_evaluation_task(tmp_pa
     tree = {"loss": {"name": "scaled_clip", "factor": 2.0}, "eval": {"tasks": ["count"]},
             "data": {"train": {"urls": "x.tar"}, "imports": ["my_plugin"]}}
     cfg = config_from_dict(tree)
-    assert cfg.loss.build().factor == 2.0 and cfg.loss.factor == 2.0
+    assert cfg.loss.build().factor == 2.0 and cfg.loss.options.factor == 2.0
     from pretrain.evaluation import planned_tasks
 
     assert planned_tasks(cfg, ["image", "text"]) == ["count"]

@@ -15,6 +15,7 @@ import yaml
 
 from pretrain.config import ConfigError, config_from_dict
 from pretrain.data import build_modalities
+from pretrain.losses import build_loss
 from pretrain.models import FORMATS, build_model
 from pretrain.models.towers import text_attention_mask
 from tests.helpers import ASSET_SHARDS, ASSETS, ok, png_bytes, torchrun
@@ -86,10 +87,11 @@ def tree(path=None, model: dict | None = None, data: dict | None = None, **top) 
             "eval": {"enabled": False}, **top}
 
 
-def ours(t: dict, with_bias: bool = False):
+def ours(t: dict, with_bias: bool = False):  # with_bias: SigLIP's objective (it asks for the scalar bias)
     cfg = config_from_dict(t)
     mods = build_modalities(cfg.data, train=False)
-    return cfg, mods, build_model(cfg.model, mods, with_bias=with_bias).eval()
+    objective = build_loss({"name": "siglip"}) if with_bias else None
+    return cfg, mods, build_model(cfg.model, mods, objective=objective).eval()
 
 
 def features(out) -> torch.Tensor:

@@ -9,9 +9,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pretrain.losses import accumulate_step, build_loss
+from pretrain.losses import BatchContext, LossContext, accumulate_step, build_loss
 from pretrain.distributed import close_distributed, free_port, init_distributed
-from pretrain.models.prior import PriorDiscriminator, prior_noise, reverse_gradient
 
 DIM = 5
 SIZES = {2: [4, 3], 4: [3, 1, 4, 2]}
@@ -80,18 +79,16 @@ def _run_prior_case(case_index, case, rows, sizes):
     raw, weights, masks, scale, bias = _data(case_index, sizes, m)
     weights = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
     scale, bias = scale.clone().requires_grad_(True), bias.clone().requires_grad_(True)
-    on = opts.get("prior_on") or sorted(raw)
+    loss = build_loss(opts)
     with torch.random.fork_rng():  # the same discriminators on every rank (as DeepSpeed broadcasts them)
         torch.manual_seed(case_index)
-        discs = {k: PriorDiscriminator(DIM).double() for k in on}
-    noise = prior_noise({k: DIM for k in on}, seed=11, offset=int(rows[0]), local=len(rows), total=sum(sizes),
-                        device=torch.device("cpu"))
+        objective = loss.parameters(LossContext(sorted(raw), DIM, {k: DIM for k in raw})).double()
     h = {k: v[rows] @ weights[k].T for k, v in raw.items()}
     feats = {k: F.normalize(x, dim=-1) for k, x in h.items()}
-    fake = {k: reverse_gradient(h[k]) if opts["prior_mode"] == "adversarial" else h[k] for k in on}
-    prior = {k: (discs[k](noise[k].double()), discs[k](fake[k])) for k in on}
+    # the objective's own forward: prior samples of these rows of the global batch, reversed f in adversarial mode
+    params = objective(feats, h, BatchContext(step=5, seed=11, offset=int(rows[0]), rows=len(rows), total=sum(sizes)))
     masks = {k: v[rows] for k, v in masks.items()} if use_masks else None
-    out = build_loss(opts)(feats, scale, bias, masks=masks, step=5, prior=prior)
+    out = loss(feats, scale, bias, masks=masks, step=5, params=params)
     out["loss"].backward()
     return {
         "loss": out["loss"].detach(),
@@ -99,7 +96,7 @@ def _run_prior_case(case_index, case, rows, sizes):
         "weight_grads": {k: w.grad for k, w in weights.items()},
         "scale_grad": scale.grad,
         "bias_grad": bias.grad,
-        "disc_grads": {f"{k}.{name}": p.grad for k, d in discs.items() for name, p in d.named_parameters()},
+        "disc_grads": {name: p.grad for name, p in objective.named_parameters()},
     }
 
 

@@ -7,11 +7,8 @@ multi-node Slurm, pyxis) through ``--dry-run`` or the config validation they wou
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import json
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass

@@ -1,17 +1,19 @@
 """The loss layer: objectives keyed by name, negatives drawn from the global batch.
 
     loss_fn = build_loss({"name": "clip" | "clip_lite" | "symile" | "siglip", **options})
-    out = loss_fn(features, logit_scale, logit_bias=None, masks=None, step=None)
+    out = loss_fn(features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None, params=None)
 
 ``features``: modality -> (B_local, d), L2-normalised; ``logit_scale`` (and ``logit_bias``) of
 shape (1,); ``masks``: modality -> bool (B_local,), False where a sample lacks the modality;
-``step`` seeds Symile's O(N) negative sampling. ``out["loss"]`` is this rank's share: its mean over
-ranks is the single-process loss of the global batch, and so are the rank-mean gradients. The
-default process group is used when torch.distributed is initialised; one process works unchanged.
+``step`` seeds Symile's O(N) negative sampling; ``sizes`` every rank's batch size when known;
+``params`` what the objective's own parameters gave in the model's forward (``LossParameters``).
+``out["loss"]`` is this rank's share: its mean over ranks is the single-process loss of the global
+batch, and so are the rank-mean gradients. The default process group is used when
+torch.distributed is initialised; one process works unchanged.
 
-Each objective is registered in ``LOSSES`` with its own ``Options`` (the config keys
-``loss.<option>``, type-checked and checked by the objective); ``LossConfig`` is the ``loss``
-section of a recipe.
+Each objective is a ``Loss`` (``pretrain.losses.base``: the contract) registered in ``LOSSES`` with
+its own ``Options`` (the config keys ``loss.<option>``, type-checked and checked by the objective);
+``LossConfig`` is the ``loss`` section of a recipe.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretrain.losses.accumulate import accumulate_step
-from pretrain.losses.base import LOSSES, LossInputError
+from pretrain.losses.base import LOSSES, BatchContext, Loss, LossContext, LossInputError, LossParameters
 from pretrain.losses.clip import ClipLoss
 from pretrain.losses.clip_lite import ClipLiteLoss
 from pretrain.losses.gather import all_gather_with_grad, ring_shift
@@ -56,16 +58,16 @@ class LossConfig:
             require(k in known, f"{key}.{k}", f"not an option of {name} (its options: {', '.join(known) or 'none'})")
         return cls(name, from_dict(options_cls, values, key))
 
-    def __getattr__(self, name: str):  # cfg.loss.anchor: the objective's option
-        if name.startswith("_") or name == "options":
-            raise AttributeError(name)
-        return getattr(self.options, name)
-
     def to_config(self) -> dict:
         return {"name": self.name, **to_dict(self.options)}
 
     def build(self):
-        return LOSSES.get(self.name, "loss.name")(**dataclasses.asdict(self.options))
+        return LOSSES.get(self.name, "loss.name")(**{f.name: getattr(self.options, f.name)
+                                                     for f in dataclasses.fields(self.options)})
+
+    def check_against(self, modalities: list[str], train, key: str = "loss") -> None:
+        """The objective's checks against the data's modalities and ``train.*`` (``Loss.check_against``)."""
+        self.build().check_against(modalities, train, key)
 
 
 def build_loss(options: dict):
@@ -77,6 +79,7 @@ def build_loss(options: dict):
 
 
 __all__ = [
-    "LOSSES", "ClipLiteLoss", "ClipLoss", "LossConfig", "LossInputError", "SigLipLoss", "SymileLoss",
+    "LOSSES", "BatchContext", "ClipLiteLoss", "ClipLoss", "Loss", "LossConfig", "LossContext", "LossInputError",
+    "LossParameters", "SigLipLoss", "SymileLoss",
     "accumulate_step", "all_gather_with_grad", "build_loss", "loss_options", "ring_shift",
 ]

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LOSSES, LossInputs, modality_pairs, mean_of_terms, prepare, touch
+from pretrain.losses.base import LOSSES, Loss, LossInputs, modality_pairs, mean_of_terms, touch
 
 
 def infonce_rows(
@@ -37,17 +37,12 @@ def infonce_rows(
 
 
 @LOSSES.register("clip")
-class ClipLoss:
+class ClipLoss(Loss):
     name = "clip"
-    uses_bias = False
-    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
         anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
-
-    def __init__(self, anchor: str | None = None):
-        self.anchor = anchor
 
     def pair_term(self, inp: LossInputs, a: str, b: str, gathered: dict, scale: torch.Tensor):
         lay = inp.layout
@@ -70,8 +65,7 @@ class ClipLoss:
             term = term + touch(gathered[a], gathered[b])
         return term, count
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
-        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
+    def compute(self, inp, logit_scale, logit_bias=None, step=None, params=None):
         pairs = modality_pairs(inp.names, self.anchor, self.name)
         gathered = {m: inp.gather(m) for m in sorted({m for p in pairs for m in p})}
         out, terms, counts = {}, [], []

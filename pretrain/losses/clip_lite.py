@@ -22,9 +22,10 @@ The prior-matching term of the official code (after Deep InfoMax), with ``prior_
     total = (1 - w) * JSD + w * PRIOR,   PRIOR = sum over prior_on of -(mean log D(u) + mean log(1 - D(f)))
 
 where f are a tower's pre-head backbone features, u ~ U[0, 1) samples of the same shape and D a
-small discriminator (1000-200-1, sigmoid) that is part of the model (``pretrain.models.prior``),
-trained in the same backward and optimizer step as everything else. The model hands its logits in
-as ``prior={modality: (logits of u, logits of f)}``. ``prior_mode: cooperative`` (the official
+small discriminator (1000-200-1, sigmoid) per modality: the objective's own parameters
+(``pretrain.losses.prior``, held by the model as ``model.objective.prior``), trained in the same
+backward and optimizer step as everything else. Their logits reach the loss as
+``params={"prior": {modality: (logits of u, logits of f)}}``. ``prior_mode: cooperative`` (the official
 code) lets the encoder descend PRIOR with the discriminator; ``adversarial`` (Deep InfoMax)
 reverses the gradient reaching f, so the encoder ascends it. The means run over the global batch
 (f: the samples holding the modality), so the term is exact under data parallelism. It is logged
@@ -38,17 +39,16 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LOSSES, LossInputError, LossInputs, modality_pairs, mean_of_terms, prepare
 from pretrain.distributed import BatchLayout
+from pretrain.losses.base import LOSSES, Loss, LossInputError, LossInputs, modality_pairs, mean_of_terms
 from pretrain.losses.gather import all_gather_with_grad
+from pretrain.losses.prior import PriorParameters
 from pretrain.options import require
 
 
 @LOSSES.register("clip_lite")
-class ClipLiteLoss:
+class ClipLiteLoss(Loss):
     name = "clip_lite"
-    uses_bias = False
-    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -63,10 +63,22 @@ class ClipLiteLoss:
             require(self.prior_on is None or len(self.prior_on) > 0, f"{key}.prior_on",
                     "give at least one modality, or leave it unset for all")
 
-    def __init__(self, negative: str = "global", anchor: str | None = None, prior_weight: float = 0.0,
-                 prior_mode: str = "cooperative", prior_on: list[str] | None = None):
-        self.negative, self.anchor = negative, anchor
-        self.prior_weight, self.prior_mode, self.prior_on = prior_weight, prior_mode, prior_on
+    def check_against(self, modalities, train, key="loss"):
+        if self.prior_weight > 0:
+            for i, m in enumerate(self.prior_on or []):
+                require(m in modalities, f"{key}.prior_on[{i}]",
+                        f"no such modality in data.modalities ({', '.join(modalities)})")
+
+    def parameters(self, ctx):
+        """The prior discriminators (with ``prior_weight`` > 0), over the backbone features of
+        ``prior_on`` (default: every modality)."""
+        if not self.prior_weight > 0:
+            return None
+        on = list(self.prior_on or ctx.modalities)
+        for i, m in enumerate(on):
+            if m not in ctx.widths:
+                raise LossInputError(f"loss.prior_on[{i}]: no such modality among the towers ({', '.join(ctx.widths)})")
+        return PriorParameters({m: ctx.widths[m] for m in on}, self.prior_mode)
 
     def _partners(self, inp: LossInputs, fb: torch.Tensor, valid_local: torch.Tensor, valid_global: torch.Tensor):
         """b features of each local valid row's negative partner, in row order."""
@@ -106,11 +118,11 @@ class ClipLiteLoss:
             terms[m] = -(real_mean + fake_mean)
         return sum(terms.values()), terms
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None, prior=None):
+    def compute(self, inp, logit_scale, logit_bias=None, step=None, params=None):
+        prior = (params or {}).get("prior")
         if self.prior_weight > 0 and not prior:
             raise LossInputError(f"{self.name}: prior_weight is {self.prior_weight} but no prior logits were given "
-                                 "(a model built with the prior discriminators gives them in a training forward)")
-        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
+                                 "(params={'prior': ...}: the model's objective gives them in a training forward)")
         lay = inp.layout
         out, terms, counts = {}, [], []
         for a, b in modality_pairs(inp.names, self.anchor, self.name):

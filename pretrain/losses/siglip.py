@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LOSSES, LossInputError, modality_pairs, mean_of_terms, prepare, touch
+from pretrain.losses.base import LOSSES, Loss, LossInputError, LossParameters, modality_pairs, mean_of_terms, touch
 from pretrain.losses.gather import ring_shift
 
 
@@ -32,23 +32,27 @@ def _sigmoid_sum(rows, cols, scale, bias, pos_row, pos_col, row_valid, col_valid
 
 
 @LOSSES.register("siglip")
-class SigLipLoss:
+class SigLipLoss(Loss):
     name = "siglip"
-    uses_bias = True
-    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
         exchange: Literal["all_gather", "ring"] = "all_gather"  # how the columns reach each rank
         anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
 
-    def __init__(self, exchange: str = "all_gather", anchor: str | None = None):
-        self.exchange, self.anchor = exchange, anchor
+    class Parameters(LossParameters):
+        scalar_bias = True  # the model's logit_bias (the field's formats hold it)
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
+    def parameters(self, ctx):
+        return self.Parameters()
+
+    def pair_bias(self, a: str, b: str, logit_bias, params: dict) -> torch.Tensor:
+        """The bias of the pair (a, b): the one learnable scalar bias (a subclass may learn one per pair)."""
         if logit_bias is None:
-            raise LossInputError("siglip: needs logit_bias (a learnable bias of shape (1,))")
-        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
+            raise LossInputError(f"{self.name}: needs logit_bias (a learnable bias of shape (1,))")
+        return logit_bias
+
+    def compute(self, inp, logit_scale, logit_bias=None, step=None, params=None):
         lay = inp.layout
         out, terms, counts = {}, [], []
         gathered: dict[str, torch.Tensor] = {}  # each column modality gathered once
@@ -57,12 +61,13 @@ class SigLipLoss:
             count = lay.total if not inp.has_masks else int(valid.sum())
             row_valid = valid[lay.offset : lay.offset + lay.local]
             fa, fb = inp.features[a], inp.features[b]
+            bias = self.pair_bias(a, b, logit_bias, params or {})
             local_idx = torch.arange(lay.local, device=fa.device)
             if self.exchange == "all_gather" or lay.world == 1:
                 if b not in gathered:
                     gathered[b] = inp.gather(b)
                 cols = gathered[b]
-                total = _sigmoid_sum(fa, cols, logit_scale, logit_bias, local_idx, local_idx + lay.offset,
+                total = _sigmoid_sum(fa, cols, logit_scale, bias, local_idx, local_idx + lay.offset,
                                      row_valid, valid) + touch(cols)
             else:
                 longest = max(lay.sizes)
@@ -70,13 +75,13 @@ class SigLipLoss:
                 block = torch.cat([fb, block[lay.local :]])  # differentiable pad to the longest batch
                 block_valid = torch.zeros(longest, dtype=torch.bool, device=fa.device)
                 block_valid[: lay.local] = row_valid
-                total = _sigmoid_sum(fa, block, logit_scale, logit_bias, local_idx, local_idx,
+                total = _sigmoid_sum(fa, block, logit_scale, bias, local_idx, local_idx,
                                      row_valid, block_valid)
                 empty = local_idx[:0]
                 for _ in range(lay.world - 1):
                     block = ring_shift(block)
                     block_valid = ring_shift(block_valid.to(torch.uint8), grad=False).bool()
-                    total = total + _sigmoid_sum(fa, block, logit_scale, logit_bias, empty, empty,
+                    total = total + _sigmoid_sum(fa, block, logit_scale, bias, empty, empty,
                                                  row_valid, block_valid)
             term = total * (lay.world / max(count, 1))
             out[f"siglip/{a}-{b}"] = term.detach()

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses.base import LOSSES, prepare, touch
+from pretrain.losses.base import LOSSES, Loss, touch
 from pretrain.options import require
 
 
@@ -116,10 +116,8 @@ def combination_logsumexp(x: torch.Tensor, ys: list[torch.Tensor], chunk_size: i
 
 
 @LOSSES.register("symile")
-class SymileLoss:
+class SymileLoss(Loss):
     name = "symile"
-    uses_bias = False
-    check_finite = True  # prepare() reads the features back to refuse NaN (a guarded trainer turns it off)
 
     @dataclass
     class Options:
@@ -130,17 +128,16 @@ class SymileLoss:
         def check(self, key: str) -> None:
             require(self.chunk_size > 0, f"{key}.chunk_size", f"must be > 0, got {self.chunk_size}")
 
-    def __init__(self, negative_sampling: str = "n", chunk_size: int = 1 << 22, seed: int = 0):
-        self.negative_sampling, self.chunk_size, self.seed = negative_sampling, chunk_size, seed
-        self._calls = 0
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._calls = 0  # the step, when the caller gives none
 
     def _permutation(self, n: int, step: int, anchor: int, k: int, device) -> torch.Tensor:
         key = ((self.seed * 1_000_003 + step) * 1_009 + anchor) * 1_013 + k
         g = torch.Generator().manual_seed(key % (1 << 63))
         return torch.randperm(n, generator=g).to(device)
 
-    def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None):
-        inp = prepare(self.name, features, masks, check_finite=self.check_finite, sizes=sizes)
+    def compute(self, inp, logit_scale, logit_bias=None, step=None, params=None):
         if step is None:
             step = self._calls
         self._calls += 1

@@ -17,8 +17,11 @@ its options; every tower gets the same wrapping (``EncoderTower``):
 - ``grad_checkpointing``: recompute the backbone's activations in backward (less memory).
 
 ``ContrastiveModel.forward`` returns L2-normalised features per modality, the logit scale
-(exp of a learned log-scale of shape (1,), clamped at ``max_logit_scale``) and the bias or None;
-with CLIP-Lite's prior term it also holds the prior discriminators (``pretrain.models.prior``).
+(exp of a learned log-scale of shape (1,), clamped at ``max_logit_scale``) and the bias or None.
+The objective's own parameters (``pretrain.losses.LossParameters``: CLIP-Lite's discriminators, a
+bias per modality pair, ...) are part of the model as ``objective``; in a training forward (a
+``BatchContext`` given) they run on the features and their outputs come back as a fourth item, the
+loss's ``params``. The scalar ``logit_bias`` exists when the objective asks for it (SigLIP).
 """
 from __future__ import annotations
 
@@ -28,13 +31,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from pretrain.models import openclip  # noqa: F401 - registers the OpenCLIP towers and checkpoint format
 from pretrain.models import hf_clip  # noqa: F401 - registers the Hugging Face CLIP/SigLIP towers and checkpoint format
 from pretrain.models.config import ModelConfig, TowerConfig, default_tower
 from pretrain.models.heads import HEADS, build_head
 from pretrain.models.interop import FORMATS, load_init
-from pretrain.models.prior import PriorDiscriminator, PriorSpec, prior_noise, reverse_gradient
 from pretrain.models.towers import TOWERS, Backbone, TowerContext, load_weights_file, register_tower, tower_names
 from pretrain.options import ConfigError
 
@@ -85,28 +88,35 @@ class EncoderTower(nn.Module):
         return self.head(self.backbone_features(x, present))
 
 
+# state-dict keys written before the objective owned its parameters -> today's
+LEGACY_KEYS = (("prior_discriminators.", "objective.prior."),)
+
+
 class ContrastiveModel(nn.Module):
-    """One tower per modality; forward gives L2-normalised features and the logit scale/bias
-    (and, with prior discriminators and ``noise``, their logits: ``pretrain.models.prior``)."""
+    """One tower per modality; forward gives L2-normalised features and the logit scale/bias (and,
+    in training, what the objective's own parameters give the loss)."""
 
     def __init__(self, cfg: ModelConfig, towers: dict[str, TowerConfig], contexts: dict[str, TowerContext],
-                 with_bias: bool = False, prior: Optional[PriorSpec] = None):
+                 objective=None):
         super().__init__()
         self.embed_dim = cfg.embed_dim
         self.towers = nn.ModuleDict({m: EncoderTower(towers[m], cfg.embed_dim, ctx) for m, ctx in contexts.items()})
-        on = [] if prior is None else list(prior.on or self.towers)
-        for i, m in enumerate(on):
-            if m not in self.towers:
-                raise ConfigError(f"loss.prior_on[{i}]: no such modality in data.modalities ({', '.join(self.towers)})")
-        self.prior_mode = None if prior is None else prior.mode
-        # modality -> discriminator over its backbone features (None without a prior term: the
-        # state dict of models without one stays as it was)
-        self.prior_discriminators = (nn.ModuleDict({m: PriorDiscriminator(self.towers[m].backbone.width) for m in on})
-                                     if on else None)
+        # the objective's parameters (None when it needs none: the state dict stays as it was); registered
+        # where CLIP-Lite's discriminators were, so optimizer states keep their order
+        self.objective = None
+        if objective is not None:
+            from pretrain.losses import LossContext
+
+            ctx = LossContext(sorted(self.towers), cfg.embed_dim, {m: t.backbone.width for m, t in self.towers.items()})
+            self.objective = objective.parameters(ctx)
+        if self.objective is not None:  # before DeepSpeed's own hooks, which free the parameters (ZeRO-3)
+            self.objective.register_forward_hook(_hold_outputs)
         # Shape (1,), not a 0-dim tensor: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
-        self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if with_bias else None
+        wants_bias = getattr(self.objective, "scalar_bias", False)
+        self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_logit_bias)) if wants_bias else None
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     @property
     def modalities(self) -> list[str]:
@@ -117,7 +127,7 @@ class ContrastiveModel(nn.Module):
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logit_scale, logit_bias): the multiplier (exponentiated, clamped) and the bias or None."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp(), self.logit_bias
+        return self.logit_scale.clamp(max=self.max_log_scale).exp(), _held(self.logit_bias)
 
     def loss_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The masks the loss should see: towers with a missingness indicator encode absent
@@ -131,30 +141,31 @@ class ContrastiveModel(nn.Module):
         masks = masks or {}
         return {m: self.towers[m].backbone_features(x, masks.get(m)) for m, x in inputs.items()}
 
-    def prior_widths(self) -> dict[str, int]:
-        """modality -> backbone width, for each modality with a prior discriminator."""
-        return {m: self.towers[m].backbone.width for m in (self.prior_discriminators or {})}
-
     def forward(self, inputs: dict[str, torch.Tensor], masks: Optional[dict[str, torch.Tensor]] = None,
-                noise: Optional[dict[str, torch.Tensor]] = None):
-        """(features per modality, logit scale, logit bias or None); given ``noise`` (prior samples
-        per modality with a discriminator, ``prior_noise``) a fourth item: modality -> (logits of
-        the prior samples, logits of the backbone features), each (B,)."""
+                batch=None):
+        """(features per modality, logit scale, logit bias or None); in training (``batch``, a
+        ``pretrain.losses.BatchContext``) a fourth item: what the objective's parameters give the
+        loss (its ``params``; {} when it has none)."""
         masks = masks or {}
-        features, prior = {}, {}
+        features, backbone = {}, {}
         for m, x in inputs.items():
-            h = self.towers[m].backbone_features(x, masks.get(m))
-            features[m] = F.normalize(self.towers[m].head(h), dim=-1)
-            if noise is not None and self.prior_discriminators is not None and m in self.prior_discriminators:
-                d = self.prior_discriminators[m]
-                fake = reverse_gradient(h) if self.prior_mode == "adversarial" else h
-                prior[m] = (d(noise[m].to(h.dtype)), d(fake))
-        return (features, *self.scales()) if noise is None else (features, *self.scales(), prior)
+            backbone[m] = self.towers[m].backbone_features(x, masks.get(m))
+            features[m] = F.normalize(self.towers[m].head(backbone[m]), dim=-1)
+        if batch is None:
+            return (features, *self.scales())
+        params = self.objective(features, backbone, batch) if self.objective is not None else {}
+        return (features, *self.scales(), params)
 
-    def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict without training-only parts (the prior discriminators): what the
-        field's formats export."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("prior_discriminators.")}
+    def inference_state_dict(self, fmt: str = "the field's formats") -> dict[str, torch.Tensor]:
+        """What a format of the field (one temperature and one scalar bias beside the towers) can hold:
+        the state dict without the objective's training-only parameters; an objective whose
+        parameters are needed for inference and have no place there is refused, naming them."""
+        state = self.state_dict()
+        own = [k for k in state if k.startswith("objective.")]
+        if own and not getattr(self.objective, "training_only", False):
+            raise ConfigError(f"--format {fmt}: {own[0]} (a parameter of the objective) has no place in that "
+                              "format, which holds one temperature and one scalar bias; keep the native format")
+        return {k: v for k, v in state.items() if not k.startswith("objective.")}
 
 
 def tower_contexts(modalities) -> dict[str, TowerContext]:
@@ -166,11 +177,27 @@ def tower_contexts(modalities) -> dict[str, TowerContext]:
     }
 
 
-def build_model(cfg: ModelConfig, modalities, with_bias: bool = False,
-                prior: Optional[PriorSpec] = None) -> ContrastiveModel:
+def _held(x):
+    """A parameter handed out of the forward as a tensor of its own (the same values and gradient):
+    ZeRO-3 frees a parameter's data when the forward ends, before the loss reads it."""
+    return x.clone() if isinstance(x, nn.Parameter) else x
+
+
+def _hold_outputs(module, args, out):
+    return tree_map(_held, out)
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in LEGACY_KEYS:
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+def build_model(cfg: ModelConfig, modalities, objective=None) -> ContrastiveModel:
     """The model for the built ``modalities`` (``pretrain.data.build_modalities``): one tower per
-    modality, the configured one or its decoder's default; ``with_bias`` and ``prior`` as the
-    objective needs (``loss.uses_bias``, ``PriorSpec.of(loss options)``)."""
+    modality, the configured one or its decoder's default, and the parameters ``objective`` (a built
+    ``pretrain.losses.Loss``) declares (none without one)."""
     towers = {}
     for m in modalities:
         tower = cfg.towers.get(m.name) or default_tower(m.decoder_name, m.decoder.options)
@@ -181,7 +208,7 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False,
     for m in cfg.towers:
         if m not in towers:
             raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(towers)})")
-    model = ContrastiveModel(cfg, towers, tower_contexts(modalities), with_bias, prior)
+    model = ContrastiveModel(cfg, towers, tower_contexts(modalities), objective)
     if cfg.init_from is not None:
         load_init(model, cfg.init_from)
     if cfg.compile:  # in place: the parameters and their names stay the module's own
@@ -191,7 +218,7 @@ def build_model(cfg: ModelConfig, modalities, with_bias: bool = False,
 
 
 __all__ = [
-    "Backbone", "ContrastiveModel", "EncoderTower", "FORMATS", "HEADS", "ModelConfig", "PriorSpec", "TOWERS",
-    "TowerConfig", "TowerContext", "build_model", "default_tower", "load_weights_file", "prior_noise", "register_tower",
+    "Backbone", "ContrastiveModel", "EncoderTower", "FORMATS", "HEADS", "ModelConfig", "TOWERS",
+    "TowerConfig", "TowerContext", "build_model", "default_tower", "load_weights_file", "register_tower",
     "tower_contexts", "tower_names",
 ]

@@ -358,7 +358,7 @@ class HFFormat(CheckpointFormat):
         if name not in DUAL:
             raise ConfigError(f"--format hf: the towers are of a {name}, not one CLIPModel or SiglipModel holding both")
         ours = (f"towers.{image}.backbone.", f"towers.{text}.backbone.", "logit_scale", "logit_bias")
-        extra = [k for k in model.inference_state_dict() if not k.startswith(ours)]
+        extra = [k for k in model.inference_state_dict("hf") if not k.startswith(ours)]
         if extra:
             raise ConfigError(f"--format hf: {extra[0]} has no place in a {name} (towers with a head or a missingness "
                               f"embedding cannot be written so; keep the native format)")

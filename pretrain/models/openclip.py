@@ -239,7 +239,7 @@ class OpenClipFormat(CheckpointFormat):
         if (a.model, a.model_config) != (b.model, b.model_config):
             raise ConfigError(f"--format open_clip: the towers are of two models ({a.model}, {b.model})")
         config = model_config(a.model, a.model_config, f"model.towers.{image}.options")
-        state = to_open_clip({k: v.detach().float().contiguous() for k, v in model.inference_state_dict().items()},
+        state = to_open_clip({k: v.detach().float().contiguous() for k, v in model.inference_state_dict("open_clip").items()},
                              image, text)
         if model.logit_bias is not None:
             config["init_logit_bias"] = float(model.logit_bias.detach())
