@@ -54,10 +54,10 @@ from pretrain.evaluation.config import EvalConfig
 from pretrain.evaluation.embed import SplitFeatures, embed_split
 from pretrain.evaluation.probe import LinearProbe, fit_linear_probe, linear_probe_accuracy
 from pretrain.evaluation.runner import evaluate, format_metrics, write_outputs
-from pretrain.evaluation.tasks import EVALUATORS, EvalContext, Evaluator, planned_tasks, register_evaluator
+from pretrain.evaluation.tasks import EVALUATORS, EvalContext, Evaluator, Figure, planned_tasks, register_evaluator
 
 __all__ = [
-    "EVALUATORS", "EvalConfig", "EvalContext", "Evaluator", "LinearProbe", "SplitFeatures", "embed_split",
+    "EVALUATORS", "EvalConfig", "EvalContext", "Evaluator", "Figure", "LinearProbe", "SplitFeatures", "embed_split",
     "evaluate", "fit_linear_probe", "format_metrics", "linear_probe_accuracy", "planned_tasks",
     "register_evaluator", "write_outputs",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from pretrain.data.config import SplitConfig
 from pretrain.evaluation.prompts import resolve
-from pretrain.evaluation.tasks import EVALUATORS, metric_roots
+from pretrain.evaluation.tasks import BUILT_IN, EVALUATORS, metric_roots
 from pretrain.options import ConfigError, convert, require, to_dict
 
 
@@ -99,11 +99,13 @@ class EvalConfig:
         return obj
 
     def to_config(self) -> dict:
-        """The general options, then each task's section (a task without options writes none)."""
+        """The general options, then the sections of the built-in tasks and of any other task whose
+        options differ from its defaults (a process that never imported a plugin can read what a
+        process that did wrote, unless it is configured; then data.imports names the plugin)."""
         out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
         for name, options in self.sections.items():
             values = to_dict(options)
-            if values:
+            if values and (name in BUILT_IN or options != type(options)()):
                 out[name] = values
         return out
 

@@ -627,6 +627,11 @@ class LinearProbeTask(Evaluator):
                                 lambda last: last == "top1")
 
 
+# the tasks every process knows (registered with this module); a task of data.imports is only known
+# where its module is imported, so a written config carries its section only when it is set
+BUILT_IN = frozenset(EVALUATORS.names())
+
+
 def planned_tasks(cfg, names: list[str]) -> list[str]:
     """``eval.tasks``, or (unset) every default task that applies, in registration order."""
     return cfg.eval.planned(cfg, names)
