@@ -25,6 +25,10 @@ def test_prototype_accuracy_separable_and_shuffled():
     # labels that carry nothing about the features: near chance (1/5)
     noise = prototype_accuracy(x, y[torch.randperm(60, generator=g)], 5, 20, torch.Generator().manual_seed(1))
     assert noise["accuracy"] < 0.4 and noise["queries"] == 5 * 7
+    # noise in 256 dimensions: a query never sees itself in a prototype (it would pick its own class)
+    noise = prototype_accuracy(torch.randn(40, 256, generator=g), torch.arange(10).repeat_interleave(4), 1, 10,
+                               torch.Generator().manual_seed(2))
+    assert noise["accuracy"] < 0.3 and noise["queries"] == 30 and noise["classes"] == 10
     # a class with k samples or fewer sits the trial out; one class left: nothing to measure
     assert prototype_accuracy(x[:13], y[:13], 1, 2, torch.Generator().manual_seed(0)) is None
 

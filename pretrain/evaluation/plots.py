@@ -51,7 +51,7 @@ def curve_keys(records: list[dict]) -> list[str]:
     return list(curves(records))
 
 
-def plot_curves(records: list[dict], path: Path, title: str = "held-out R@1 / top-1 vs step") -> None:
+def plot_curves(records: list[dict], path: Path, title: str = "held-out figures vs step") -> None:
     records = sorted(records, key=lambda r: r["step"])
     labels = curves(records)
     keys = list(labels)[: len(PALETTE)]
