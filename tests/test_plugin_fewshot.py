@@ -40,7 +40,7 @@ def test_prototype_accuracy_separable_and_shuffled():
     (["eval.fewshot=3"], "eval.fewshot: expected a mapping of fields"),
     (["eval.fewshot.modalities=[audio]"], "eval.fewshot.modalities[0]: no such modality in data.modalities (image, text)"),
     (["eval.tasks=[fewshot]", "data.labels=null"], "data.labels: few-shot probes need class labels"),
-    (["eval.fewshots.shots=[1]"], "eval.fewshots: unknown key (general options: "),
+    (["eval.fewshots.shots=[1]"], "eval.fewshots: unknown key (did you mean fewshot? general options: "),
     (["eval.datasets=[{name: fewshot, urls: x.tar}]"], "eval.datasets[0].name: 'fewshot' is the name of evaluation metrics"),
 ])
 def test_the_plugin_options_are_typed_and_checked_naming_the_key(tmp_path, overrides, message):

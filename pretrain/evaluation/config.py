@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -91,7 +92,9 @@ class EvalConfig:
             elif k in EVALUATORS:
                 sections[k] = convert({} if v is None else v, EVALUATORS.get(k, where).Options, where)
             else:
-                raise ConfigError(f"{where}: unknown key (general options: {', '.join(sorted(GENERAL))}; evaluation "
+                close = difflib.get_close_matches(str(k), [*GENERAL, *EVALUATORS.names()], n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ConfigError(f"{where}: unknown key ({hint}general options: {', '.join(sorted(GENERAL))}; evaluation "
                                   f"tasks, each with its options eval.<task>.*: {', '.join(EVALUATORS.names())}; "
                                   f"{EVALUATORS.hint})")
         obj = cls(**general, sections={**_default_sections(), **sections})
