@@ -129,7 +129,10 @@ class Evaluator:
 
     def check(self, cfg, planned: bool, key: str = "eval") -> None:
         """The options against the data (``cfg.data``: modalities, labels) and the general
-        evaluation options (``cfg.eval``: class names, ...); ``ConfigError`` naming the key."""
+        evaluation options (``cfg.eval``: class names, ...), after ``data.imports``; a
+        ``ConfigError`` naming the key. ``planned``: the task will run (what only running needs is
+        checked then); ``key``: the key of ``cfg.eval`` (``eval``, or ``eval.datasets.<name>`` for
+        a dataset's view), while ``self.key`` (``eval.<task>``) names the task's own options."""
 
     @staticmethod
     def require_modality(cfg, name: str, key: str) -> None:
