@@ -7,8 +7,10 @@ Entry points:
   ``eval.every`` steps and at the end; ``python -m pretrain.eval``): the metrics on every rank,
   and with ``output_dir`` on rank 0 ``<output_dir>/eval/step{step:06d}.json``, the PNGs under
   ``<output_dir>/eval/plots/`` and ``<output_dir>/eval/index.html``;
-- ``format_metrics(metrics) -> str``: the printout (each figure once, next to its chance);
-- ``register_evaluator(name)``: a new task (``pretrain.evaluation.tasks``), named in ``eval.tasks``.
+- ``format_metrics(metrics) -> str``: the printout (each figure once, next to its chance): the
+  figures each task declares (``Evaluator.figures`` -> ``Figure``), per dataset;
+- ``register_evaluator(name)``: a new task (``pretrain.evaluation.tasks``), named in ``eval.tasks``,
+  with its own options (the section ``eval.<name>.*``), checks and printed figures.
 
 It is collective: every rank embeds its part of ``data.val`` and all parts are gathered (ranks
 may hold uneven parts, or none); per-query ranking work is then split over the ranks and
@@ -16,7 +18,10 @@ gathered again. Scores are computed in blocks of ``eval.chunk_size`` squared, so
 candidates never make an N x N matrix (``pretrain.evaluation.ranking``).
 
 Tasks (``eval.tasks``; unset: zero-shot when class names are given, retrieval with 2+
-modalities, Symile retrieval with 3+; the linear probe only when listed).
+modalities, Symile retrieval with 3+; the linear probe only when listed). Each task's options are
+its section ``eval.<task>.*`` (``eval.zeroshot.*``, ``eval.retrieval.*``, ``eval.symile.*``,
+``eval.linear_probe.*``); the general options (``eval.batch_size``, ``eval.recall_at``, ...) are
+``EvalConfig``'s fields.
 
 Metric keys (``metrics.jsonl``, TensorBoard, the JSON files); ``<m>`` is a modality, ``<k>`` each
 of ``eval.recall_at`` (default 1, 5, 10); every recall/accuracy has a ``.../chance`` twin (its
@@ -54,10 +59,10 @@ from pretrain.evaluation.config import EvalConfig
 from pretrain.evaluation.embed import SplitFeatures, embed_split
 from pretrain.evaluation.probe import LinearProbe, fit_linear_probe, linear_probe_accuracy
 from pretrain.evaluation.runner import evaluate, format_metrics, write_outputs
-from pretrain.evaluation.tasks import EVALUATORS, EvalContext, Evaluator, planned_tasks, register_evaluator
+from pretrain.evaluation.tasks import EVALUATORS, EvalContext, Evaluator, Figure, planned_tasks, register_evaluator
 
 __all__ = [
-    "EVALUATORS", "EvalConfig", "EvalContext", "Evaluator", "LinearProbe", "SplitFeatures", "embed_split",
+    "EVALUATORS", "EvalConfig", "EvalContext", "Evaluator", "Figure", "LinearProbe", "SplitFeatures", "embed_split",
     "evaluate", "fit_linear_probe", "format_metrics", "linear_probe_accuracy", "planned_tasks",
     "register_evaluator", "write_outputs",
 ]

@@ -1,13 +1,17 @@
 """The evaluation section of a recipe (``eval.*``; ``pretrain.evaluation``, ``python -m pretrain.eval``)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from types import SimpleNamespace
+from typing import Any, Literal, Optional, Union
 
 from pretrain.data.config import SplitConfig
 from pretrain.evaluation.prompts import resolve
-from pretrain.evaluation.tasks import EVALUATORS
-from pretrain.options import require
+from pretrain.evaluation.tasks import BUILT_IN, EVALUATORS, metric_roots
+from pretrain.options import ConfigError, convert, require, to_dict
 
 
 @dataclass
@@ -45,40 +49,20 @@ def _check_list(items: list[str], what: str, key: str) -> None:
             require("{}" in tmpl, f"{key}[{i}]", f"must contain '{{}}' for the class name: {tmpl!r}")
 
 
+def _default_sections() -> dict[str, Any]:
+    return {name: cls.Options() for name, cls in EVALUATORS.items()}
+
+
 @dataclass
 class EvalConfig:
     """Held-out evaluation (``pretrain.evaluation``; ``python -m pretrain.eval``). ``tasks`` unset
     runs every task that applies: zero-shot with class names, retrieval, Symile retrieval with 3+
-    modalities; the linear probe only when listed."""
+    modalities; the linear probe only when listed.
 
-    @dataclass
-    class ZeroShot:
-        text: str = "text"  # the modality whose tower (and decoder's tokenizer) encodes the prompts
-        modalities: Optional[list[str]] = None  # modalities classified (None: every other one)
-
-    @dataclass
-    class Retrieval:
-        pairs: Optional[list[list[str]]] = None  # [query, candidate] modality pairs (None: every ordered pair)
-        class_aware: bool = True  # also count a hit by class where labels exist (eval/retrieval_class/...)
-
-    @dataclass
-    class Symile:
-        targets: Optional[list[str]] = None  # modalities retrieved given all the others (None: each)
-        scoring: list[Literal["mip", "pairwise"]] = field(default_factory=lambda: ["mip"])  # multilinear / sum of dots
-        candidates: int = 0  # 0: the whole split; k > 0: 1 positive + k negatives per query (seeded)
-        distinct: bool = False  # candidates: the distinct inputs of the target (e.g. all 2^d XOR vectors)
-        seed: int = 0  # negatives' seed
-
-    @dataclass
-    class LinearProbe:
-        modalities: Optional[list[str]] = None  # features probed (None: every modality)
-        # head: the normalised features the loss sees; backbone: the pre-head backbone features
-        # (the transfer protocol of CLIP-Lite and most representation-learning papers)
-        features: Literal["head", "backbone"] = "head"
-        split: SplitConfig = field(default_factory=SplitConfig)  # training features (urls unset: data.train)
-        max_train_samples: int = 0  # cap on the training samples embedded (0: the whole split, once)
-        l2: float = 1e-3  # L2 penalty on the weights (standardised features)
-        max_iter: int = 100  # L-BFGS iterations
+    The general options are the fields below; each registered task's own options are the section
+    ``eval.<task>.*`` (its ``Options``, ``pretrain.evaluation.tasks``): ``cfg.eval.section(name)``,
+    or ``cfg.eval.<task>`` for short. A task registered by a module of ``data.imports`` is known
+    once the data section is read (``pretrain.config`` reads it first)."""
 
     enabled: bool = True
     every: int = 0  # also evaluate every N training steps (0: only at the end)
@@ -92,10 +76,52 @@ class EvalConfig:
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # R@k reported
     chunk_size: int = 4096  # scores are computed in blocks of chunk_size x chunk_size (memory bound)
     plots: bool = True  # PNGs under output_dir/eval/plots (recall vs step, a similarity matrix)
-    zeroshot: ZeroShot = field(default_factory=ZeroShot)
-    retrieval: Retrieval = field(default_factory=Retrieval)
-    symile: Symile = field(default_factory=Symile)
-    linear_probe: LinearProbe = field(default_factory=LinearProbe)
+    # task name -> its Options (the sections eval.<task>.*; defaults for every task registered when made)
+    sections: dict[str, Any] = field(default_factory=_default_sections)
+
+    @classmethod
+    def from_config(cls, values: dict, key: str = "eval") -> "EvalConfig":
+        """The general options, type-checked, and each ``eval.<task>`` section by that task's
+        ``Options``; any other key is refused, naming it."""
+        hints = typing.get_type_hints(cls)
+        general, sections = {}, {}
+        for k, v in (values or {}).items():
+            where = f"{key}.{k}"
+            if k in GENERAL:
+                general[k] = convert(v, hints[k], where)
+            elif k in EVALUATORS:
+                sections[k] = convert({} if v is None else v, EVALUATORS.get(k, where).Options, where)
+            else:
+                close = difflib.get_close_matches(str(k), [*GENERAL, *EVALUATORS.names()], n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ConfigError(f"{where}: unknown key ({hint}general options: {', '.join(sorted(GENERAL))}; evaluation "
+                                  f"tasks, each with its options eval.<task>.*: {', '.join(EVALUATORS.names())}; "
+                                  f"{EVALUATORS.hint})")
+        obj = cls(**general, sections={**_default_sections(), **sections})
+        obj.check(key)
+        return obj
+
+    def to_config(self) -> dict:
+        """The general options, then the sections of the built-in tasks and of any other task whose
+        options differ from its defaults (a process that never imported a plugin can read what a
+        process that did wrote, unless it is configured; then data.imports names the plugin)."""
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        for name, options in self.sections.items():
+            values = to_dict(options)
+            if values and (name in BUILT_IN or options != type(options)()):
+                out[name] = values
+        return out
+
+    def section(self, name: str) -> Any:
+        """The options of task ``name`` (its defaults when the config was made before it was registered)."""
+        if name not in self.sections:
+            self.sections[name] = EVALUATORS.get(name, "eval.tasks").Options()
+        return self.sections[name]
+
+    def __getattr__(self, name: str) -> Any:  # cfg.eval.symile: the symile task's options
+        if name.startswith("_") or name == "sections" or name not in EVALUATORS:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+        return self.section(name)
 
     def check(self, key: str = "eval") -> None:
         """What the section alone decides (``check_against`` checks the names it uses)."""
@@ -108,14 +134,12 @@ class EvalConfig:
         self.class_list(key)
         names = [d.name for d in self.datasets]
         require(len(set(names)) == len(names), f"{key}.datasets", f"names must differ, got {names}")
-        require(self.symile.candidates >= 0, f"{key}.symile.candidates", f"must be >= 0, got {self.symile.candidates}")
-        require(bool(self.symile.scoring), f"{key}.symile.scoring", "needs mip and/or pairwise")
-        p = self.linear_probe
-        require(p.max_train_samples >= 0, f"{key}.linear_probe.max_train_samples",
-                f"must be >= 0, got {p.max_train_samples}")
-        require(p.l2 >= 0, f"{key}.linear_probe.l2", f"must be >= 0, got {p.l2}")
-        require(p.max_iter > 0, f"{key}.linear_probe.max_iter", f"must be > 0, got {p.max_iter}")
-        require(not p.split.sources, f"{key}.linear_probe.split.sources", f"give {key}.linear_probe.split.urls")
+        for name, options in self.sections.items():
+            require(name not in GENERAL, f"{key}.{name}", f"the evaluation task {name!r} has the name of a general "
+                    "option of eval; register it under another name")
+            check = getattr(options, "check", None)
+            if callable(check):
+                check(f"{key}.{name}")
 
     def class_list(self, key: str = "eval") -> list[str]:
         """``classnames`` as a list (a named set or a file read)."""
@@ -124,40 +148,42 @@ class EvalConfig:
     def template_list(self, key: str = "eval") -> list[str]:
         return resolve(self.templates, "templates", f"{key}.templates")
 
+    def for_dataset(self, ds: EvalDataset) -> "EvalConfig":
+        """The section as one of ``eval.datasets`` sees it: its tasks, class names and templates
+        where given (the tasks' options are shared)."""
+        return dataclasses.replace(
+            self, datasets=[], tasks=self.tasks if ds.tasks is None else ds.tasks,
+            classnames=self.classnames if ds.classnames is None else ds.classnames,
+            templates=self.templates if ds.templates is None else ds.templates)
+
+    def planned(self, cfg, names: list[str]) -> list[str]:
+        """``tasks``, or (unset) every default task that applies to ``cfg`` (``cfg.data``,
+        ``cfg.eval``), in registration order."""
+        if self.tasks is not None:
+            return list(self.tasks)
+        return [name for name, c in EVALUATORS.items() if c.default and c(self.section(name)).applies(cfg, names)]
+
     def check_against(self, data, key: str = "eval") -> None:
-        """The modalities, labels and class names it names exist in ``data`` (a DataConfig)."""
+        """The tasks it names are registered (after data.imports, which may register them) and
+        each task's checks against ``data`` (a DataConfig): the modalities, labels and class names
+        its options and its running need; each of ``datasets`` likewise for the tasks it runs."""
         names = list(data.modalities)
-        for i, task in enumerate(self.tasks or []):  # after data.imports (tasks may come from there)
+        for i, task in enumerate(self.tasks or []):
             EVALUATORS.get(task, f"{key}.tasks[{i}]")
-        for d in self.datasets:
+        view = SimpleNamespace(data=data, eval=self)
+        planned = self.planned(view, names)
+        for name, c in EVALUATORS.items():
+            c(self.section(name)).check(view, name in planned, key)
+        roots = metric_roots()
+        for i, d in enumerate(self.datasets):
             where = f"{key}.datasets.{d.name}"
-            for i, task in enumerate(d.tasks or []):
-                EVALUATORS.get(task, f"{where}.tasks[{i}]")
-            if "zeroshot" in (d.tasks if d.tasks is not None else (self.tasks or [])):
-                classes = resolve(d.classnames, "classnames", f"{where}.classnames") if d.classnames is not None \
-                    else self.class_list(key)
-                require(len(classes) >= 2, f"{where}.classnames", "needs at least 2 class names for zero-shot")
+            require(d.name not in roots, f"{key}.datasets[{i}].name",
+                    f"{d.name!r} is the name of evaluation metrics (eval/{d.name}/...); choose another")
+            for j, task in enumerate(d.tasks or []):
+                EVALUATORS.get(task, f"{where}.tasks[{j}]")
+            ds_view = SimpleNamespace(data=data, eval=self.for_dataset(d))
+            for name in ds_view.eval.planned(ds_view, names):
+                EVALUATORS.get(name, f"{where}.tasks")(self.section(name)).check(ds_view, True, where)
 
-        def known(where: str, value: str) -> None:
-            require(value in names, where, f"no such modality in data.modalities ({', '.join(names)})")
 
-        tasks = self.tasks if self.tasks is not None else []
-        if "zeroshot" in tasks or (self.tasks is None and self.classnames):
-            require(len(self.class_list(key)) >= 2, f"{key}.classnames", "needs at least 2 class names for zero-shot")
-            known(f"{key}.zeroshot.text", self.zeroshot.text)
-            require(data.labels is not None, "data.labels", "zero-shot needs class labels (a class_label decoder)")
-        for i, m in enumerate(self.zeroshot.modalities or []):
-            known(f"{key}.zeroshot.modalities[{i}]", m)
-        for i, pair in enumerate(self.retrieval.pairs or []):
-            require(len(pair) == 2 and pair[0] != pair[1], f"{key}.retrieval.pairs[{i}]",
-                    f"a pair is [query, candidate] of two different modalities, got {pair}")
-            for j, m in enumerate(pair):
-                known(f"{key}.retrieval.pairs[{i}][{j}]", m)
-        if "symile" in tasks:
-            require(len(names) >= 2, f"{key}.tasks", "symile retrieval needs at least 2 modalities")
-        for i, m in enumerate(self.symile.targets or []):
-            known(f"{key}.symile.targets[{i}]", m)
-        if "linear_probe" in tasks:
-            require(data.labels is not None, "data.labels", "the linear probe needs class labels (a class_label decoder)")
-        for i, m in enumerate(self.linear_probe.modalities or []):
-            known(f"{key}.linear_probe.modalities[{i}]", m)
+GENERAL = frozenset(f.name for f in dataclasses.fields(EvalConfig) if f.name != "sections")  # eval.<option>

@@ -1,7 +1,8 @@
 """PNG plots of the evaluations, drawn with Pillow (no plotting library needed):
 
-- ``eval/plots/recall_vs_step.png``: every R@1 / top-1 metric against the training step, from all
-  ``eval/step*.json`` files so far (redrawn after each evaluation);
+- ``eval/plots/recall_vs_step.png``: the figures each task marks as a curve (R@1, top-1; labelled
+  as in the printout) against the training step, from all ``eval/step*.json`` files so far
+  (redrawn after each evaluation);
 - ``eval/plots/similarity_step{N}.png``: cosine similarities of a few held-out pairs (rows: query
   modality, columns: candidates; samples sorted by class);
 - ``eval/index.html``: both images and the latest metrics, to open from the run folder.
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
+
+from pretrain.evaluation.tasks import figures
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -32,20 +35,26 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
     return box[2] - box[0]
 
 
-def curve_keys(records: list[dict]) -> list[str]:
-    """The metrics worth a curve: R@1 and top-1 (not chance, not the first short aliases)."""
-    keys = set()
+def curves(records: list[dict]) -> dict[str, str]:
+    """The metrics worth a curve, with their labels: the figures the tasks mark as curves (R@1 and
+    top-1 of the built-in tasks; ``Evaluator.figures``), per dataset."""
+    found = {}
     for r in records:
-        for k, v in r.items():
-            if k.startswith("eval/") and k.count("/") >= 3 and (k.endswith("/r1") or k.endswith("/top1")):
-                if isinstance(v, (int, float)):
-                    keys.add(k)
-    return sorted(keys)
+        for name, rows in figures(r).items():
+            for f in rows:
+                if f.curve and isinstance(f.value, (int, float)):
+                    found[f.key] = f"{name}: {f.label}" if name else f.label
+    return dict(sorted(found.items()))
 
 
-def plot_curves(records: list[dict], path: Path, title: str = "held-out R@1 / top-1 vs step") -> None:
+def curve_keys(records: list[dict]) -> list[str]:
+    return list(curves(records))
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "held-out figures vs step") -> None:
     records = sorted(records, key=lambda r: r["step"])
-    keys = curve_keys(records)[: len(PALETTE)]
+    labels = curves(records)
+    keys = list(labels)[: len(PALETTE)]
     width, height = 980, 520
     left, right, top, bottom = 60, 360, 40, 50
     img = Image.new("RGB", (width, height), "white")
@@ -82,7 +91,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "held-out R@1 / to
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         ly = top + 18 * i
         draw.line([(x1 + 15, ly + 7), (x1 + 35, ly + 7)], fill=color, width=3)
-        draw.text((x1 + 40, ly), key[len("eval/"):], fill="black", font=small)
+        draw.text((x1 + 40, ly), labels[key], fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 

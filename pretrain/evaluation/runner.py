@@ -16,7 +16,7 @@ from pretrain.data import build_modalities
 from pretrain.distributed import is_distributed, rank, rng_state, set_rng_state, world_size
 from pretrain.evaluation.embed import SplitFeatures, embed_split
 from pretrain.evaluation.plots import write_plots
-from pretrain.evaluation.tasks import EVALUATORS, EvalContext, WorkSplit, planned_tasks
+from pretrain.evaluation.tasks import EVALUATORS, EvalContext, WorkSplit, evaluator, figures, planned_tasks
 
 
 def evaluate(model, cfg, modalities, device: torch.device, step: int = 0,
@@ -54,7 +54,7 @@ def evaluate(model, cfg, modalities, device: torch.device, step: int = 0,
 def evaluate_split(model, cfg, modalities, device: torch.device, key: str = "data.val"):
     """(metrics ``eval/...``, the split's features, the evaluated modalities) of ``cfg.data.val``."""
     names = [m for m in cfg.data.modalities if m in model.towers]
-    tasks = {name: EVALUATORS.get(name, "eval.tasks")() for name in planned_tasks(cfg, names)}
+    tasks = {name: evaluator(cfg, name) for name in planned_tasks(cfg, names)}
     lockstep = cfg.train.zero_stage == 3 and world_size() > 1
     content_of = sorted({m for task in tasks.values() for m in task.content_of(cfg, names)})
     val = embed_split(model, cfg, modalities, cfg.data.val, device, content_of=content_of, lockstep=lockstep)
@@ -78,39 +78,26 @@ def dataset_view(cfg, ds, modalities):
                 if mc.decoder_name(m) == "text" else mc for m, mc in data.modalities.items()}
         data = replace(data, modalities=mods)
     data = replace(data, val=ds.split())
-    ev = cfg.eval
-    ev = replace(ev, datasets=[], tasks=ev.tasks if ds.tasks is None else ds.tasks,
-                 classnames=ev.classnames if ds.classnames is None else ds.classnames,
-                 templates=ev.templates if ds.templates is None else ds.templates)
-    view = replace(cfg, data=data, eval=ev)
+    view = replace(cfg, data=data, eval=cfg.eval.for_dataset(ds))
     return view, (build_modalities(data, train=False) if ds.captions == "all" else modalities)
 
 
-# the first metric keys (README, demo), kept: image zero-shot top-1 and image<->text R@1,
-# class-aware where labels exist
-SHORT_NAMES = {"eval/zeroshot_top1": ["eval/zeroshot/image/top1"],
-               "eval/i2t_r1": ["eval/retrieval_class/image_to_text/r1", "eval/retrieval/image_to_text/r1"],
-               "eval/t2i_r1": ["eval/retrieval_class/text_to_image/r1", "eval/retrieval/text_to_image/r1"]}
-
-
 def short_names(metrics: dict[str, float]) -> dict[str, float]:
-    out = {}
-    for short, keys in SHORT_NAMES.items():
-        key = next((k for k in keys if k in metrics), None)
-        if key is not None:
-            out[short] = metrics[key]
-            out[short + "/chance"] = metrics[key + "/chance"]
+    """The short metric names the tasks keep (``eval/zeroshot_top1``, ``eval/i2t_r1``, ...)."""
+    out: dict[str, float] = {}
+    for _, cls in EVALUATORS.items():
+        out.update(cls().aliases(metrics))
     return out
 
 
 def similarity_example(split: SplitFeatures, modalities: list[str], cfg, size: int = 24) -> Optional[dict]:
-    """A small similarity matrix of the first retrieval pair (samples spread over the classes)."""
-    pairs = cfg.eval.retrieval.pairs or [[a, b] for a in modalities for b in modalities if a != b]
-    if "image" in modalities and "text" in modalities and not cfg.eval.retrieval.pairs:
-        pairs = [["image", "text"]]
-    if not pairs:
+    """A small similarity matrix of the pair the first task that has a say names (retrieval: its
+    first pair), samples spread over the classes."""
+    pair = next((p for p in (evaluator(cfg, name).example_pair(cfg, modalities) for name, _ in EVALUATORS.items())
+                 if p is not None), None)
+    if pair is None:
         return None
-    a, b = pairs[0]
+    a, b = pair
     rows = (split.masks[a] & split.masks[b]).nonzero().squeeze(1)
     if rows.numel() == 0:
         return None
@@ -147,57 +134,21 @@ def write_outputs(metrics: dict[str, float], example: Optional[dict], output_dir
     return path
 
 
-TASK_KEYS = frozenset({"zeroshot", "retrieval", "retrieval_class", "symile", "symile_pairwise", "linear_probe"})
-
-
-def _parts(key: str) -> tuple[str, list[str]]:
-    """(dataset name, the key's parts after it): ``eval/coco/retrieval/...`` -> ("coco", [...]);
-    ``data.val``'s keys have no name."""
-    parts = key.split("/")[1:]
-    if len(parts) > 2 and parts[0] not in TASK_KEYS and parts[1] in TASK_KEYS:
-        return parts[0], parts[1:]
-    return "", parts
-
-
-def _label(parts: list[str]) -> str:
-    """``zeroshot/image/top1`` -> ``zero-shot image top-1``; ``retrieval_class/image_to_text/r1`` ->
-    ``image->text R@1 (class-aware)``; other keys as they are."""
-    task, metric = parts[0], parts[-1]
-    what = "/".join(parts[1:-1])
-    k = metric[1:] if metric[:1] == "r" and metric[1:].isdigit() else None
-    if task == "zeroshot":
-        return f"zero-shot {what} top-{metric[3:]}"
-    if task in ("retrieval", "retrieval_class") and k is not None:
-        a, _, b = what.partition("_to_")
-        return f"{a}->{b} R@{k}" + (" (class-aware)" if task == "retrieval_class" else "")
-    if task in ("symile", "symile_pairwise") and k is not None:
-        scoring = "multilinear" if task == "symile" else "pairwise sum"
-        return f"symile {what} R@{k} ({scoring})"
-    if task == "linear_probe":
-        return f"linear probe {what} top-1"
-    return "/".join(parts)
-
-
 def format_metrics(metrics: dict[str, float]) -> str:
-    """The printout of an evaluation: per dataset (``data.val`` first, then ``eval.datasets``),
-    each top-1 / top-5 / R@1 once (short-name duplicates left out), next to its chance and, for
-    retrieval, its median rank."""
-    groups: dict[str, list[str]] = {"": []}
-    for key in sorted(metrics):
-        if key in SHORT_NAMES or not key.startswith("eval/"):
-            continue
-        name, parts = _parts(key)
-        if parts == ["samples"] or not (key.endswith("/r1") or key.endswith("/top1") or key.endswith("/top5")):
-            continue
-        chance = metrics.get(key + "/chance")
-        extra = f"   (chance {100 * chance:.2f}%)" if chance is not None else ""
-        base = key.rsplit("/", 1)[0]
-        if f"{base}/median_rank" in metrics:
-            extra += f"   median rank {metrics[f'{base}/median_rank']:.1f}"
+    """The printout of an evaluation: per dataset (``data.val`` first, then ``eval.datasets``), the
+    figures each task declares (``Evaluator.figures``), next to their chance."""
+    lines = []
+    for name, rows in figures(metrics).items():
+        if name:
+            lines.append(f"[eval] {name}: samples: {int(metrics.get(f'eval/{name}/samples', 0))}")
+        else:
+            lines.append(f"[eval] held-out samples: {int(metrics.get('eval/samples', 0))}")
         lead = f"{name}: " if name else ""
-        groups.setdefault(name, []).append(f"[eval] {lead + _label(parts):<40} {100 * metrics[key]:6.2f}%{extra}")
-    lines = [f"[eval] held-out samples: {int(metrics.get('eval/samples', 0))}"] + groups.pop("")
-    for name, rows in groups.items():
-        lines.append(f"[eval] {name}: samples: {int(metrics.get(f'eval/{name}/samples', 0))}")
-        lines += rows
+        for f in rows:
+            chance = f"   (chance {100 * f.chance:.2f}%)" if isinstance(f.chance, (int, float)) else ""
+            lines.append(f"[eval] {lead + f.label:<40} {_percent(f.value)}{chance}{f.extra}")
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return f"{100 * value:6.2f}%" if isinstance(value, (int, float)) else f"{value!s:>7}"

@@ -1,28 +1,70 @@
-"""The evaluation tasks, registered by name (``eval.tasks``): each an ``Evaluator`` whose ``run``
-turns the held-out split's features into metrics. Metric keys: ``pretrain/evaluation/__init__.py``.
+"""The evaluation tasks, registered by name (``eval.tasks``): each an ``Evaluator`` that owns its
+options (``eval.<task>.*``), checks them against the data, turns the held-out split's features into
+metrics and says which of its metrics the printout and the plots show, under what label. Metric
+keys: ``pretrain/evaluation/__init__.py``.
 
 A new task is a registered class (in a module listed in ``data.imports``)::
 
-    from pretrain.evaluation import Evaluator, register_evaluator
+    from dataclasses import dataclass
+    from typing import Optional
+
+    from pretrain.evaluation import Evaluator, Figure, register_evaluator
+    from pretrain.options import require
 
     @register_evaluator("alignment")
     class Alignment(Evaluator):
-        def applies(self, cfg, modalities):      # run when eval.tasks is unset?
-            return len(modalities) >= 2
+        @dataclass
+        class Options:                           # eval.alignment.*: typed, errors name the key
+            pairs: Optional[list[list[str]]] = None
+            margin: float = 0.0
+            def check(self, key):                # what the section alone decides
+                require(self.margin >= 0, f"{key}.margin", f"must be >= 0, got {self.margin}")
+
+        def check(self, cfg, planned, key="eval"):   # against cfg.data (after data.imports)
+            for i, pair in enumerate(self.options.pairs or []):
+                for j, m in enumerate(pair):
+                    self.require_modality(cfg, m, f"{self.key}.pairs[{i}][{j}]")
+
+        def applies(self, cfg, names):           # run when eval.tasks is unset?
+            return len(names) >= 2
+
         def run(self, ctx):                      # ctx: EvalContext; collective (every rank calls it)
-            a, b = ctx.names[:2]
-            keep = ctx.val.masks[a] & ctx.val.masks[b]
-            cos = (ctx.val.features[a][keep] * ctx.val.features[b][keep]).sum(1)
-            return {f"eval/alignment/{a}_{b}": float(cos.mean())}
+            out = {}
+            for a, b in self.options.pairs or [ctx.names[:2]]:
+                keep = ctx.val.masks[a] & ctx.val.masks[b]
+                cos = (ctx.val.features[a][keep] * ctx.val.features[b][keep]).sum(1)
+                out[f"eval/alignment/{a}_{b}/above"] = float((cos > self.options.margin).float().mean())
+                out[f"eval/alignment/{a}_{b}/above/chance"] = 0.5
+            return out
+
+        def figures(self, metrics, prefix="eval/"):  # printed lines (default: each key with a /chance twin)
+            return [Figure(k, f"{k.split('/')[-2]} aligned", v, metrics.get(k + "/chance"))
+                    for k, v in sorted(self.own(metrics, prefix).items()) if k.endswith("/above")]
+
+The contract, for the generic code (``EvalConfig``, ``evaluate``, ``format_metrics``, the plots),
+which never names a task:
+
+- ``Options``: the dataclass of ``eval.<task>.*`` (none: ``NoOptions``); the evaluator is built
+  as ``cls(options)`` and reads ``self.options``; ``self.key`` is ``eval.<task>``;
+- ``check(cfg, planned, key)``: the options against ``cfg.data`` and ``cfg.eval`` (``planned``: the
+  task will run; ``key``: ``eval``, or ``eval.datasets.<name>`` for one of the datasets' views);
+- ``applies(cfg, names)`` and ``default``: whether it runs when ``eval.tasks`` is unset;
+- ``run(ctx)``: the metrics ``eval/<root>/...`` (``roots``: the first parts of its keys; default its name);
+- ``figures(metrics, prefix)``: its printed lines (``Figure``: key, label, value, chance, extra,
+  curve: also drawn against the step); read from the metrics alone;
+- ``aliases(metrics)``: short metric names it keeps (``eval/i2t_r1``); ``example_pair(cfg, names)``:
+  the modality pair whose similarity matrix is drawn.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 import torch
 
+from pretrain.data.config import SplitConfig
 from pretrain.distributed import all_gather_nograd, batch_layout, is_distributed
 from pretrain.evaluation.embed import SplitFeatures, embed_split, encode
 from pretrain.evaluation.probe import linear_probe_accuracy
@@ -36,7 +78,7 @@ from pretrain.evaluation.ranking import (
     sample_negatives,
     sampled_rank,
 )
-from pretrain.options import Registry
+from pretrain.options import NoOptions, Registry, require
 
 
 @dataclass
@@ -54,10 +96,48 @@ class EvalContext:
     lockstep: bool  # ZeRO-3 over several ranks: every forward pass is a collective
 
 
-class Evaluator:
-    """A registered evaluation task."""
+@dataclass(frozen=True)
+class Figure:
+    """One line of the printout: a fraction shown as a percentage, next to its chance."""
 
+    key: str  # its metric key
+    label: str  # how it reads in the printout and in the plots' legend
+    value: Any  # a float (the JSON files hold non-finite values as strings)
+    chance: Optional[float] = None
+    extra: str = ""  # more on the line, e.g. "median rank 3.0"
+    curve: bool = True  # also drawn against the step (eval/plots/recall_vs_step.png)
+
+
+class Evaluator:
+    """A registered evaluation task (see the module docstring for the contract)."""
+
+    Options = NoOptions
     default = True  # runs, where it applies, when eval.tasks is unset
+    roots: tuple[str, ...] = ()  # the first parts of its metric keys after eval/ (default: its name)
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @property
+    def key(self) -> str:
+        """Where its options are: ``eval.<task>``."""
+        return f"eval.{self.registered_name}"
+
+    @classmethod
+    def metric_roots(cls) -> tuple[str, ...]:
+        return tuple(cls.roots) or (cls.registered_name,)
+
+    def check(self, cfg, planned: bool, key: str = "eval") -> None:
+        """The options against the data (``cfg.data``: modalities, labels) and the general
+        evaluation options (``cfg.eval``: class names, ...), after ``data.imports``; a
+        ``ConfigError`` naming the key. ``planned``: the task will run (what only running needs is
+        checked then); ``key``: the key of ``cfg.eval`` (``eval``, or ``eval.datasets.<name>`` for
+        a dataset's view), while ``self.key`` (``eval.<task>``) names the task's own options."""
+
+    @staticmethod
+    def require_modality(cfg, name: str, key: str) -> None:
+        names = list(cfg.data.modalities)
+        require(name in names, key, f"no such modality in data.modalities ({', '.join(names)})")
 
     def applies(self, cfg, names: list[str]) -> bool:
         return True
@@ -69,12 +149,63 @@ class Evaluator:
     def run(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError
 
+    def own(self, metrics: dict[str, Any], prefix: str = "eval/") -> dict[str, Any]:
+        """Its metrics among ``metrics`` (those of one dataset: ``prefix`` is ``eval/`` or ``eval/<name>/``)."""
+        heads = tuple(f"{prefix}{root}/" for root in self.metric_roots())
+        return {k: v for k, v in metrics.items() if k.startswith(heads)}
+
+    def figures(self, metrics: dict[str, Any], prefix: str = "eval/") -> list[Figure]:
+        """Its printed lines, from the metrics alone. Default: every metric with a ``/chance`` twin,
+        labelled by its key's parts."""
+        mine = self.own(metrics, prefix)
+        return [Figure(k, " ".join(k[len(prefix):].split("/")), v, mine[k + "/chance"])
+                for k, v in sorted(mine.items()) if k + "/chance" in mine]
+
+    def aliases(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Short names kept for some of its metrics of ``data.val`` (each with ``/chance``)."""
+        return {}
+
+    def example_pair(self, cfg, names: list[str]) -> Optional[tuple[str, str]]:
+        """(rows, columns): the modalities whose similarity matrix the plots draw, if it has a say."""
+        return None
+
+
+def _check_registered(name: str, cls: type) -> None:
+    if not name.isidentifier():
+        raise ValueError(f"evaluation task {name!r}: a name is an identifier (it names eval.<task>)")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"evaluation task {name!r}: {cls.__qualname__}.Options must be a dataclass")
+
 
 EVALUATORS = Registry("evaluation task", base=Evaluator, hint="a module that registers more can be listed in data.imports")
 
 
 def register_evaluator(name: str, cls: Optional[type] = None, *, replace: bool = False):
-    return EVALUATORS.register(name, cls, replace=replace)
+    return EVALUATORS.register(name, cls, replace=replace, check=_check_registered)
+
+
+def evaluator(cfg, name: str, key: str = "eval.tasks") -> Evaluator:
+    """The task ``name`` built with its options of ``cfg.eval`` (``ConfigError`` naming ``key`` if unknown)."""
+    return EVALUATORS.get(name, key)(cfg.eval.section(name))
+
+
+def metric_roots() -> set[str]:
+    """Every registered task's metric roots (``eval/<root>/...``)."""
+    return {root for _, cls in EVALUATORS.items() for root in cls.metric_roots()}
+
+
+def figures(metrics: dict[str, float]) -> dict[str, list[Figure]]:
+    """The printed figures per dataset (``""``: ``data.val``, then each of ``eval.datasets`` by
+    name), each task asked in registration order; read from the metrics alone."""
+    roots = metric_roots()
+    names = []  # eval/<name>/<root>/...: one of eval.datasets
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) > 3 and parts[0] == "eval" and parts[1] not in roots and parts[2] in roots and parts[1] not in names:
+            names.append(parts[1])
+    tasks = [cls() for _, cls in EVALUATORS.items()]
+    return {name: [f for task in tasks for f in task.figures(metrics, f"eval/{name}/" if name else "eval/")]
+            for name in ["", *sorted(names)]}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -121,10 +252,9 @@ def recall_metrics(prefix: str, ranks: torch.Tensor, num_relevant: torch.Tensor,
 
 
 @torch.no_grad()
-def class_embeddings(model, cfg, modalities, device: torch.device) -> torch.Tensor:
+def class_embeddings(model, cfg, modalities, device: torch.device, text: str = "text") -> torch.Tensor:
     """(C, d): per class, the mean of its prompts' text features (class names x templates),
-    renormalised. The prompts go through the text modality's own decoder tokenizer."""
-    text = cfg.eval.zeroshot.text
+    renormalised. The prompts go through the ``text`` modality's tower and its decoder's tokenizer."""
     decoder = modalities[text].decoder if text in modalities else None
     tokenizer = getattr(decoder, "tokenizer", None)
     if tokenizer is None:
@@ -215,8 +345,9 @@ def symile_metrics(split: SplitFeatures, model, target: str, others: list[str], 
                    shared: WorkSplit) -> dict[str, float]:
     """Retrieval of ``target`` given all the ``others``: candidates are the split's ``target``
     features (or its distinct inputs), scored by the multilinear inner product and/or the sum of
-    pairwise dot products; the whole candidate set or 1 positive + k sampled negatives."""
-    s = cfg.eval.symile
+    pairwise dot products; the whole candidate set or 1 positive + k sampled negatives
+    (the options ``eval.symile.*``)."""
+    s = cfg.eval.section("symile")
     device = split.features[target].device
     present = split.masks[target].clone()
     for o in others:  # a context modality must be there, unless its tower encodes absence itself
@@ -267,9 +398,8 @@ def symile_metrics(split: SplitFeatures, model, target: str, others: list[str], 
     return out
 
 
-def linear_probe_metrics(ctx: "EvalContext") -> dict[str, float]:
+def linear_probe_metrics(ctx: "EvalContext", p: "LinearProbeTask.Options") -> dict[str, float]:
     cfg, val, modalities = ctx.cfg, ctx.val, ctx.names
-    p = cfg.eval.linear_probe
     split = p.split if (p.split.urls or p.split.sources) else cfg.data.train
     train = embed_split(ctx.model, cfg, ctx.modalities, split, ctx.device, max_samples=p.max_train_samples,
                         lockstep=ctx.lockstep, features=p.features)
@@ -295,35 +425,93 @@ def linear_probe_metrics(ctx: "EvalContext") -> dict[str, float]:
 # ------------------------------------------------------------------------------------ the tasks
 
 
+def _percent_figures(ev: Evaluator, metrics: dict, prefix: str, label, keep) -> list[Figure]:
+    """A figure for each of ``ev``'s metrics whose last part ``keep`` accepts (``label(parts)`` its
+    label, ``parts`` the key's parts after the task's root), with its chance and median rank."""
+    out = []
+    for k, v in sorted(ev.own(metrics, prefix).items()):
+        parts = k[len(prefix):].split("/")
+        if not keep(parts[-1]):
+            continue
+        base = k.rsplit("/", 1)[0]
+        rank = metrics.get(base + "/median_rank")
+        extra = f"   median rank {rank:.1f}" if isinstance(rank, (int, float)) else ""
+        out.append(Figure(k, label(parts), v, metrics.get(k + "/chance"), extra, curve=parts[-1] in ("r1", "top1")))
+    return out
+
+
+def _first(metrics: dict, keys: list[str]) -> dict:
+    """``{"": metrics[key], "/chance": ...}`` of the first of ``keys`` present (else {})."""
+    key = next((k for k in keys if k in metrics), None)
+    return {} if key is None else {"": metrics[key], "/chance": metrics[key + "/chance"]}
+
+
 @register_evaluator("zeroshot")
 class ZeroShot(Evaluator):
     """Class names x templates through the ``eval.zeroshot.text`` tower; every other modality's
     labelled samples are classified by their nearest classes."""
 
-    def applies(self, cfg, names):
-        return bool(cfg.eval.classnames) and cfg.eval.zeroshot.text in names and cfg.data.labels is not None
+    @dataclass
+    class Options:
+        text: str = "text"  # the modality whose tower (and decoder's tokenizer) encodes the prompts
+        modalities: Optional[list[str]] = None  # modalities classified (None: every other one)
+
+    def check(self, cfg, planned, key="eval"):
+        if planned:
+            require(len(cfg.eval.class_list(key)) >= 2, f"{key}.classnames", "needs at least 2 class names for zero-shot")
+            self.require_modality(cfg, self.options.text, f"{self.key}.text")
+            require(cfg.data.labels is not None, "data.labels", "zero-shot needs class labels (a class_label decoder)")
+        for i, m in enumerate(self.options.modalities or []):
+            self.require_modality(cfg, m, f"{self.key}.modalities[{i}]")
+
+    def applies(self, cfg, names):  # with class names (check: the text tower and labels exist)
+        return bool(cfg.eval.classnames)
 
     def run(self, ctx):
-        classes = class_embeddings(ctx.model, ctx.cfg, ctx.modalities, ctx.device)
-        text, out = ctx.cfg.eval.zeroshot.text, {}
-        for m in ctx.cfg.eval.zeroshot.modalities or [x for x in ctx.names if x != text]:
+        text, out = self.options.text, {}
+        classes = class_embeddings(ctx.model, ctx.cfg, ctx.modalities, ctx.device, text)
+        for m in self.options.modalities or [x for x in ctx.names if x != text]:
             rows = ctx.val.masks[m]
             out.update(zeroshot_metrics(ctx.val.features[m][rows], ctx.val.labels[rows], classes,
                                         f"eval/zeroshot/{m}", ctx.cfg.eval.chunk_size))
         return out
+
+    def figures(self, metrics, prefix="eval/"):  # top-1 and top-5 (with 5+ classes)
+        return _percent_figures(self, metrics, prefix, lambda p: f"zero-shot {'/'.join(p[1:-1])} top-{p[-1][3:]}",
+                                lambda last: last in ("top1", "top5"))
+
+    def aliases(self, metrics):  # the first metric key of the README and the demo
+        return {f"eval/zeroshot_top1{k}": v for k, v in _first(metrics, ["eval/zeroshot/image/top1"]).items()}
 
 
 @register_evaluator("retrieval")
 class Retrieval(Evaluator):
     """Each ordered pair (or ``eval.retrieval.pairs``): paired and class-aware R@k, median rank."""
 
+    roots = ("retrieval", "retrieval_class")
+
+    @dataclass
+    class Options:
+        pairs: Optional[list[list[str]]] = None  # [query, candidate] modality pairs (None: every ordered pair)
+        class_aware: bool = True  # also count a hit by class where labels exist (eval/retrieval_class/...)
+
+        def check(self, key):
+            for i, pair in enumerate(self.pairs or []):
+                require(len(pair) == 2 and pair[0] != pair[1], f"{key}.pairs[{i}]",
+                        f"a pair is [query, candidate] of two different modalities, got {pair}")
+
+    def check(self, cfg, planned, key="eval"):
+        for i, pair in enumerate(self.options.pairs or []):
+            for j, m in enumerate(pair):
+                self.require_modality(cfg, m, f"{self.key}.pairs[{i}][{j}]")
+
     def applies(self, cfg, names):
         return len(names) >= 2
 
     def run(self, ctx):
-        e, val, out = ctx.cfg.eval, ctx.val, {}
+        e, o, val, out = ctx.cfg.eval, self.options, ctx.val, {}
         has_labels = bool((val.labels >= 0).any())
-        for a, b in e.retrieval.pairs or [[a, b] for a in ctx.names for b in ctx.names if a != b]:
+        for a, b in o.pairs or [[a, b] for a in ctx.names for b in ctx.names if a != b]:
             if a in val.multi or b in val.multi:  # several captions per sample (COCO, Flickr30k)
                 out.update(multi_caption_metrics(val, a, b, f"eval/retrieval/{a}_to_{b}", e.recall_at, e.chunk_size,
                                                  ctx.work))
@@ -331,27 +519,74 @@ class Retrieval(Evaluator):
             rows = val.masks[a] & val.masks[b]
             out.update(retrieval_metrics(
                 val.features[a][rows], val.features[b][rows], val.labels[rows] if has_labels else None,
-                f"eval/retrieval/{a}_to_{b}", f"eval/retrieval_class/{a}_to_{b}" if e.retrieval.class_aware else None,
+                f"eval/retrieval/{a}_to_{b}", f"eval/retrieval_class/{a}_to_{b}" if o.class_aware else None,
                 e.recall_at, e.chunk_size, ctx.work))
         return out
+
+    def figures(self, metrics, prefix="eval/"):  # R@1 with its median rank
+        def label(parts):
+            a, _, b = "/".join(parts[1:-1]).partition("_to_")
+            return f"{a}->{b} R@1" + (" (class-aware)" if parts[0] == "retrieval_class" else "")
+
+        return _percent_figures(self, metrics, prefix, label, lambda last: last == "r1")
+
+    def aliases(self, metrics):  # the first metric keys: image<->text R@1, class-aware where labels exist
+        out = {}
+        for short, (a, b) in (("i2t_r1", ("image", "text")), ("t2i_r1", ("text", "image"))):
+            found = _first(metrics, [f"eval/retrieval_class/{a}_to_{b}/r1", f"eval/retrieval/{a}_to_{b}/r1"])
+            out.update({f"eval/{short}{k}": v for k, v in found.items()})
+        return out
+
+    def example_pair(self, cfg, names):  # image x text where both exist, else the first pair
+        pairs = self.options.pairs or [[a, b] for a in names for b in names if a != b]
+        if "image" in names and "text" in names and not self.options.pairs:
+            pairs = [["image", "text"]]
+        return tuple(pairs[0]) if pairs else None
 
 
 @register_evaluator("symile")
 class SymileRetrieval(Evaluator):
     """Each target retrieved given all the other modalities (3+ modalities by default)."""
 
+    roots = ("symile", "symile_pairwise")
+
+    @dataclass
+    class Options:
+        targets: Optional[list[str]] = None  # modalities retrieved given all the others (None: each)
+        scoring: list[Literal["mip", "pairwise"]] = field(default_factory=lambda: ["mip"])  # multilinear / sum of dots
+        candidates: int = 0  # 0: the whole split; k > 0: 1 positive + k negatives per query (seeded)
+        distinct: bool = False  # candidates: the distinct inputs of the target (e.g. all 2^d XOR vectors)
+        seed: int = 0  # negatives' seed
+
+        def check(self, key):
+            require(self.candidates >= 0, f"{key}.candidates", f"must be >= 0, got {self.candidates}")
+            require(bool(self.scoring), f"{key}.scoring", "needs mip and/or pairwise")
+
+    def check(self, cfg, planned, key="eval"):
+        if planned:
+            require(len(cfg.data.modalities) >= 2, "eval.tasks", "symile retrieval needs at least 2 modalities")
+        for i, m in enumerate(self.options.targets or []):
+            self.require_modality(cfg, m, f"{self.key}.targets[{i}]")
+
     def applies(self, cfg, names):
         return len(names) >= 3
 
     def content_of(self, cfg, names):
-        return list(cfg.eval.symile.targets or names) if cfg.eval.symile.distinct else []
+        return list(self.options.targets or names) if self.options.distinct else []
 
     def run(self, ctx):
         out = {}
-        for target in ctx.cfg.eval.symile.targets or ctx.names:
+        for target in self.options.targets or ctx.names:
             out.update(symile_metrics(ctx.val, ctx.model, target, [o for o in ctx.names if o != target], ctx.cfg,
                                       ctx.work))
         return out
+
+    def figures(self, metrics, prefix="eval/"):  # R@1, by scoring
+        def label(parts):
+            scoring = "multilinear" if parts[0] == "symile" else "pairwise sum"
+            return f"symile {'/'.join(parts[1:-1])} R@1 ({scoring})"
+
+        return _percent_figures(self, metrics, prefix, label, lambda last: last == "r1")
 
 
 @register_evaluator("linear_probe")
@@ -361,15 +596,45 @@ class LinearProbeTask(Evaluator):
 
     default = False
 
+    @dataclass
+    class Options:
+        modalities: Optional[list[str]] = None  # features probed (None: every modality)
+        # head: the normalised features the loss sees; backbone: the pre-head backbone features
+        # (the transfer protocol of CLIP-Lite and most representation-learning papers)
+        features: Literal["head", "backbone"] = "head"
+        split: SplitConfig = field(default_factory=SplitConfig)  # training features (urls unset: data.train)
+        max_train_samples: int = 0  # cap on the training samples embedded (0: the whole split, once)
+        l2: float = 1e-3  # L2 penalty on the weights (standardised features)
+        max_iter: int = 100  # L-BFGS iterations
+
+        def check(self, key):
+            require(self.max_train_samples >= 0, f"{key}.max_train_samples", f"must be >= 0, got {self.max_train_samples}")
+            require(self.l2 >= 0, f"{key}.l2", f"must be >= 0, got {self.l2}")
+            require(self.max_iter > 0, f"{key}.max_iter", f"must be > 0, got {self.max_iter}")
+            require(not self.split.sources, f"{key}.split.sources", f"give {key}.split.urls")
+
+    def check(self, cfg, planned, key="eval"):
+        if planned:
+            require(cfg.data.labels is not None, "data.labels", "the linear probe needs class labels (a class_label decoder)")
+        for i, m in enumerate(self.options.modalities or []):
+            self.require_modality(cfg, m, f"{self.key}.modalities[{i}]")
+
     def applies(self, cfg, names):
         return cfg.data.labels is not None
 
     def run(self, ctx):
-        return linear_probe_metrics(ctx)
+        return linear_probe_metrics(ctx, self.options)
+
+    def figures(self, metrics, prefix="eval/"):
+        return _percent_figures(self, metrics, prefix, lambda p: f"linear probe {'/'.join(p[1:-1])} top-1",
+                                lambda last: last == "top1")
+
+
+# the tasks every process knows (registered with this module); a task of data.imports is only known
+# where its module is imported, so a written config carries its section only when it is set
+BUILT_IN = frozenset(EVALUATORS.names())
 
 
 def planned_tasks(cfg, names: list[str]) -> list[str]:
     """``eval.tasks``, or (unset) every default task that applies, in registration order."""
-    if cfg.eval.tasks is not None:
-        return list(cfg.eval.tasks)
-    return [name for name, cls in EVALUATORS.items() if cls.default and cls().applies(cfg, names)]
+    return cfg.eval.planned(cfg, names)
