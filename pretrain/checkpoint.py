@@ -43,7 +43,7 @@ DAMAGED = "DAMAGED"
 EXPORT_WEIGHTS = "model.safetensors"
 
 
-@dataclass
+@dataclass(kw_only=True)  # built from the config by name
 class CheckpointConfig:
     """The checkpoint fields of ``train.*``."""
 

@@ -1,6 +1,9 @@
 """The DeepSpeed engine, built directly with ``deepspeed.initialize`` from the engine fields of
 ``train.*`` (ZeRO stage, precision, clipping, extra DeepSpeed settings) and the optimizer of
-``pretrain.optim``. The process group comes from ``pretrain.distributed.init_distributed``."""
+``pretrain.optim``. The process group comes from ``pretrain.distributed.init_distributed``.
+
+``Engine`` holds it with the optimizer, the schedule and the ZeRO-0 gradient averaging, and is the
+one place that says in what order an update happens (its docstring)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +25,7 @@ OWNED_KEYS = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "train
               "scheduler": "train.schedule"}
 
 
-@dataclass
+@dataclass(kw_only=True)  # built from the config by name
 class EngineConfig:
     """The engine fields of ``train.*``."""
 
@@ -89,14 +92,63 @@ def construction(cfg, world_size: int):
     return contextlib.nullcontext()
 
 
+@dataclass
+class Engine:
+    """The DeepSpeed engine and what updates with it. One optimizer step, in this order:
+
+    1. ``lr()``: the learning rate the coming update uses (the schedule's current value);
+    2. for each micro-batch, ``backward(loss)``: gradients accumulate (under ZeRO-0 with the overlapped
+       averaging, the last micro-batch's buckets are averaged while its backward runs), then
+       ``step()``: DeepSpeed counts the micro-batch and, at the last one of the step, clips the
+       gradients, runs the optimizer (the fused AdamW leaves weights and moments as they were where
+       ``optimizer.found_inf`` is 1: a step skipped on the device) and then advances the schedule;
+    3. a step skipped on the host instead (an optimizer without ``found_inf``, e.g. LAMB): no backward,
+       no ``step()``; ``skip()`` advances the schedule alone, so it stays on the step count.
+    """
+
+    ds: Any  # the DeepSpeed engine (its ``module`` is the model)
+    optimizer: torch.optim.Optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
+    scheduler: Any  # torch's LambdaLR (pretrain.optim.build_schedule), stepped by DeepSpeed
+    grad_sync: Any = None  # pretrain.gradsync.OverlappedGradSync, or None: DeepSpeed averages
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def skips_on_device(self) -> bool:
+        """The optimizer skips an update on the device when told ``found_inf`` (what GradScaler uses)."""
+        return bool(getattr(self.optimizer, "defaults", {}).get("fused"))
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def last_micro_batch(self) -> bool:
+        """Whether the next backward is the step's last micro-batch's."""
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        if self.grad_sync is None:
+            self.ds.backward(loss, **kwargs)
+            return
+        self.grad_sync.arm(self.last_micro_batch())  # the buckets go out while backward runs
+        self.ds.backward(loss, **kwargs)
+        self.grad_sync.finish()  # averaged before DeepSpeed's step
+
+    def step(self) -> None:
+        self.ds.step()  # at the step's last micro-batch: clip, optimizer, schedule
+
+    def skip(self) -> None:
+        self.scheduler.step()
+
+
 # DeepSpeed settings that change how ZeRO-0 averages gradients: with any of them DeepSpeed does it
 DS_REDUCTION_KEYS = ("prescale_gradients", "gradient_predivide_factor", "communication_data_type", "sparse_gradients")
 
 
-def build_engine(model: torch.nn.Module, cfg, world_size: int):
-    """DeepSpeed engine with the configured optimizer and schedule (``cfg``: a ``TrainConfig``);
-    returns (engine, the torch optimizer DeepSpeed steps (inside its ZeRO wrapper), scheduler,
-    the overlapped gradient averaging or None where DeepSpeed averages: ``pretrain.gradsync``)."""
+def build_engine(model: torch.nn.Module, cfg, world_size: int) -> Engine:
+    """The DeepSpeed engine with the configured optimizer and schedule (``cfg``: a ``TrainConfig``)
+    and, under ZeRO-0 in fp32 on several ranks, the overlapped gradient averaging (``pretrain.gradsync``)."""
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
@@ -120,7 +172,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
         sync = OverlappedGradSync(engine.module, timeout=timeout)
         engine.enable_backward_allreduce = False  # the buckets are averaged by the step (sync.finish)
         engine.zero_grad = sync.zero_grad  # between steps: buckets zeroed, gradients kept as their views
-    return engine, optimizer, scheduler, sync
+    return Engine(engine, optimizer, scheduler, sync)
 
 
 MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")

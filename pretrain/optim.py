@@ -15,7 +15,7 @@ import torch
 from pretrain.options import require
 
 
-@dataclass
+@dataclass(kw_only=True)  # built from the config by name
 class OptimConfig:
     """The optimizer fields of ``train.*``."""
 

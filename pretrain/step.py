@@ -27,10 +27,10 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
    accumulation the statistics are put back between the cached forwards and their replays, so each
    micro-batch updates them once.
 
-Nothing is read back from the device in a step: the agreed flags travel to the host with a
-non-blocking copy and are read one step later (``StepOutput.earlier``), or at once by ``settle()``
-where the trainer needs them (log, evaluation, checkpoint, the last step). DeepSpeed's own reads
-(its gradient-norm check under ZeRO 1-2 with clipping) are its own.
+Nothing is read back from the device in a step: the agreed flags travel to the host through the
+trainer's ``FlagChannel`` (below: the whole protocol). The order of an update (backward, DeepSpeed's
+step: optimizer then schedule; a skip) is ``pretrain.engine.Engine``'s. DeepSpeed's own reads (its
+gradient-norm check under ZeRO 1-2 with clipping) are its own.
 """
 from __future__ import annotations
 
@@ -52,37 +52,71 @@ class StepFlags:
     stop: bool  # some rank had received a stop signal by then
 
 
+class FlagChannel:
+    """How each step's outcome reaches the host, without a device read in the step. Owned by the
+    trainer, written by the step; one step's flags in flight at a time.
+
+    1. The step agrees over the ranks, on the device, on [its loss was not finite, some rank has a
+       stop signal] and ``send``s them: a non-blocking copy into host memory (an event marks its end).
+    2. The trainer ``receive``s them: normally just before the next step starts (the copy finished
+       long ago: nothing waits), or right after the step where it must know at once (it logs,
+       evaluates, saves or ends there): then it waits for that copy alone. ``receive`` gives
+       ``StepFlags`` (the step, whether its update happened, whether to stop), or None when nothing
+       is in flight. A skipped step is counted and a stop obeyed one step late at most.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._host = torch.zeros(2, pin_memory=device.type == "cuda")
+        self._event = None
+        self._pending: Optional[int] = None  # the step whose flags are on their way
+
+    def send(self, step: int, flags: torch.Tensor) -> None:
+        """``flags`` (on the device): [not finite, stop] of ``step`` (1-based)."""
+        assert self._pending is None, f"the flags of step {self._pending} were never received"
+        self._host.copy_(flags, non_blocking=True)
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._pending = step
+
+    def receive(self) -> Optional[StepFlags]:
+        if self._pending is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()  # the copy only, not the device's queue
+        nonfinite, stop = self._host.numpy().tolist()  # host memory the copy filled: no device read
+        flags, self._pending = StepFlags(self._pending, nonfinite == 0, stop > 0), None
+        return flags
+
+
 @dataclass
 class StepOutput:
     losses: dict[str, torch.Tensor]  # the loss and its terms (detached, on the device)
     logit_scale: torch.Tensor  # detached, float
     logit_bias: Optional[torch.Tensor]
     lr: float  # the learning rate of this step's update (the schedule has moved on when it returns)
-    earlier: Optional[StepFlags]  # the previous step's flags, read now that they are on the host
     # where asked (a log step) and DeepSpeed keeps none (ZeRO-0): the norm of the averaged gradient
     # before clipping, on the device
     grad_norm: Optional[torch.Tensor] = None
 
 
 class ContrastiveStep:
-    def __init__(self, engine, scheduler, optimizer, loss_fn, device: torch.device, dtype: torch.dtype,
-                 stop_signal, masked: frozenset[str] = frozenset(), seed: int = 0, grad_sync=None):
-        self.grad_sync = grad_sync  # pretrain.gradsync.OverlappedGradSync, or None: DeepSpeed averages
+    """``engine``: a ``pretrain.engine.Engine``; ``flags``: the trainer's ``FlagChannel``; ``masked``:
+    the modalities a sample may lack; ``seed``: ``train.seed``."""
+
+    def __init__(self, engine, loss_fn, flags: FlagChannel, *, dtype: torch.dtype, stop_signal,
+                 masked: frozenset[str] = frozenset(), seed: int = 0):
         self._norm_wanted, self._norm = False, None  # this step measures the gradient norm (ZeRO-0 log steps)
-        self.engine, self.scheduler, self.optimizer, self.loss_fn = engine, scheduler, optimizer, loss_fn
+        self.engine, self.loss_fn, self.flags = engine, loss_fn, flags
         self.model = engine.module
         # the objective's parameters' outputs with one row per sample (accumulation concatenates them)
         self.per_sample = getattr(getattr(self.model, "objective", None), "per_sample", frozenset())
         self.seed = seed
-        self.device, self.dtype, self.stop_signal, self.masked = device, dtype, stop_signal, masked
+        self.device, self.dtype, self.stop_signal, self.masked = flags.device, dtype, stop_signal, masked
         loss_fn.check_finite = False  # the step guards finiteness itself, without reading the device
-        # fused AdamW skips an update on the device when told found_inf (what GradScaler uses)
-        self.device_skip = bool(getattr(optimizer, "defaults", {}).get("fused"))
         self.world = dist.get_world_size()
         self._flags: Optional[torch.Tensor] = None  # this step's [nonfinite, stop], agreed over the ranks
-        self._host = torch.zeros(2, pin_memory=device.type == "cuda")
-        self._event = None
-        self._pending: Optional[int] = None  # the step whose flags are on their way to the host
         self._scales: tuple = (None, None)
         # BatchNorm's running statistics: a forward updates them, so a skipped step puts them back
         # (on the device), and the accumulation's replay does not update them a second time
@@ -91,31 +125,30 @@ class ContrastiveStep:
 
     def __call__(self, batches: list, step: int, grad_norm: bool = False) -> StepOutput:
         """``grad_norm``: measure the gradient's norm where DeepSpeed does not (ZeRO-0), for the log."""
-        lr = self.scheduler.get_last_lr()[0]
-        self._norm_wanted, self._norm = grad_norm and self.engine.zero_optimization_stage() == 0, None
-        earlier = self.settle()  # the previous step's flags: their copy finished long ago
+        lr = self.engine.lr()
+        self._norm_wanted, self._norm = grad_norm and self.engine.ds.zero_optimization_stage() == 0, None
         loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
                                              for m in self.masked if m in b.masks}) for b in batches]
         saved = [b.clone() for b in self.norm_buffers]
         if len(batches) == 1:
             features, scale, bias, params = self.forward(batches[0], step)
             losses = self.guarded_loss(features, scale, bias, masks=loss_masks[0], step=step, params=params)
-            if self.device_skip or self._host_finite():
+            if self.engine.skips_on_device or self._host_finite():
                 self._backward(losses["loss"])
                 self.engine.step()
             losses = {k: v.detach() for k, v in losses.items()}
         else:
-            check = None if self.device_skip else (lambda _: self._host_finite())
+            check = None if self.engine.skips_on_device else (lambda _: self._host_finite())
             losses = accumulate_step(lambda ib: self.forward(ib[1], step, ib[0], len(batches)), list(enumerate(batches)),
                                      self.guarded_loss, masks=loss_masks, backward=self.backward_micro, step=step,
                                      check=check, before_replay=lambda: self._put_back(saved),
                                      per_sample=self.per_sample)
         self._put_back(saved, only_if_skipped=True)
-        if not self.device_skip and not self._host_finite():
-            self.scheduler.step()  # no backward, no update; the schedule stays on the step count
-        self._send(step + 1)
+        if not self.engine.skips_on_device and not self._host_finite():
+            self.engine.skip()  # no backward, no update; the schedule stays on the step count
+        self.flags.send(step + 1, self._flags)
         scale, bias = self._scales
-        return StepOutput(losses, scale, bias, lr, earlier, self._norm)
+        return StepOutput(losses, scale, bias, lr, self._norm)
 
     def forward(self, batch, step: int, micro: int = 0, micros: int = 1):
         """(features as float32, logit scale, logit bias or None, the objective's ``params``) of micro-
@@ -127,14 +160,14 @@ class ContrastiveStep:
         rows = len(batch)  # training batches are full: every rank holds as many
         # rank-major over the step's global batch, as one micro-batch of micros x rows per rank would be
         where = BatchContext(step, self.seed, (dist.get_rank() * micros + micro) * rows, rows, self.world * micros * rows)
-        features, scale, bias, params = self.engine(inputs, masks, batch=where)
+        features, scale, bias, params = self.engine.ds(inputs, masks, batch=where)
         features = {m: f.float() for m, f in features.items()}
         params = tree_map(lambda x: x.float() if torch.is_tensor(x) and x.is_floating_point() else x, params)
         scale, bias = scale.float(), None if bias is None else bias.float()
         self._scales = (scale.detach(), None if bias is None else bias.detach())
         return features, scale, bias, params
 
-    def guarded_loss(self, features, scale, bias, masks=None, step=None, params=None) -> dict[str, torch.Tensor]:
+    def guarded_loss(self, features, scale, bias, *, masks=None, step=None, params=None) -> dict[str, torch.Tensor]:
         """The loss of features that are finite on every rank (zeros stand in where some rank's are
         not, so every rank runs the same collectives); NaN where anything was not finite. Leaves the
         agreed [nonfinite, stop] flags in ``self._flags``."""
@@ -152,8 +185,8 @@ class ContrastiveStep:
         bad = torch.stack([flags[0], (~torch.isfinite(out["loss"].detach())).float()]).max().reshape(1)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
         self._flags = torch.stack([bad[0], flags[1]])
-        if self.device_skip:
-            self.optimizer.found_inf = bad[0]  # the fused update is skipped on the device where 1
+        if self.engine.skips_on_device:
+            self.engine.optimizer.found_inf = bad[0]  # the fused update is skipped on the device where 1
         out["loss"] = torch.where(bad[0] == 0, out["loss"], torch.full_like(out["loss"], float("nan")))
         return out
 
@@ -168,39 +201,13 @@ class ContrastiveStep:
         self.engine.step()  # DeepSpeed updates at the last micro-batch of the step
 
     def _backward(self, loss: torch.Tensor, **kwargs) -> None:
-        """DeepSpeed's backward; with the overlapped averaging, the buckets go out while it runs (at the
-        step's last micro-batch) and are averaged before DeepSpeed's step."""
-        last = self.engine.is_gradient_accumulation_boundary()  # the step's last micro-batch
-        if self.grad_sync is None:
-            self.engine.backward(loss, **kwargs)
-        else:
-            self.grad_sync.arm(last)
-            self.engine.backward(loss, **kwargs)
-            self.grad_sync.finish()
+        """The engine's backward; at the step's last micro-batch of a log step under ZeRO-0, the norm
+        of the averaged gradient too."""
+        last = self.engine.last_micro_batch()
+        self.engine.backward(loss, **kwargs)
         if self._norm_wanted and last:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self._norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
-
-    # -- the flags on the host
-
-    def _send(self, step: int) -> None:
-        """Starts this step's flags on their way to the host (non-blocking on a GPU)."""
-        self._host.copy_(self._flags, non_blocking=True)
-        if self.device.type == "cuda":
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._pending = step
-
-    def settle(self) -> Optional[StepFlags]:
-        """The flags of the last step whose flags were not read yet (None when all were): waits only
-        for their copy, then reads host memory."""
-        if self._pending is None:
-            return None
-        if self._event is not None:
-            self._event.synchronize()
-        nonfinite, stop = self._host.numpy().tolist()  # host memory the copy filled: no device read
-        flags, self._pending = StepFlags(self._pending, nonfinite == 0, stop > 0), None
-        return flags
 
     def _host_finite(self) -> bool:
         """For optimizers that cannot skip on the device: the agreed flag, read now."""

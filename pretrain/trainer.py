@@ -39,7 +39,7 @@ from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
 from pretrain.models import build_model
 from pretrain.optim import OptimConfig
 from pretrain.options import ConfigError, require, to_dict
-from pretrain.step import ContrastiveStep, StepFlags, StepOutput
+from pretrain.step import ContrastiveStep, FlagChannel, StepFlags, StepOutput
 from pretrain.watchdog import Heartbeat
 
 # DeepSpeed's ZeRO partitioning calls a torch collective that torch now marks deprecated.
@@ -50,7 +50,7 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite losses, a checkpoint that does not fit, ...)."""
 
 
-@dataclass
+@dataclass(kw_only=True)  # built from the config by name
 class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     """``train.*``: the loop's fields here, the optimizer's (``OptimConfig``), the engine's
     (``EngineConfig``) and the checkpoints' (``CheckpointConfig``) beside their code, one flat
@@ -128,10 +128,10 @@ class StepLogger:
     """Logs every ``train.log_every`` steps and the last: the rank-mean loss and its terms, the
     schedule, throughput and MFU, the bad-data counts; to metrics.jsonl, TensorBoard and stdout."""
 
-    def __init__(self, cfg: TrainConfig, writer: MetricsWriter, meter: StepMeter, engine, scheduler, loader: Loader,
+    def __init__(self, cfg: TrainConfig, writer: MetricsWriter, meter: StepMeter, *, engine, loader: Loader,
                  global_batch: int, rank: int):
-        self.cfg, self.writer, self.meter, self.engine = cfg, writer, meter, engine
-        self.scheduler, self.loader, self.global_batch, self.rank = scheduler, loader, global_batch, rank
+        self.cfg, self.writer, self.meter, self.engine = cfg, writer, meter, engine.ds
+        self.loader, self.global_batch, self.rank = loader, global_batch, rank
         self.last: dict[str, float] = {}
 
     def should_log(self, step: int) -> bool:
@@ -231,23 +231,24 @@ class Trainer:
         _refuse_own_weights_when_partitioned(cfg)
         with construction(t, self.world):  # ZeRO-3 with train.zero3_init: partitioned as it is built
             model = build_model(cfg.model, modalities, objective=loss_fn)  # and the parameters the loss owns
-        self.engine, optimizer, self.scheduler, grad_sync = build_engine(model, t, self.world)
+        self.engine = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)
         self.state = TrainState(self.loader)
-        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine.ds, self.rank)
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
             raise TrainingError(str(err)) from None
         self.batches = iter(self.loader)
         masked = frozenset(m for m, mc in cfg.data.modalities.items() if not mc.required)  # may be absent
-        self.step = ContrastiveStep(self.engine, self.scheduler, optimizer, loss_fn, info.device, t.dtype,
-                                    self.stop_signal, masked, seed=t.seed, grad_sync=grad_sync)
+        self.flags = FlagChannel(info.device)  # each step's outcome on its way to the host (pretrain.step)
+        self.step = ContrastiveStep(self.engine, loss_fn, self.flags, dtype=t.dtype, stop_signal=self.stop_signal,
+                                    masked=masked, seed=t.seed)
         self.writer = MetricsWriter(self.out, enabled=self.rank == 0, wandb=t.wandb, run_config=to_dict(cfg))
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
-        self.logger = StepLogger(t, self.writer, self.meter, self.engine, self.scheduler, self.loader,
-                                 self.global_batch, self.rank)
+        self.logger = StepLogger(t, self.writer, self.meter, engine=self.engine, loader=self.loader,
+                                 global_batch=self.global_batch, rank=self.rank)
         self.evaluation = PeriodicEvaluation(cfg, self.engine.module, info.device, self.out)
         self.keys = KeyLog(t.log_keys, self.out, self.rank, append=self.resumed_from is not None)
 
@@ -259,13 +260,14 @@ class Trainer:
         while state.step < end:
             with self.meter.waiting():
                 batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
+            earlier = self.flags.receive()  # the step before's outcome: its copy is long done, nothing waits
             with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
                 out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
             state.step += 1
             self._after_step(batches)
-            stop = self._settle(out.earlier)  # the step before's flags, read now without waiting
-            if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's
-                stop = self._settle(self.step.settle()) or stop
+            stop = self._settle(earlier)
+            if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
+                stop = self._settle(self.flags.receive()) or stop
             if self.logger.should_log(state.step):
                 self.logger.log(state, out)
             if stop:
@@ -310,7 +312,7 @@ class Trainer:
         """The last checkpoint, the final evaluation (a finished run), the closing lines."""
         if self.progress is not None:
             self.progress.close()
-        self._settle(self.step.settle())  # the last step's flags (a stop may have come with an earlier step's)
+        self._settle(self.flags.receive())  # the last step's flags (a stop may have come with an earlier step's)
         self.checkpointer.save(self.state, last=True)
         self.keys.close()
         results = {"loss": self.logger.last.get("loss", float("nan"))}

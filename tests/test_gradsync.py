@@ -61,9 +61,10 @@ def _train(rank, world, overlap, accumulation) -> dict:
     model = Net()
     cfg = TrainConfig(zero_stage=0, precision="fp32", grad_clip=1.0, lr=0.05, warmup_steps=0, steps=STEPS,
                       micro_batch_size=4, grad_accumulation_steps=accumulation, overlap_grad_reduce=overlap)
-    engine, _, _, sync = build_engine(model, cfg, world)
+    engine = build_engine(model, cfg, world)
+    sync = engine.grad_sync
     assert (sync is not None) == overlap
-    step = SimpleNamespace(engine=engine, grad_sync=sync, _norm_wanted=False)  # what ContrastiveStep._backward uses
+    step = SimpleNamespace(engine=engine, _norm_wanted=False)  # what ContrastiveStep._backward uses
     record = {"sent_before_finish": [], "grads": [], "buckets": len(sync.buckets) if sync else 0}
     if sync:
         finish = sync.finish

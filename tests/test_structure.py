@@ -156,3 +156,28 @@ def test_ci_fails_on_an_unexpected_skip_and_on_a_hung_test(tmp_path):
     assert under_ci.returncode == 1 and "unexpected skips" in under_ci.stdout, under_ci.stdout[-2000:]
     hung = run("test_hangs", ci=False)
     assert hung.returncode != 0 and "Timeout" in hung.stdout + hung.stderr, hung.stdout[-2000:]
+
+
+def test_the_step_the_loop_and_the_engine_take_few_positional_arguments():
+    """No constructor or function of pretrain/trainer.py, step.py or engine.py takes more than five
+    positional arguments (self aside): the rest are keywords, named where they are passed."""
+    import importlib
+    import inspect
+
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    offenders = []
+    for name in ("pretrain.trainer", "pretrain.step", "pretrain.engine"):
+        module = importlib.import_module(name)
+        for obj_name, obj in vars(module).items():
+            if getattr(obj, "__module__", None) != name:
+                continue  # imported from elsewhere
+            members = [(obj_name, obj)] if inspect.isfunction(obj) else []
+            if inspect.isclass(obj) and not issubclass(obj, BaseException):
+                members = [(f"{obj_name}.{n}", f) for n, f in vars(obj).items() if inspect.isfunction(f)]
+                members.append((obj_name, obj))  # the constructor, dataclasses' generated one included
+            for label, fn in members:
+                params = list(inspect.signature(fn).parameters.values())
+                count = sum(p.kind in positional and p.name not in ("self", "cls") for p in params)
+                if count > 5:
+                    offenders.append(f"{label}: {count}")
+    assert not offenders, offenders
