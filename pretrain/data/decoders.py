@@ -371,7 +371,7 @@ def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_
 
 @register_decoder("audio")
 class AudioDecoder(Decoder):
-    """WAV/FLAC (soundfile) -> mono float waveform at ``sample_rate`` (soxr), cropped or
+    """WAV/FLAC, also OGG/MP3/Opus (soundfile) -> mono float waveform at ``sample_rate`` (soxr), cropped or
     zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
     from ``torch.stft`` (Hann window, centred frames): (n_mels, 1 + samples // hop_length).
     Crop: ``auto`` is random in training (seeded) and the start in evaluation."""
