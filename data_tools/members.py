@@ -33,8 +33,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from data_tools.sources import FileRef
-from pretrain.member_names import (AUDIO_EXTS, IMAGE_EXTS, MEDIA_EXTS, MODALITIES, TEXT_EXTS, FieldValue,  # noqa: F401
-                                   last_ext, member_names, modality)
+from pretrain.member_names import AUDIO_EXTS, IMAGE_EXTS, MEDIA_EXTS, TEXT_EXTS, FieldValue, last_ext, member_names
 
 _MEDIA_PATH = re.compile(r"[^\n\r\0]{1,4096}\.(?:" + "|".join(sorted(MEDIA_EXTS)) + r")", re.IGNORECASE)
 

@@ -123,10 +123,12 @@ def test_verify_and_stats_of_one_split_find_the_index_one_folder_up(tmp_path, ca
                          split_ratios={"train": 0.75, "val": 0.25})
     assert not (out / "train" / "index.json").exists()
     rc, text = _verify(capsys, out / "train")
-    assert rc == 0 and text.startswith(f"OK: {out / 'train'}: 3 shards, 9 samples") and "../index.json (split train)" in text
+    assert rc == 0 and text.startswith(f"OK: {out / 'train'}: 3 shards, 9 samples")
+    assert "../index.json (split train)" in text
     assert cli(["stats", str(out / "val"), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["samples"] == 3 and st["source"] == "../index.json" and [s["name"] for s in st["per_shard"]] == ["val/shard-000000.tar"]
+    assert st["samples"] == 3 and st["source"] == "../index.json"
+    assert [s["name"] for s in st["per_shard"]] == ["val/shard-000000.tar"]
     # a broken val shard fails val, not train; a stray shard in train is caught there
     val = out / "val" / "shard-000000.tar"
     val.write_bytes(val.read_bytes()[:2000])

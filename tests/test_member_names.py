@@ -32,7 +32,8 @@ def test_what_a_default_build_writes_each_field_as():
         "label": "cls", "year": "year.json",  # an integer is a label only in a label-like field
         "meta": "meta.json", "depth": "depth.npy", "clip": "wav"}
     # a sample's only text field is the txt, whatever its name; --map names come first
-    assert member_names([FieldValue("sentence", "txt"), FieldValue("url", "json")]) == {"sentence": "txt", "url": "url.json"}
+    assert member_names([FieldValue("sentence", "txt"), FieldValue("url", "json")]) == \
+        {"sentence": "txt", "url": "url.json"}
     assert member_names([FieldValue("image", "jpg", True), FieldValue("alt", "jpg", True)], {"alt": "jpg"}) == \
         {"image": "image.jpg", "alt": "jpg"}
 

@@ -62,7 +62,7 @@ class ModalityConfig:
     """One modality of a sample (``data.modalities.<name>``): the decoder that makes its tensor."""
 
     decoder: Optional[str] = None  # a registered decoder name; default: the modality's name
-    members: list[str] = field(default_factory=list)  # members read, by preference: names or .suffixes (default: the decoder's)
+    members: list[str] = field(default_factory=list)  # names or .suffixes, by preference (default: the decoder's)
     required: bool = True  # absent: drop the sample (required) or a placeholder with mask False
     options: dict[str, Any] = field(default_factory=dict)  # the decoder's options
 

@@ -22,10 +22,10 @@ module listed in ``data.imports`` (the pipeline is not touched)::
         def decode(self, data: bytes, ext: str, rng) -> torch.Tensor:
             ...                                 # raise DecodeError("bad_points", "why") on bad data
 
-``members`` entries are member names (``txt``) or, with a leading dot, suffixes (``.xyz``: the member
-``xyz`` or any member ending in ``.xyz``, so a default build's ``KEY.points.xyz`` is found); the
-rule and its precedence (exact, then named after the modality, then the one suffix match) are
-``pretrain.member_names``'. ``decode`` gets the member's name as ``ext``.
+``members`` entries are member names (``txt``) or, with a leading dot, suffixes (``.xyz``: the
+member ``xyz`` or any member ending in ``.xyz``, so a default build's ``KEY.points.xyz`` is found).
+The rule and its precedence (exact, then named after the modality, then the one suffix match) live
+in ``pretrain.member_names``. ``decode`` gets the member's name as ``ext``.
 
 A decoder raises ``DecodeError(reason, detail)`` for bad data: the sample is skipped (or, for an
 optional modality, masked) and counted under ``reason``. ``rng`` is a ``random.Random`` seeded from
@@ -371,8 +371,8 @@ def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_
 
 @register_decoder("audio")
 class AudioDecoder(Decoder):
-    """WAV/FLAC, also OGG/MP3/Opus (soundfile) -> mono float waveform at ``sample_rate`` (soxr), cropped or
-    zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
+    """WAV/FLAC, also OGG/MP3/Opus (soundfile) -> mono float waveform at ``sample_rate`` (soxr),
+    cropped or zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
     from ``torch.stft`` (Hann window, centred frames): (n_mels, 1 + samples // hop_length).
     Crop: ``auto`` is random in training (seeded) and the start in evaluation."""
 

@@ -2,8 +2,9 @@
 
 A sample is a run of consecutive members sharing a key (``pretrain.member_names.split_name``,
 webdataset's convention: the name up to the first dot of its file name is the key, the rest the
-member; ``a/b/000123.jpg`` has key ``a/b/000123`` and member ``jpg``, lowercased). Members are read into memory only; nothing is ever extracted, unpickled or torch-loaded,
-and member names never reach the filesystem. Refused, counted and skipped:
+member; ``a/b/000123.jpg`` has key ``a/b/000123`` and member ``jpg``, lowercased). Members are read
+into memory only; nothing is ever extracted, unpickled or torch-loaded, and member names never
+reach the filesystem. Refused, counted and skipped:
 
 - ``refused_member``: a pickle or torch file (last extension ``pyd``, ``pickle``, ``pkl``, ``pth``,
   ``pt``, ``ckpt``), whatever a decoder asks for;
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Container, Iterator, Optional
 
 from pretrain.data.sources import open_url
-from pretrain.member_names import REFUSED_EXTENSIONS, is_refused, split_name  # noqa: F401
+from pretrain.member_names import is_refused, split_name
 
 
 def split_member_name(name: str) -> Optional[tuple[str, str]]:
