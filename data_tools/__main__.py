@@ -3,6 +3,7 @@
   build   manifest (JSONL, CSV/TSV, Parquet) or folder -> webdataset tar shards, index.json,
           sizes.json, failures.jsonl; resumable, byte-identical whatever --workers
   verify  every shard opens, required members present, counts and checksums match index.json
+          (a split's folder is checked against the index one folder up)
   stats   samples, bytes, per-modality presence, per-shard table
 """
 from __future__ import annotations
@@ -116,14 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
 
-    v = sub.add_parser("verify", help="check a shard folder against its index.json")
-    v.add_argument("dir", metavar="DIR")
+    v = sub.add_parser("verify", help="check a shard folder against its index.json (beside it or one folder up)")
+    v.add_argument("dir", metavar="DIR", help="a build's output folder, or one split's folder of it")
     v.add_argument("--require", action="append", default=[], metavar="MEMBER",
                    help="a member every sample must have, besides those every sample had at build time (repeatable)")
     v.add_argument("--decode", action="store_true", help="also decode every image and audio member in full")
 
     s = sub.add_parser("stats", help="samples, bytes, per-modality presence, per-shard table")
-    s.add_argument("dir", metavar="DIR")
+    s.add_argument("dir", metavar="DIR", help="a shard folder (a build's, one split's of it, or any webdataset folder)")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.add_argument("--all-shards", action="store_true", help="list every shard (default: at most 50 rows)")
     return parser

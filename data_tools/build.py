@@ -36,6 +36,7 @@ from data_tools.members import AUDIO_FORMATS, IMAGE_FORMATS, Processing, SampleF
 from data_tools.progress import Progress
 from data_tools.sources import Failure, Row, detect_format, input_fingerprint, read_input, sanitize_key
 from data_tools.tarwriter import ShardFile, encode_sample, finished_size
+from pretrain.member_names import key_problem, member_problem
 from pretrain.shard_index import FORMAT, INDEX, SIZES, dumps, index_document, load_index, sizes_document
 
 __all__ = ["BuildError", "BuildOptions", "StrictFailure", "build_shards"]
@@ -43,7 +44,6 @@ __all__ = ["BuildError", "BuildOptions", "StrictFailure", "build_shards"]
 WORK_DIR = ".build"
 NO_SPLIT = "all"
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_KEY_BAD = re.compile(r"[.\s/\\\x00-\x1f]")
 
 
 @dataclass
@@ -81,8 +81,9 @@ def _validate(o: BuildOptions) -> None:
     if not _NAME_OK.fullmatch(o.prefix or ""):
         raise BuildError(f"--prefix: letters, digits, '_' and '-' only, got {o.prefix!r}")
     for f, name in o.mapping.items():
-        if not name or "/" in name or name.startswith(".") or name.endswith(".") or any(c.isspace() for c in name):
-            raise BuildError(f"--map {f}={name}: a member name must be non-empty, without '/', spaces or a leading/trailing dot")
+        problem = member_problem(name or "")
+        if problem:
+            raise BuildError(f"--map {f}={name}: {problem}")
     if o.split_column and o.split_ratios:
         raise BuildError("--split-column and --split are exclusive: split by a column or by ratios, not both")
     if o.split_ratios is not None:
@@ -167,11 +168,9 @@ def _key_of(value, sanitize: bool) -> tuple[str | None, str | None]:
     key = str(value)
     if sanitize:
         key = sanitize_key(key)
-    if not key:
-        return None, "empty key"
-    bad = _KEY_BAD.search(key)
-    if bad:
-        return None, f"key {key!r} contains {bad.group()!r} (keys never contain dots, slashes or spaces; --sanitize-keys replaces them with '_')"
+    problem = key_problem(key)
+    if problem:
+        return None, problem + ("" if not key else "; --sanitize-keys replaces them with '_'")
     return key, None
 
 

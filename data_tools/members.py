@@ -1,18 +1,20 @@
 """One row's fields -> the bytes of its tar members: value rules, checks and optional processing.
 
-Value rules (manifests):
+Value rules (manifests), each giving bytes and the extension they are written under:
 
 - a string naming an existing file (relative to the manifest's folder, or absolute) -> that file's
-  bytes, member ``<field>.<file suffix>``;
+  bytes, under the file's suffix;
 - a string that is not a file but must be one (its field is mapped to an image or audio member, or
   it looks like a media path: one line ending in ``.jpg``, ``.wav``, ...) -> ``missing_file``;
-- any other string -> UTF-8 text, ``<field>.txt``;
-- a number, boolean, list or object -> JSON (``json.dumps``), ``<field>.json``;
-- raw bytes (Parquet binary) -> as they are, ``<field>.bin``; a Hugging Face image struct
+- any other string -> UTF-8 text, ``txt``;
+- a number, boolean, list or object -> JSON (``json.dumps``), ``json``;
+- raw bytes (Parquet binary) -> as they are, ``bin``; a Hugging Face image struct
   ``{"bytes": ..., "path": "x.jpg"}`` -> its bytes under the path's suffix;
 - anything else (dates, NaN, ...) -> ``unsupported_value``.
 
-``--map field=name`` replaces the member name (``--map caption=txt`` gives ``<key>.txt``).
+The member's name comes from the project's one rule, ``pretrain.member_names.member_names``
+(``jpg``, ``txt``, ``cls`` for the fields that claim them, ``<field>.<ext>`` for the rest);
+``--map field=name`` replaces it (``--map caption=txt`` gives ``<key>.txt``).
 
 Checks by the member's last extension: ``txt`` must be non-empty UTF-8; ``json`` from a file must
 parse; ``cls`` must be an integer; images and audio must decode (a fast structural check by
@@ -31,11 +33,8 @@ import unicodedata
 from dataclasses import dataclass
 
 from data_tools.sources import FileRef
+from pretrain.member_names import AUDIO_EXTS, IMAGE_EXTS, MEDIA_EXTS, TEXT_EXTS, FieldValue, last_ext, member_names
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
-AUDIO_EXTS = frozenset({"wav", "flac", "ogg", "mp3", "opus"})
-TEXT_EXTS = frozenset({"txt", "text"})
-MEDIA_EXTS = IMAGE_EXTS | AUDIO_EXTS
 _MEDIA_PATH = re.compile(r"[^\n\r\0]{1,4096}\.(?:" + "|".join(sorted(MEDIA_EXTS)) + r")", re.IGNORECASE)
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -62,29 +61,6 @@ class Processing:
     normalize_text: bool = False
 
 
-def last_ext(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower()
-
-
-MODALITIES = ("image", "text", "audio", "label", "json", "other")
-
-
-def modality(member: str) -> str:
-    """A member's modality, from its last extension."""
-    ext = last_ext(member)
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in TEXT_EXTS:
-        return "text"
-    if ext == "cls":
-        return "label"
-    if ext == "json":
-        return "json"
-    return "other"
-
-
 def _replace_ext(name: str, ext: str) -> str:
     head, dot, _ = name.rpartition(".")
     return f"{head}.{ext}" if dot else ext
@@ -100,8 +76,8 @@ def _read_file(path: str) -> bytes:
         raise SampleFailure("missing_file", f"cannot read file {path}: {err.strerror}") from None
 
 
-def raw_member(field: str, value, *, base_dir: str, mapping: dict, folder: bool) -> tuple[str, bytes, bool]:
-    """(member name, bytes, came from a file) for one field; raises SampleFailure."""
+def raw_member(field: str, value, *, base_dir: str, mapping: dict) -> tuple[str, bytes, bool]:
+    """(extension of its bytes, bytes, came from a file) for one field; raises SampleFailure."""
     override = mapping.get(field)
     from_file = False
     if isinstance(value, FileRef):
@@ -143,8 +119,7 @@ def raw_member(field: str, value, *, base_dir: str, mapping: dict, folder: bool)
         ext = "json"
     else:
         raise SampleFailure("unsupported_value", f"unsupported value type {type(value).__name__}: {value!r:.80}")
-    name = override or (field if folder else f"{field}.{ext}")
-    return name, data, from_file
+    return ext, data, from_file
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -356,56 +331,30 @@ def finish_member(name: str, data: bytes, from_file: bool, p: Processing) -> tup
     return name, data
 
 
-# the member names webdataset, img2dataset and OpenCLIP read (and this project's decoders by default)
-TEXT_FIELDS = frozenset({"caption", "captions", "text", "txt", "title", "description", "prompt", "sentence"})
-LABEL_FIELDS = frozenset({"label", "labels", "cls", "class", "class_id", "category", "target"})
-
-
-def _bare_names(raws: list, fields: dict, mapping: dict) -> dict[str, str]:
-    """field -> its member name by the shared convention, for the fields that get one: an image or
-    audio file under its own extension (``jpg``, ``png``, ``flac``), text as ``txt`` (a caption-like field name, or
-    the sample's only text), an integer in a label-like field as ``cls``; the first claimant of a
-    name wins (caption-like fields before other text), the rest keep ``<field>.<ext>``."""
-    taken = set(mapping.values())
-    texts = [f for f, _, _, ext in raws if ext == "txt" and f not in mapping]
-    claims = []
-    for order, (field, _name, from_file, ext) in enumerate(raws):
-        value = fields[field]
-        if field in mapping:
-            continue
-        if from_file and ext in MEDIA_EXTS:  # images and audio; other files (npy, ...) keep the field name
-            claims.append((0, order, field, ext))
-        elif ext == "txt" and (field.lower() in TEXT_FIELDS or len(texts) == 1):
-            claims.append((0 if field.lower() in TEXT_FIELDS else 1, order, field, "txt"))
-        elif (ext == "json" and isinstance(value, int) and not isinstance(value, bool)
-              and field.lower() in LABEL_FIELDS):
-            claims.append((0, order, field, "cls"))
-    out = {}
-    for _, _, field, name in sorted(claims):
-        if name not in taken:
-            out[field] = name
-            taken.add(name)
-    return out
-
-
 def make_members(fields: dict, *, base_dir: str, mapping: dict, folder: bool, processing: Processing) -> dict[str, bytes]:
+    """A sample's members (name -> bytes), named by ``pretrain.member_names.member_names`` (a folder
+    input's fields are already member names); raises SampleFailure naming the field."""
     members: dict[str, bytes] = {}
     raws = []
     for field_name, value in fields.items():
         try:
-            name, data, from_file = raw_member(field_name, value, base_dir=base_dir, mapping=mapping, folder=folder)
+            ext, data, from_file = raw_member(field_name, value, base_dir=base_dir, mapping=mapping)
         except SampleFailure as err:
             err.field = field_name
             raise
-        raws.append((field_name, name, from_file, data))
-    bare = {} if folder else _bare_names([(f, n, ff, last_ext(n)) for f, n, ff, _ in raws], fields, mapping)
-    for field_name, name, from_file, data in raws:
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        raws.append((FieldValue(field_name, ext, from_file, integer), data))
+    if folder:
+        names = {v.field: mapping.get(v.field, v.field) for v, _ in raws}
+    else:
+        names = member_names([v for v, _ in raws], mapping)
+    for v, data in raws:
         try:
-            name, data = finish_member(bare.get(field_name, name), data, from_file, processing)
+            name, data = finish_member(names[v.field], data, v.from_file, processing)
         except SampleFailure as err:
-            err.field = field_name
+            err.field = v.field
             raise
         if name in members:
-            raise SampleFailure("member_clash", f"member {name!r} would be written twice", field_name)
+            raise SampleFailure("member_clash", f"member {name!r} would be written twice", v.field)
         members[name] = data
     return members

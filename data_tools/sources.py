@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Union
 
 from data_tools.errors import BuildError
+from pretrain.member_names import KEY_FORBIDDEN, split_name
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "folder")
 SUFFIX_FORMATS = {
@@ -254,11 +255,9 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[tuple[str, str]]:
             yield rel, os.path.join(dirpath, name)
 
 
-_KEY_UNSAFE = re.compile(r"[.\s/\\\x00-\x1f]+")
-
-
 def sanitize_key(key: str) -> str:
-    return _KEY_UNSAFE.sub("_", key)
+    """Each run of characters a key never holds (``pretrain.member_names.KEY_FORBIDDEN``) -> ``_``."""
+    return re.sub(f"(?:{KEY_FORBIDDEN.pattern})+", "_", key)
 
 
 def _read_folder(root: Path, class_folders: str, exclude: Path | None, info: dict):
@@ -277,12 +276,11 @@ def _read_folder(root: Path, class_folders: str, exclude: Path | None, info: dic
     order: list[str] = []
     stray: list[tuple[str, str]] = []
     for rel, full in _walk(root, exclude):
-        head, _, name = rel.rpartition("/")
-        stem, dot, ext = name.partition(".")
-        if not dot or not ext or not stem:
+        parsed = split_name(rel)  # files sharing a stem are one sample, as members sharing a key
+        if parsed is None:
             stray.append((rel, "file has no extension (or no stem) to name its member"))
             continue
-        sample_path = f"{head}/{stem}" if head else stem
+        sample_path, ext = parsed
         if sample_path not in samples:
             samples[sample_path] = {}
             order.append(sample_path)

@@ -10,7 +10,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from data_tools.members import MODALITIES, modality
+from pretrain.member_names import MODALITIES, join_name, modality
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tarfile pads the archive to a multiple of this
@@ -55,7 +55,7 @@ def encode_sample(key: str, members: dict[str, bytes]) -> bytes:
     parts = []
     for name in sorted(members):
         data = members[name]
-        parts.append(member_header(f"{key}.{name}", len(data)))
+        parts.append(member_header(join_name(key, name), len(data)))
         parts.append(data)
         pad = -len(data) % BLOCK
         if pad:

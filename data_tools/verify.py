@@ -1,4 +1,9 @@
-"""``verify DIR`` and ``stats DIR``: check a built shard folder against its index; describe shards."""
+"""``verify DIR`` and ``stats DIR``: check a built shard folder against its index; describe shards.
+
+DIR is a build's output folder or one split's folder of it: ``index.json`` is looked for beside the
+shards, then one folder up (``pretrain.shard_index.find_index``, as the training reader does), and
+only the shards it lists in DIR are checked. Member names follow ``pretrain.member_names``.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,10 +12,11 @@ import re
 import tarfile
 from pathlib import Path
 
-from data_tools.members import (AUDIO_EXTS, IMAGE_EXTS, MODALITIES, SampleFailure, check_audio, check_image,
-                                last_ext, modality)
+from data_tools.members import SampleFailure, check_audio, check_image
 from data_tools.progress import human_bytes, table
-from pretrain.shard_index import INDEX, SIZES, ShardIndexError, load_index, sizes_document
+from pretrain.member_names import AUDIO_EXTS, IMAGE_EXTS, MODALITIES, last_ext, modality, split_name
+from pretrain.shard_index import INDEX, SIZES, ShardIndexError, find_index, in_folder, load_index, sizes_document
+
 
 class _HashingReader:
     """A read-only file wrapper that hashes everything read through it."""
@@ -43,11 +49,11 @@ def scan_shard(path: Path, decode: bool = False) -> dict:
                     if not info.isfile():
                         problems.append(f"entry {name!r} is not a regular file")
                         continue
-                    base = name.rsplit("/", 1)[-1]
-                    key, dot, member = base.partition(".")
-                    if "/" in name or not dot or not key or not member:
+                    parsed = split_name(name)
+                    if parsed is None or "/" in name:  # a build writes no folders inside a tar
                         problems.append(f"entry {name!r} is not KEY.MEMBER")
                         continue
+                    key, member = parsed
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         problems.append(f"entry {name!r} is truncated")
@@ -75,17 +81,14 @@ def scan_shard(path: Path, decode: bool = False) -> dict:
 
 def verify(folder: str | Path, require: list[str] | None = None, decode: bool = False) -> tuple[list[str], dict]:
     """(problems, facts) for a shard folder written by ``build``; no problems means it is sound."""
-    out = Path(folder)
-    index_path = out / INDEX
-    if not out.is_dir():
-        return [f"{out}: no such folder"], {}
-    if not index_path.exists():
-        return [f"{index_path}: missing (the build did not complete, or this is not a shard folder)"], {}
-    try:
-        index = load_index(index_path)
-    except ShardIndexError as err:
-        return [f"{index_path}: not a shard index ({err})"], {}
-    shards = index["shards"]
+    here = Path(folder)
+    if not here.is_dir():
+        return [f"{here}: no such folder"], {}
+    index, index_path, where, problem = _index_of(here)
+    if problem:
+        return [problem], {}
+    out = index_path.parent  # shard names are relative to the index's folder
+    shards = in_folder(index["shards"], where)
     problems: list[str] = []
     required = list(dict.fromkeys(list(index.get("required_members", [])) + list(require or [])))
     owner: dict[str, str] = {}
@@ -120,8 +123,11 @@ def verify(folder: str | Path, require: list[str] | None = None, decode: bool = 
                 problems.append(f"{name}: sample {key!r} has a member twice")
         if "members" in s and counts != s["members"]:
             problems.append(f"{name}: member counts {counts} do not match index.json {s['members']}")
-    if total != index.get("total_samples", total):
+    if where == "." and total != index.get("total_samples", total):
         problems.append(f"index.json: total_samples {index['total_samples']} but the shards hold {total}")
+    split_total = index.get("splits", {}).get(where, {}).get("samples") if where != "." else None
+    if split_total is not None and total != split_total:
+        problems.append(f"index.json: split {where!r} has {split_total} samples but its shards hold {total}")
     # sizes.json beside each split's shards, and shards that the index does not know
     listed = {s["name"] for s in shards}
     dirs = sorted({str(Path(s["name"]).parent) for s in shards})
@@ -141,8 +147,26 @@ def verify(folder: str | Path, require: list[str] | None = None, decode: bool = 
             rel = p.name if d == "." else f"{d}/{p.name}"
             if shard_re.fullmatch(p.name) and rel not in listed:
                 problems.append(f"{rel}: a shard that index.json does not list")
-    facts = {"shards": len(shards), "samples": total, "bytes": sum(s["bytes"] for s in shards), "required": required}
+    facts = {"shards": len(shards), "samples": total, "bytes": sum(s["bytes"] for s in shards), "required": required,
+             "index": INDEX if where == "." else f"../{INDEX} (split {where})"}
     return problems, facts
+
+
+def _index_of(here: Path) -> tuple[dict | None, Path | None, str, str | None]:
+    """(index, its path, ``here`` relative to its folder, None) or (..., the problem)."""
+    found = find_index(here)
+    if found is None:
+        return None, None, ".", (f"{here / INDEX}: missing, and none one folder up (the build did not complete, "
+                                 f"or this is not a shard folder)")
+    index_path, rel = found
+    try:
+        index = load_index(index_path)
+    except ShardIndexError as err:
+        return None, index_path, rel, f"{index_path}: not a shard index ({err})"
+    if rel != "." and not in_folder(index["shards"], rel):
+        return index, index_path, rel, (f"{here / INDEX}: missing, and {index_path} lists no shard in {rel}/ "
+                                        f"(the build did not complete, or this is not a shard folder)")
+    return index, index_path, rel, None
 
 
 def _find_tars(out: Path) -> list[Path]:
@@ -153,13 +177,14 @@ def stats(folder: str | Path) -> dict:
     """Samples, bytes, per-member and per-modality presence, per-shard rows. Uses index.json when
     present, otherwise reads the tars' headers (any webdataset folder, img2dataset's included)."""
     out = Path(folder)
-    index_path = out / INDEX
+    index, index_path, rel, problem = _index_of(out) if out.is_dir() else (None, None, ".", "no folder")
+    if index is None and index_path is not None:
+        raise ShardIndexError(problem)
     shards = []
-    source = INDEX
+    source = INDEX if rel == "." else f"../{INDEX}"
     modal_counts: dict[str, int] | None = None
-    if index_path.exists():
-        index = load_index(index_path)
-        for s in index["shards"]:
+    if not problem:
+        for s in in_folder(index["shards"], rel):
             shards.append({"name": s["name"], "split": s.get("split"), "samples": s["samples"], "bytes": s["bytes"],
                            "members": s.get("members", {})})
             if "modalities" in s:
@@ -178,7 +203,10 @@ def stats(folder: str | Path) -> dict:
                 for info in tar:
                     if not info.isfile():
                         continue
-                    key, _, member = info.name.rsplit("/", 1)[-1].partition(".")
+                    parsed = split_name(info.name)
+                    if parsed is None:
+                        continue
+                    key, member = parsed
                     if not keys or keys[-1] != key:
                         keys.append(key)
                         sample_mods: set[str] = set()
@@ -243,7 +271,7 @@ def format_stats(st: dict, all_shards: bool = False) -> str:
 def format_verify(folder, problems: list[str], facts: dict) -> str:
     if not problems:
         return (f"OK: {folder}: {facts['shards']} shards, {facts['samples']} samples, {human_bytes(facts['bytes'])}; "
-                f"every shard opens, checksums and counts match index.json, every sample has "
+                f"every shard opens, checksums and counts match {facts.get('index', INDEX)}, every sample has "
                 f"{', '.join(facts['required']) or 'its members'}")
     shown = problems[:200]
     more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""

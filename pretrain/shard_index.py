@@ -20,6 +20,8 @@
 | options          | the build options that shape the output                                          |
 
 ``sizes.json`` (OpenCLIP's format) lies beside each split's shards: shard file name -> samples.
+A split's shards (``--split``) lie in ``SPLIT/`` under the index's folder: whoever reads a folder of
+shards looks for ``index.json`` beside them, then one folder up (``find_index``).
 
 This module imports nothing of the project and nothing heavy (``data_tools`` stays torch-free).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 FORMAT = "multimodal-pretrain-shards/1"
 INDEX = "index.json"
@@ -98,6 +101,26 @@ def shard_counts(doc: object) -> dict[str, int]:
     if isinstance(doc, dict) and all(_is(v, int) for v in doc.values()):
         return {str(k): v for k, v in doc.items()}  # OpenCLIP sizes.json
     raise ShardIndexError("neither an index.json (with 'shards') nor a sizes.json (name -> count)")
+
+
+def find_index(folder: Path) -> Optional[tuple[Path, str]]:
+    """(the index.json of a shard folder, the folder's place relative to it): beside the shards
+    (``"."``), else one folder up (the folder's name: a split of a ``--split`` build); None when
+    neither exists. Whether the index lists shards in the folder is the caller's to check."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        return folder / INDEX, "."
+    real = folder.resolve()
+    if real.parent != real and (real.parent / INDEX).is_file():
+        return real.parent / INDEX, real.name
+    return None
+
+
+def in_folder(shards: list[dict], rel: str) -> list[dict]:
+    """The index's shard entries that lie in ``rel`` (relative to the index's folder; "." for all)."""
+    if rel == ".":
+        return list(shards)
+    return [s for s in shards if Path(s["name"]).parent == Path(rel)]
 
 
 def load_index(path: Path) -> dict:

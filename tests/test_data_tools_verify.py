@@ -114,6 +114,37 @@ def test_verify_without_index(tmp_path, capsys):
     assert rc == 1 and "index.json: missing" in text
 
 
+def test_verify_and_stats_of_one_split_find_the_index_one_folder_up(tmp_path, capsys):
+    """After a --split build, index.json lies in shards/, the shards in shards/train and shards/val:
+    verify and stats of one split's folder check that split against it, and only that split."""
+    rows = caption_rows(tmp_path / "raw", 12)
+    out = tmp_path / "shards"
+    index = build_shards(write_jsonl(tmp_path / "raw" / "m.jsonl", rows), out, shard_size=3, mapping=MAP,
+                         split_ratios={"train": 0.75, "val": 0.25})
+    assert not (out / "train" / "index.json").exists()
+    rc, text = _verify(capsys, out / "train")
+    assert rc == 0 and text.startswith(f"OK: {out / 'train'}: 3 shards, 9 samples")
+    assert "../index.json (split train)" in text
+    assert cli(["stats", str(out / "val"), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["samples"] == 3 and st["source"] == "../index.json"
+    assert [s["name"] for s in st["per_shard"]] == ["val/shard-000000.tar"]
+    # a broken val shard fails val, not train; a stray shard in train is caught there
+    val = out / "val" / "shard-000000.tar"
+    val.write_bytes(val.read_bytes()[:2000])
+    assert _verify(capsys, out / "train")[0] == 0
+    rc, text = _verify(capsys, out / "val")
+    assert rc == 1 and "val/shard-000000.tar: 2000 bytes, index.json says" in text
+    (out / "train" / "shard-000007.tar").write_bytes(b"")
+    rc, text = _verify(capsys, out / "train")
+    assert rc == 1 and "train/shard-000007.tar: a shard that index.json does not list" in text
+    assert index["splits"]["train"]["samples"] == 9
+    # a folder the index one up does not list is not a shard folder
+    (out / "other").mkdir()
+    rc, text = _verify(capsys, out / "other")
+    assert rc == 1 and "index.json: missing" in text and "lists no shard in other/" in text
+
+
 def test_verify_rejects_a_broken_or_foreign_index(built, capsys):
     out, index, _ = built
     del index["shards"][1]["sha256"]

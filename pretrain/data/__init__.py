@@ -29,7 +29,8 @@ from pretrain.data.decoders import (
 )
 from pretrain.data.pipeline import Batch, BatchStream, Loader, StreamSpec, collate, make_loader, slot_plan
 from pretrain.data.sources import DataSourceError, expand_urls, open_url, resolve_split
-from pretrain.data.tarstream import REFUSED_EXTENSIONS, iter_shard
+from pretrain.data.tarstream import iter_shard
+from pretrain.member_names import REFUSED_EXTENSIONS
 
 __all__ = [
     "AudioDecoder", "Batch", "BatchStream", "ClassLabelDecoder", "DECODERS", "DataConfig", "DataSourceError",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pretrain.data.decoders import DECODERS
-from pretrain.data.tarstream import is_refused
+from pretrain.member_names import entry_problem
 from pretrain.options import ConfigError, require
 
 
@@ -62,7 +62,7 @@ class ModalityConfig:
     """One modality of a sample (``data.modalities.<name>``): the decoder that makes its tensor."""
 
     decoder: Optional[str] = None  # a registered decoder name; default: the modality's name
-    members: list[str] = field(default_factory=list)  # tar member extensions read, by preference (default: the decoder's)
+    members: list[str] = field(default_factory=list)  # names or .suffixes, by preference (default: the decoder's)
     required: bool = True  # absent: drop the sample (required) or a placeholder with mask False
     options: dict[str, Any] = field(default_factory=dict)  # the decoder's options
 
@@ -70,15 +70,17 @@ class ModalityConfig:
         return self.decoder or name
 
     def member_list(self, name: str, key: str) -> tuple[str, ...]:
-        """The member extensions read, by preference (the decoder's own unless listed)."""
+        """The member entries read, by preference (the decoder's own unless listed), matched by
+        ``pretrain.member_names.MemberRule``: exact, then ``<name>.<entry>``, then a .suffix."""
         cls = DECODERS.get(self.decoder_name(name), f"{key}.decoder")
         members = tuple(m.lower() for m in (self.members or cls.members))
         if not members:
             raise ConfigError(f"{key}.members: decoder {self.decoder_name(name)!r} has no default members; "
-                              f"list the tar member extensions")
+                              f"list the tar members it reads (names such as emb.npy, or suffixes such as .npy)")
         for i, m in enumerate(members):
-            require(not is_refused(m), f"{key}.members[{i}]",
-                    f"{m!r} is a pickle/torch format; such members are always refused")
+            problem = entry_problem(m)
+            if problem:
+                raise ConfigError(f"{key}.members[{i}]: {problem}")
         return members
 
     def check_modality(self, name: str, key: str) -> None:

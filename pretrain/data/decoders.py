@@ -9,7 +9,7 @@ module listed in ``data.imports`` (the pipeline is not touched)::
 
     @register_decoder("points")
     class PointsDecoder(Decoder):
-        members = ("xyz",)                     # tar member extensions it reads, by preference
+        members = (".xyz",)                    # the members it reads by default, by preference
 
         @dataclass
         class Options:                         # its options, type-checked like every config key
@@ -21,6 +21,11 @@ module listed in ``data.imports`` (the pipeline is not touched)::
 
         def decode(self, data: bytes, ext: str, rng) -> torch.Tensor:
             ...                                 # raise DecodeError("bad_points", "why") on bad data
+
+``members`` entries are member names (``txt``) or, with a leading dot, suffixes (``.xyz``: the
+member ``xyz`` or any member ending in ``.xyz``, so a default build's ``KEY.points.xyz`` is found).
+The rule and its precedence (exact, then named after the modality, then the one suffix match) live
+in ``pretrain.member_names``. ``decode`` gets the member's name as ``ext``.
 
 A decoder raises ``DecodeError(reason, detail)`` for bad data: the sample is skipped (or, for an
 optional modality, masked) and counted under ``reason``. ``rng`` is a ``random.Random`` seeded from
@@ -44,7 +49,7 @@ from typing import Any, ClassVar, Iterator, Literal, Optional
 import numpy as np
 import torch
 
-from pretrain.data.tarstream import is_refused
+from pretrain.member_names import AUDIO_EXTS, IMAGE_EXTS, MemberRule, entry_problem
 from pretrain.options import ConfigError, NoOptions, Registry, require
 from pretrain.tokenizer import is_open_clip, make_tokenizer
 
@@ -92,15 +97,16 @@ class Decoder:
 DECODERS = Registry("decoder", base=Decoder, hint="a module that registers more can be listed in data.imports")
 
 
-def _refuse_pickle_members(name: str, cls: type[Decoder]) -> None:
-    for ext in cls.members:
-        if is_refused(ext):
-            raise ValueError(f"decoder {name!r}: member {ext!r} is a pickle/torch format and is always refused")
+def _check_members(name: str, cls: type[Decoder]) -> None:
+    for entry in cls.members:
+        problem = entry_problem(entry.lower())
+        if problem:
+            raise ValueError(f"decoder {name!r}: member {problem}")
 
 
 def register_decoder(name: str, cls: Optional[type[Decoder]] = None, *, replace: bool = False):
     """Registers a ``Decoder`` subclass under ``name``; usable as a decorator."""
-    return DECODERS.register(name, cls, replace=replace, check=_refuse_pickle_members)
+    return DECODERS.register(name, cls, replace=replace, check=_check_members)
 
 
 def decoder_names() -> list[str]:
@@ -116,6 +122,10 @@ class Modality:
     members: tuple[str, ...]
     required: bool
     decoder_name: str
+    rule: MemberRule = field(init=False)  # how ``members`` are found in a sample
+
+    def __post_init__(self):
+        self.rule = MemberRule(self.name, self.members)
 
 
 def build_modality(name: str, cfg: Any, data: Any, train: bool, key: str) -> Modality:
@@ -183,7 +193,7 @@ class ImageDecoder(Decoder):
     ``scale``, ``ratio``, ``hflip``, ``color_jitter``, ``auto_augment``; ``{}`` = timm's defaults):
     timm's training transform."""
 
-    members = ("png", "jpg", "jpeg", "webp")
+    members = IMAGE_EXTS  # png, jpg, jpeg, webp, then gif, bmp, tif, tiff: what the builder names bare
 
     @dataclass
     class Options:
@@ -265,7 +275,7 @@ class TextDecoder(Decoder):
     ``max_captions``): ``(max_captions, context_length)``, rows of padding after the last caption
     (retrieval as COCO and Flickr30k are reported: each image with all its captions)."""
 
-    members = ("txt", "json")
+    members = ("txt", "json")  # names, not suffixes: KEY.url.txt and KEY.meta.json are never a caption
 
     @dataclass
     class Options:
@@ -361,12 +371,12 @@ def mel_filterbank(n_freqs: int, sample_rate: int, n_mels: int, f_min: float, f_
 
 @register_decoder("audio")
 class AudioDecoder(Decoder):
-    """WAV/FLAC (soundfile) -> mono float waveform at ``sample_rate`` (soxr), cropped or
-    zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
+    """WAV/FLAC, also OGG/MP3/Opus (soundfile) -> mono float waveform at ``sample_rate`` (soxr),
+    cropped or zero-padded to ``seconds``: (samples,). With ``features: log_mel``: log(mel power + floor)
     from ``torch.stft`` (Hann window, centred frames): (n_mels, 1 + samples // hop_length).
     Crop: ``auto`` is random in training (seeded) and the start in evaluation."""
 
-    members = ("flac", "wav")
+    members = AUDIO_EXTS  # flac, wav, then ogg, mp3, opus (soundfile reads them; the builder checks with it)
 
     @dataclass
     class Options:
@@ -476,9 +486,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class NpyDecoder(Decoder):
     """``.npy`` -> a tensor of exactly ``shape`` and ``dtype``. Loaded with ``allow_pickle=False``;
     an object array (which would need unpickling) is refused (``pickled_npy``); another shape is
-    ``wrong_shape``."""
+    ``wrong_shape``. Reads ``KEY.npy``, ``KEY.<modality>.npy`` or a sample's one ``KEY.*.npy``."""
 
-    members = ("npy",)
+    members = (".npy",)
 
     @dataclass
     class Options:
@@ -524,9 +534,9 @@ class JsonFieldsDecoder(Decoder):
     """Numeric ``fields`` of a JSON object -> a float vector: each field a number or a (nested)
     list of numbers, flattened and concatenated; the total length must be ``size`` (default: one
     per field). Missing field: ``missing_field``; not numeric: ``bad_value``; other length:
-    ``wrong_shape``."""
+    ``wrong_shape``. Reads ``KEY.json``, ``KEY.<modality>.json`` or a sample's one ``KEY.*.json``."""
 
-    members = ("json",)
+    members = (".json",)
 
     @dataclass
     class Options:

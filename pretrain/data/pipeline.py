@@ -55,6 +55,7 @@ from pretrain.data.config import DataConfig, SplitConfig
 from pretrain.data.decoders import DecodeError, Modalities, Modality
 from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, resolve_split
 from pretrain.data.tarstream import RawSample, count_samples, iter_shard
+from pretrain.member_names import WantedMembers
 
 log = logging.getLogger("pretrain.data")
 
@@ -365,17 +366,21 @@ class SampleDecoding:
         self.modalities, self.label = modalities, label
         self.names = [m.name for m in modalities]
         every = list(modalities) + ([label] if label is not None else [])
-        self.wanted = frozenset(e for m in every for e in m.members)
+        self.wanted = WantedMembers([m.rule for m in every])
         self.uses_global_rng = any(m.decoder.uses_global_rng for m in every)
         self.placeholders = {m.name: (m.decoder.placeholder() if not m.required else None) for m in every}
         self.shapes = {m.name: m.decoder.output_shape for m in every}
 
     def _one(self, m: Modality, raw: RawSample, rng: random.Random, events: _Events):
         """(tensor or None, present)."""
-        ext = next((e for e in m.members if e in raw.members), None)
+        ext, several = m.rule.find(raw.members)
         if ext is None:
-            if m.required:
-                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {'/'.join(m.members)} member "
+            if several:  # counted even for an optional modality: the data does not say which to read
+                events(f"ambiguous_{m.name}", f"{raw.url}: sample {raw.key!r} has several members for "
+                                              f"{m.rule.describe()} ({', '.join(several)}); name the one to read "
+                                              f"in data.modalities.{m.name}.members")
+            elif m.required:
+                events(f"missing_{m.name}", f"{raw.url}: sample {raw.key!r} has no {m.rule.describe()} member "
                                             f"(it has: {', '.join(raw.seen) or 'nothing'}; a modality reads the "
                                             f"members listed in data.modalities.{m.name}.members)")
             return None, False
@@ -463,7 +468,7 @@ class _GlobalRng:
 # ---------------------------------------------------------------------- raw samples of one slot
 
 
-def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, wanted: Optional[frozenset[str]],
+def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, wanted: Optional[WantedMembers],
                  events: _Events) -> Iterator[RawSample]:
     """Raw samples of one slot from position ``st`` on; ``st`` is updated as samples are passed on
     (after sample i of a window, ``st['emitted'] == i + 1``)."""

@@ -1,9 +1,10 @@
 """Reading one tar shard into raw samples, safely.
 
-A sample is a run of consecutive members sharing a key (webdataset's convention: the member name
-up to the first dot of its file name; ``a/b/000123.jpg`` has key ``a/b/000123`` and extension
-``jpg``). Members are read into memory only; nothing is ever extracted, unpickled or torch-loaded,
-and member names never reach the filesystem. Refused, counted and skipped:
+A sample is a run of consecutive members sharing a key (``pretrain.member_names.split_name``,
+webdataset's convention: the name up to the first dot of its file name is the key, the rest the
+member; ``a/b/000123.jpg`` has key ``a/b/000123`` and member ``jpg``, lowercased). Members are read
+into memory only; nothing is ever extracted, unpickled or torch-loaded, and member names never
+reach the filesystem. Refused, counted and skipped:
 
 - ``refused_member``: a pickle or torch file (last extension ``pyd``, ``pickle``, ``pkl``, ``pth``,
   ``pt``, ``ckpt``), whatever a decoder asks for;
@@ -17,27 +18,16 @@ and member names never reach the filesystem. Refused, counted and skipped:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Container, Iterator, Optional
 
 from pretrain.data.sources import open_url
-
-REFUSED_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt"})
-
-
-def is_refused(ext: str) -> bool:
-    return ext.rsplit(".", 1)[-1].lower() in REFUSED_EXTENSIONS
+from pretrain.member_names import is_refused, split_name
 
 
 def split_member_name(name: str) -> Optional[tuple[str, str]]:
-    """(key, extension) of a member name, or None when it has no extension."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot <= slash + 1:  # no dot, or a dot file
-        return None
-    ext = name[dot + 1:]
-    if not ext:
-        return None
-    return name[:dot], ext.lower()
+    """(key, member lowercased) of a tar entry's name, or None when it has no member."""
+    parsed = split_name(name)
+    return None if parsed is None else (parsed[0], parsed[1].lower())
 
 
 def is_unsafe_name(name: str) -> bool:
@@ -47,10 +37,10 @@ def is_unsafe_name(name: str) -> bool:
 @dataclass
 class RawSample:
     key: str
-    members: dict[str, bytes]  # extension -> bytes (only the wanted ones)
+    members: dict[str, bytes]  # member (lowercased) -> bytes (only the wanted ones)
     url: str
     index: int  # position of the sample in its shard
-    seen: tuple[str, ...] = ()  # every member extension of the sample (for messages)
+    seen: tuple[str, ...] = ()  # every member of the sample (for messages)
 
 
 Report = Callable[[str, str, int], None]  # (reason, detail, sample index it belongs to)
@@ -242,13 +232,14 @@ def count_samples(url: str) -> int:
 
 def iter_shard(
     url: str,
-    wanted: Optional[frozenset[str]],
+    wanted: Optional[Container[str]],
     select: Callable[[int], bool],
     report: Report,
     max_member_bytes: int,
 ) -> Iterator[RawSample]:
     """Samples of one shard in order. ``select(i)`` says whether sample ``i`` is wanted (the
-    others are skipped without reading their members); ``report`` receives every problem."""
+    others are skipped without reading their members); of a wanted sample, only the members ``in
+    wanted`` are read (None: all); ``report`` receives every problem."""
     try:
         stream = open_url(url)
     except Exception as err:  # noqa: BLE001 - any opener's error
