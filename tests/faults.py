@@ -37,14 +37,14 @@ def install(spec: str) -> None:
     if kind == "nan_loss":
         steps, init = _steps(arg), ContrastiveStep.__init__
 
-        def with_nan_loss(self, engine, scheduler, optimizer, loss_fn, *args, **kwargs):
+        def with_nan_loss(self, engine, loss_fn, *args, **kwargs):
             def nan_loss(features, scale, bias=None, masks=None, step=None, **kw):
                 out = loss_fn(features, scale, bias, masks=masks, step=step, **kw)
                 if dist.get_rank() == 0 and step is not None and step + 1 in steps:
                     out = {**out, "loss": out["loss"] * float("nan")}  # a real NaN, through the real guard
                 return out
 
-            init(self, engine, scheduler, optimizer, nan_loss, *args, **kwargs)
+            init(self, engine, nan_loss, *args, **kwargs)
 
         ContrastiveStep.__init__ = with_nan_loss
     elif kind == "die":

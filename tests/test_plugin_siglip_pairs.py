@@ -46,7 +46,7 @@ def test_a_plugin_loss_with_parameters_trains_resumes_and_exports(tmp_path):
     assert {k for k in state if k.startswith("objective.")} == {f"objective.pair_bias.{p}" for p in pairs}
     assert "logit_bias" not in state
     # metrics log the bias in use at each step, before that step's update
-    assert float(state["objective.pair_bias.a-b"]) != pytest.approx(biases["a-b"][4])
+    assert float(state["objective.pair_bias.a-b"].detach()) != pytest.approx(biases["a-b"][4])
 
     # resumed from step 2 on the same layout: steps 3 and 4 as the uninterrupted run
     resumed = tmp_path / "resumed"

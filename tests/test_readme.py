@@ -279,3 +279,19 @@ def test_eval_commands(uninterrupted_run, tmp_path):
     result = json.loads((tmp_path / "runs" / "demo" / "eval" / "step000006.json").read_text())
     assert "eval/linear_probe/image/top1" in result and "eval/retrieval/image_to_text/r1" in result
     assert "linear probe" in second.lower() or "linear_probe" in second, second[-3000:]
+
+
+def test_the_config_table_names_every_tower_and_loss():
+    """The README's config table lists every built-in tower type and objective (plugins that tests
+    of this session registered aside)."""
+    from pretrain.losses import LOSSES
+    from pretrain.models import TOWERS
+
+    def built_in(registry):
+        return [n for n, cls in registry.items() if cls.__module__.startswith("pretrain.")]
+
+    table = README.read_text().split("| key | meaning |", 1)[1].split("\n\n", 1)[0]
+    towers = next(line for line in table.splitlines() if line.startswith("| `model.embed_dim`"))
+    assert len(built_in(TOWERS)) >= 10 and [t for t in built_in(TOWERS) if t not in towers] == []
+    objectives = next(line for line in table.splitlines() if line.startswith("| `loss.name`"))
+    assert [n for n in built_in(LOSSES) if f"`{n}`" not in objectives] == []

@@ -15,7 +15,7 @@ from pretrain.options import require
 class TowerConfig:
     """One modality's encoder (``model.towers.<modality>``; the name matches data.modalities)."""
 
-    type: str = ""  # required: a registered backbone: timm, text_transformer, hf_text, audio_cnn, hf_audio, mlp
+    type: str = ""  # required: a registered backbone (pretrain.models.tower_names(); README's config table)
     options: dict[str, Any] = field(default_factory=dict)  # the backbone's options (see pretrain/models/towers.py)
     head: str = "linear"  # projection to model.embed_dim: linear, mlp, milinear, none (the backbone projects)
     head_options: dict[str, Any] = field(default_factory=dict)  # the head's options (see pretrain/models/heads.py)
