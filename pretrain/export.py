@@ -137,7 +137,7 @@ class Embedder:
         rng = random.Random(0)
         rows = []
         for item in items:
-            kind = ext or (Path(item).suffix.lstrip(".") if isinstance(item, (str, Path)) else mod.members[0])
+            kind = ext or (Path(item).suffix.lstrip(".") if isinstance(item, (str, Path)) else mod.members[0].lstrip("."))
             rows.append(mod.decoder.decode(self._bytes(item), kind, rng))
         x = torch.stack(rows).to(self.device)
         return self.model.encode(modality, x)
