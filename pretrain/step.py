@@ -25,7 +25,10 @@ The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro
    statistics, which the step's forward moved, are put back too (a device-side select). An
    optimizer without that ability (LAMB) is skipped by reading the flag on the host instead. With
    accumulation the statistics are put back between the cached forwards and their replays, so each
-   micro-batch updates them once.
+   micro-batch updates them once;
+5. gives every rank rank 0's buffers (BatchNorm's running statistics, which each rank's own batches
+   moved), as DDP does: the ranks hold one model, so an evaluation on any of them, a checkpoint (rank
+   0's) and an export agree.
 
 Nothing is read back from the device in a step: the agreed flags travel to the host through the
 trainer's ``FlagChannel`` (below: the whole protocol). The order of an update (backward, DeepSpeed's
@@ -40,6 +43,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
 from pretrain.losses import BatchContext, accumulate_step
@@ -122,6 +126,8 @@ class ContrastiveStep:
         # (on the device), and the accumulation's replay does not update them a second time
         self.norm_buffers = [b for mod in self.model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
                              for b in mod.buffers()]
+        # every buffer, grouped by dtype: one broadcast each per step (step 5)
+        self.buffer_groups = _by_dtype(list(self.model.buffers())) if self.world > 1 else []
 
     def __call__(self, batches: list, step: int, grad_norm: bool = False) -> StepOutput:
         """``grad_norm``: measure the gradient's norm where DeepSpeed does not (ZeRO-0), for the log."""
@@ -144,6 +150,7 @@ class ContrastiveStep:
                                      check=check, before_replay=lambda: self._put_back(saved),
                                      per_sample=self.per_sample)
         self._put_back(saved, only_if_skipped=True)
+        self._share_buffers()
         if not self.engine.skips_on_device and not self._host_finite():
             self.engine.skip()  # no backward, no update; the schedule stays on the step count
         self.flags.send(step + 1, self._flags)
@@ -196,6 +203,14 @@ class ContrastiveStep:
         for buf, old in zip(self.norm_buffers, saved):
             buf.copy_(torch.where(self._flags[0] > 0, old, buf) if only_if_skipped else old)
 
+    def _share_buffers(self) -> None:
+        """Rank 0's buffers on every rank (DDP's ``broadcast_buffers``), one broadcast per dtype, on the device."""
+        for group in self.buffer_groups:
+            flat = _flatten_dense_tensors(group)
+            dist.broadcast(flat, src=0)
+            for buf, value in zip(group, _unflatten_dense_tensors(flat, group)):
+                buf.copy_(value)
+
     def backward_micro(self, surrogate: torch.Tensor) -> None:
         self._backward(surrogate, scale_wrt_gas=False)  # the surrogates sum to the full-batch gradient
         self.engine.step()  # DeepSpeed updates at the last micro-batch of the step
@@ -212,3 +227,10 @@ class ContrastiveStep:
     def _host_finite(self) -> bool:
         """For optimizers that cannot skip on the device: the agreed flag, read now."""
         return not bool(self._flags[0] > 0)
+
+
+def _by_dtype(tensors: list) -> list[list[torch.Tensor]]:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())

@@ -7,7 +7,8 @@ behind a green exit code. A skip that is expected on the CI machine needs an ent
 their reasons (``-ra``).
 
 ``uninterrupted_run``: a tiny 2-rank training run (6 steps, checkpoints every 2, sample keys
-logged, evaluation every 2 steps) that resume, export and S3 tests compare against; made once.
+logged, evaluation every 2 steps, each rank's buffers recorded at each save in ``run.parent /
+"buffers"``) that resume, export, evaluation and S3 tests compare against; made once.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def uninterrupted_run(tmp_path_factory):
     from tests.helpers import ASSET_SHARDS, ok, tiny_overrides, torchrun
 
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    # eval.every=2 here only: a resumed run (no mid-run evaluation) must still match it exactly
+    # eval.every=2 here only: a resumed run (no mid-run evaluation) must still match it exactly; each
+    # rank's buffers at each save go to out.parent / "buffers" (tests.faults' record_buffers probe)
     ok(torchrun(tiny_overrides(ASSET_SHARDS, out, steps=6) + ["train.checkpoint_every=2", "train.log_keys=true",
-                                                              "eval.every=2"]))
+                                                              "eval.every=2"],
+                module="tests.faults", env={"PRETRAIN_FAULT": f"record_buffers:{out.parent / 'buffers'}"}))
     return out
 
 

@@ -10,6 +10,8 @@ production code has no fault hooks):
 - ``fill_disk:S``: just before the save at step S, rank 0 fills the output folder's file system
   (another writer, as it were) with a file ``disk_filler``, leaving free half the size of the newest
   complete checkpoint;
+- ``record_buffers:DIR`` (a probe): at every checkpoint save, each rank writes its model's buffers
+  (BatchNorm statistics, ...) to ``DIR/step<S>.rank<R>.pt``, then saves as usual;
 - ``record_partitions:PATH`` (a probe): right after the model is built, each rank saves
   ``{"rows": [(name, numel, ds_numel, local numel)], "decayed": [names]}`` to ``PATH.<rank>``
   (ZeRO-3 with ``train.zero3_init``: what each rank holds of each parameter), then trains on.
@@ -80,6 +82,16 @@ def install(spec: str) -> None:
             return save(engine, ckpt_dir, at, rank, *args, **kwargs)
 
         checkpoint.save = fill_then_save
+    elif kind == "record_buffers":
+        save = checkpoint.save
+
+        def record_then_save(engine, ckpt_dir, at, rank, *args, **kwargs):
+            os.makedirs(arg, exist_ok=True)
+            torch.save({n: b.detach().clone() for n, b in engine.module.named_buffers()},
+                       os.path.join(arg, f"step{at}.rank{rank}.pt"))
+            return save(engine, ckpt_dir, at, rank, *args, **kwargs)
+
+        checkpoint.save = record_then_save
     elif kind == "record_partitions":
         from pretrain import trainer
         from pretrain.optim import param_groups

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.helpers import ASSETS, PYTHON, free_port, ok, run_cmd
+from tests.helpers import ASSETS, PYTHON, free_port, ok, run_cmd, run_cmds
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +78,44 @@ def test_several_evaluation_datasets_in_one_run(tmp_path):
     assert result["eval/caps/retrieval/text_to_image/r1/chance"] == pytest.approx(1 / 10)
     (line,) = [l for l in out.splitlines() if "digits: zero-shot image top-1" in l]
     assert "(chance 25.00%)" in line and "[eval] caps: samples: 10" in out and "caps: text->image R@1" in out
+
+
+def _metrics(path) -> dict:
+    (found,) = list(path.glob("eval/step*.json")) if path.is_dir() else [path]
+    return {k: v for k, v in json.loads(found.read_text()).items() if k.startswith("eval/") and k != "eval/seconds"}
+
+
+def test_every_rank_holds_one_model_so_every_evaluation_agrees(uninterrupted_run, tmp_path):
+    """2 ranks with BatchNorm towers: every rank's buffers are rank 0's at each save, so the in-training
+    evaluation equals, metric for metric, pretrain.eval of the checkpoint on 1 and on 2 ranks and of
+    the native export."""
+    import torch
+
+    from pretrain.export import main as export
+
+    probe = uninterrupted_run.parent / "buffers"
+    for step in (2, 4, 6):
+        ranks = [torch.load(probe / f"step{step}.rank{r}.pt") for r in range(2)]
+        assert any("running_mean" in k for k in ranks[0]), sorted(ranks[0])
+        for name, value in ranks[0].items():
+            assert torch.equal(ranks[1][name], value), (step, name)
+    first, last = (torch.load(probe / f"step{s}.rank0.pt") for s in (2, 6))
+    assert any(not torch.equal(first[k], last[k]) for k in first if "running_mean" in k)  # the statistics moved
+
+    assert export(["--checkpoint", str(uninterrupted_run), "--output", str(tmp_path / "exported")]) == 0
+    one, two, exported = tmp_path / "one", tmp_path / "two", tmp_path / "from_export"
+    procs = run_cmds([
+        [PYTHON, "-m", "pretrain.eval", "--checkpoint", str(uninterrupted_run), "--output", str(one), "eval.plots=false"],
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+         "pretrain.eval", "--checkpoint", str(uninterrupted_run), "--output", str(two), "eval.plots=false"],
+        [PYTHON, "-m", "pretrain.eval", "--checkpoint", str(tmp_path / "exported"), "--output", str(exported),
+         "eval.plots=false"]], timeout=300)
+    for proc in procs:
+        ok(proc)
+    during = _metrics(uninterrupted_run / "eval.json")
+    assert len(during) > 20 and "eval/zeroshot/image/top1" in during
+    for after in (one, two, exported):
+        got = _metrics(after)
+        assert got.keys() == during.keys(), (after.name, sorted(got.keys() ^ during.keys()))
+        differ = {k: (during[k], got[k]) for k in during if got[k] != during[k]}
+        assert not differ, (after.name, differ)
