@@ -240,7 +240,7 @@ def test_bad_folders_weights_and_keys_stop_with_clear_messages(folders, tmp_path
     # export refuses what a CLIPModel cannot hold, saying why
     cfg, mods, model = ours(tree(clip))
     cfg.model.towers["image"].head = "linear"
-    with pytest.raises(ConfigError, match=r"--format hf: towers\.image\.head\.weight has no place in a CLIPModel"):
+    with pytest.raises(ConfigError, match=r"--format hf: model\.towers\.image\.head is linear: a CLIPModel projects"):
         FORMATS.get("hf", "--format")().export(build_model(cfg.model, mods), cfg, tmp_path / "out")
 
 
