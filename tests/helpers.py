@@ -116,7 +116,8 @@ def heldout_images(folder: Path) -> tuple[list[Path], list[int]]:
         for name in sorted(n for n in members if n.endswith(".png")):
             paths.append(write(folder / name, members[name]))
             labels.append(int(members[name[:-3] + "cls"]))
-    for i, size in enumerate([(20, 17), (13, 21)]):  # resized and cropped or squashed, not only scaled
+    # resized and cropped or squashed, not only scaled (even margins: see hf_clip.image_processor)
+    for i, size in enumerate([(20, 16), (16, 22)]):
         paths.append(write(folder / f"wide{i}.png", png_bytes(100 + i, size=size)))
         labels.append(-1)
     return paths, labels

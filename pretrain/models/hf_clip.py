@@ -142,6 +142,12 @@ def parts(model: nn.Module, part: str) -> dict[str, nn.Module]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+def vocab_of(tok) -> dict:
+    """The text-config entries a tokenizer fixes (filled into a ``config:`` where unset)."""
+    eos = getattr(tok, "eos_id", None)
+    return {"vocab_size": tok.vocab_size, **({"eos_token_id": eos} if eos is not None else {})}
+
+
 @dataclass
 class _Options:
     path: Optional[str] = None  # a local save_pretrained folder (CLIPModel, SiglipModel, ...)
@@ -193,8 +199,7 @@ class HFClipText(Backbone):
         key = f"{ctx.key}.options"
         tok = _tokenizer_of(ctx)
         self.pad_id, self.eos_id = tok.pad_id, getattr(tok, "eos_id", None)
-        vocab = {"vocab_size": tok.vocab_size, **({"eos_token_id": self.eos_id} if self.eos_id is not None else {})}
-        for name, module in parts(build(options, key, "text", vocab), "text").items():
+        for name, module in parts(build(options, key, "text", vocab_of(tok)), "text").items():
             setattr(self, name, module)
         tc = self.text_model.config
         if ctx.input_shape is not None and ctx.input_shape[0] > tc.max_position_embeddings:
@@ -266,10 +271,12 @@ def image_processor(image, name: str = "CLIPImageProcessor"):
     """The transformers image processor ``name`` (``CLIPImageProcessor``, ``SiglipImageProcessor``)
     that does what the image decoder does (``image``: its ``ImageSettings``): timm's resize to
     ``floor(size / crop_pct)`` (the short side, or both with ``squash``), its centre crop, mean and
-    std; a setting it cannot express is a ``ConfigError`` naming its key. Its tensors differ from
-    ours by PIL's and torchvision's rounding (one level of 255), and where a centre crop leaves an
-    odd margin of 3 or more pixels on a non-square image: transformers floors the offset, torchvision
-    rounds it."""
+    std; a setting it cannot express is a ``ConfigError`` naming its key. Its tensors (torchvision's
+    resize of the decoded pixels, where ours is PIL's) differ from ours by at most one level of 255,
+    measured, except: a cubic kernel (bicubic, lanczos) that enlarges an image along one side and
+    shrinks it along the other (squash) differs by up to ~20 levels on random pixels (under one on
+    average); a centre crop's margin of 3 mod 4 pixels moves the crop by one pixel (transformers
+    floors the offset, torchvision rounds it)."""
     import transformers
 
     if image.crop_mode == "border":
@@ -405,7 +412,7 @@ class HFFormat(CheckpointFormat):
         self.check(cfg, decoders)
         image, text = pair("hf", tower_configs(cfg), IMAGE, TEXT)
         a = model.towers[image].backbone.options
-        hf_cfg, name = hf_config(a.path, a.config, f"model.towers.{image}.options")
+        hf_cfg, name = hf_config(a.path, a.config, f"model.towers.{image}.options", vocab_of(decoders[text].tokenizer))
         ours = (f"towers.{image}.backbone.", f"towers.{text}.backbone.", "logit_scale", "logit_bias")
         extra = [k for k in model.inference_state_dict("hf") if not k.startswith(ours)]
         if extra:
