@@ -31,7 +31,8 @@ PYTHON = sys.executable
 
 __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
-    "ReadmeBlock", "caption_rows", "data_config", "deadline", "flat", "free_port", "heldout_images", "image_decoder", "jpg_bytes", "loader", "losses",
+    "ReadmeBlock", "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
+    "heldout_images", "image_decoder",
     "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
@@ -116,7 +117,7 @@ def heldout_images(folder: Path) -> tuple[list[Path], list[int]]:
         for name in sorted(n for n in members if n.endswith(".png")):
             paths.append(write(folder / name, members[name]))
             labels.append(int(members[name[:-3] + "cls"]))
-    # resized and cropped or squashed, not only scaled (even margins: see hf_clip.image_processor)
+    # resized and cropped or squashed, not only scaled (no crop margin of 3 mod 4: see hf_clip.image_processor)
     for i, size in enumerate([(20, 16), (16, 22)]):
         paths.append(write(folder / f"wide{i}.png", png_bytes(100 + i, size=size)))
         labels.append(-1)

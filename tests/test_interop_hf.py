@@ -5,6 +5,7 @@ zero-shot predictions match the library's in fp32; bad inputs stop with messages
 trained checkpoint exported as a CLIPModel folder reproduces our embeddings."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -328,6 +329,18 @@ def test_a_siglip_built_from_config_exports_with_its_processor(folders, tmp_path
     classify = pipeline("zero-shot-image-classification", model=str(out))
     _same_top_label(classify, paths, labels, emb)
 
+    # what the folder could not carry is refused from the recipe alone, naming the key and every format
+    for where, value, message in [("text", {"tokenizer": "byte"}, r"text\.options\.tokenizer is 'byte': the export "
+                                                                   r"carries the run's tokenizer"),
+                                  ("image", {"crop_mode": "border"}, r"image\.options\.crop_mode is border")]:
+        changed = copy.deepcopy(data)
+        changed["modalities"][where]["options"].update(value)
+        cfg = config_from_dict(tree(model={"towers": towers, "embed_dim": 16}, data=changed, loss={"name": "siglip"}))
+        decoders = {m.name: m.decoder for m in build_modalities(cfg.data, train=False)}
+        with pytest.raises(ConfigError, match=r"^--format hf: data\.modalities\." + message + r".*\. Formats: "
+                                              r"native \(any model.*hf \(an hf_clip_image"):
+            FORMATS.get("hf", "--format")().check(cfg, decoders)
+
 
 def _agrees(images, texts, our_images, our_texts, labels) -> None:
     """The library's embeddings are ours (cos >= 0.9999) and so are its zero-shot predictions."""
@@ -371,7 +384,8 @@ def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folder
                f"model.init_from={{format: hf, path: {folders['clip']}}}", "train.steps=2",
                "train.micro_batch_size=6", "train.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
                "eval.classnames=[]", "data.modalities.image.options.mean=[0.5, 0.5, 0.5]",
-               "data.modalities.image.options.std=[0.5, 0.5, 0.5]", "data.modalities.image.options.interpolation=bilinear"],
+               "data.modalities.image.options.std=[0.5, 0.5, 0.5]",
+               "data.modalities.image.options.interpolation=bilinear"],
               timeout=300))
     ckpt = run / "checkpoints" / "step000002"
     out = export(ckpt, tmp_path / "hf", fmt="hf")
@@ -398,7 +412,7 @@ def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folder
     scope: dict = {}
     for first in ("from transformers import AutoModel", "from transformers import pipeline"):
         exec(compile(readme_block(first).text.replace("DIR", str(out)), "README.md", "exec"), scope)
-    assert float(F.cosine_similarity(scope["out"].image_embeds, emb.embed_images([paths[0]]))) >= 0.9999
+    assert float(F.cosine_similarity(scope["out"].image_embeds.detach(), emb.embed_images([paths[0]]))) >= 0.9999
     _agrees_through_processor(scope["model"], scope["processor"], paths, labels, emb)
     _same_top_label(scope["classify"], paths, labels, emb)
 

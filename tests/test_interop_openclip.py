@@ -21,8 +21,8 @@ from pretrain.config import config_from_dict, load_config
 from pretrain.data import build_modalities
 from pretrain.models import build_model
 from pretrain.options import ConfigError
-from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, heldout_images, image_decoder, ok, readme_block, run_cmd, \
-    run_cmds, torchrun, write
+from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, heldout_images, image_decoder, ok, readme_block, \
+    run_cmd, run_cmds, torchrun, write
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency (pip install -e .[test])")
 
@@ -123,11 +123,22 @@ def test_bad_weights_stop_with_a_message_naming_them(ck, tmp_path):
         _ours(ck, towers=["audio"])
 
 
-def test_export_to_open_clip_is_refused_for_other_towers(tmp_path):
+def test_export_to_open_clip_is_refused_for_other_towers_and_tokenizers(ck, tmp_path):
+    """Refused from the recipe alone, naming the reason and every format (native too)."""
     from pretrain.export import export
+    from pretrain.models import FORMATS
 
-    with pytest.raises(ConfigError, match=r"--format open_clip: needs an open_clip_image and an open_clip_text tower"):
+    with pytest.raises(ConfigError, match=r"--format open_clip: needs an open_clip_image and an open_clip_text tower"
+                                          r".*\. Formats: native \(any model.*hf \(.*open_clip \(an open_clip_image"):
         export(ASSETS / "run_v1" / "checkpoints" / "step000002", tmp_path / "x", fmt="open_clip")
+    with pytest.raises(ConfigError, match=r"--format nope: no such format\. Formats: native"):
+        export(ASSETS / "run_v1" / "checkpoints" / "step000002", tmp_path / "x", fmt="nope")
+    cfg, modalities, _ = _ours(ck)
+    cfg.data.modalities["text"].options["tokenizer"] = "byte"  # ids open_clip's loader would not give
+    decoders = {m.name: m.decoder for m in build_modalities(cfg.data, train=False)}
+    with pytest.raises(ConfigError, match=r"^--format open_clip: data\.modalities\.text\.options\.tokenizer is "
+                                          r"'byte': open_clip loads this model with its own tokenizer"):
+        FORMATS.get("open_clip", "--format")().check(cfg, decoders)
 
 
 OPENAI = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
@@ -153,7 +164,8 @@ def test_preprocess_cfg_makes_open_clips_transform_give_our_decoders_tensors(tmp
         _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
         for path in paths:
             want = ours.decode(path.read_bytes(), "png", None)
-            torch.testing.assert_close(preprocess(Image.open(path)), want, atol=1e-6, rtol=0, msg=f"{options} {path.name}")
+            torch.testing.assert_close(preprocess(Image.open(path)), want, atol=1e-6, rtol=0,
+                                       msg=f"{options} {path.name}")
     refused = [({"crop_pct": 0.875}, r"crop_pct is 0\.875: open_clip's preprocessing has no crop percentage"),
                ({"interpolation": "lanczos"}, r"interpolation is lanczos: open_clip's preprocessing has bilinear and "
                                              r"bicubic only"),
