@@ -405,7 +405,9 @@ class HFFormat(CheckpointFormat):
     def export(self, model, cfg, out: Path) -> list[Path]:
         """A ``save_pretrained`` folder of a CLIPModel or SiglipModel with the run's tokenizer (its
         ``model_max_length`` the run's context length) and the image processor of the run's image
-        decoder: what ``AutoProcessor`` and ``pipeline(...)`` read."""
+        decoder: what ``AutoProcessor`` and ``pipeline(...)`` read. (SigLIP pools its text at the
+        last position, so texts padded to another length give other features: ``AutoProcessor``
+        with ``padding="max_length"`` pads to the run's; the zero-shot pipeline always to 64.)"""
         import transformers
 
         decoders = decoders_of(model)
@@ -432,6 +434,8 @@ class HFFormat(CheckpointFormat):
         out.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(str(out))
         tokenizer = transformers.AutoTokenizer.from_pretrained(decoders[text].options.tokenizer, local_files_only=True)
+        if tokenizer.pad_token_id is None:  # as the text decoder pads (pretrain.tokenizer.HFTokenizer)
+            tokenizer.pad_token = tokenizer.eos_token
         tokenizer.model_max_length = cfg.data.context_length  # truncation=True cuts where ours does
         tokenizer.save_pretrained(str(out))
         image_processor(decoders[image].settings, PROCESSORS[name]).save_pretrained(str(out))
