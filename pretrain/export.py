@@ -3,11 +3,13 @@
     python -m pretrain.export --checkpoint RUN/checkpoints/step000200 --output exported/
 
 writes ``model.safetensors`` (full fp32 weights; ZeRO-partitioned states consolidated) and
-``config.yaml`` (the run's resolved config). ``--format open_clip`` writes OpenCLIP's layout instead
-(``open_clip_config.json`` + ``open_clip_model.safetensors``: ``open_clip.add_model_config`` of the
-JSON, then ``open_clip.create_model("open_clip_config")`` and ``load_state_dict``), ``--format hf`` a
-``save_pretrained`` folder of transformers (CLIPModel or SiglipModel), for models whose towers have
-those architectures (``pretrain.models.interop``); other models are refused with the reason. Then::
+``config.yaml`` (the run's resolved config). ``--format open_clip`` writes OpenCLIP's folder layout
+instead (``open_clip_config.json`` with ``model_cfg`` and the run's ``preprocess_cfg``, beside
+``open_clip_model.safetensors``: ``open_clip.create_model_and_transforms("local-dir:DIR")``),
+``--format hf`` a ``save_pretrained`` folder of transformers (CLIPModel or SiglipModel, with the run's
+tokenizer and image processor: ``AutoProcessor``, ``pipeline``), for models whose towers have those
+architectures (``pretrain.models.interop``). A model or preprocessing a format cannot hold is refused
+with the reason and every format, before the checkpoint's weights are read. Then::
 
     from pretrain.export import Embedder
     emb = Embedder.load("exported/")
@@ -31,6 +33,7 @@ from pretrain.cli import USAGE, exit_process, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
 from pretrain.models import FORMATS, ContrastiveModel, build_model
+from pretrain.models.interop import refusal
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,14 +85,18 @@ def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native
     if not found.config.is_file():
         raise CheckpointError(f"--checkpoint: no config.yaml in the run folder {found.run_dir}")
     cfg = config_from_dict(yaml.safe_load(found.config.read_text()))
-    state = consolidated_state_dict(found.folder)
     output = Path(output)
     if fmt != "native":
-        fmt_cls = FORMATS.get(fmt, "--format")
-        model = model_from_state(cfg, state, build_modalities(cfg.data, train=False), init=False)
+        if fmt not in FORMATS:
+            raise refusal(fmt, "no such format")
+        writer = FORMATS.get(fmt, "--format")()
+        modalities = build_modalities(cfg.data, train=False)
+        writer.check(cfg, {m.name: m.decoder for m in modalities})  # before the consolidation, which takes long
+        model = model_from_state(cfg, consolidated_state_dict(found.folder), modalities, init=False)
         model.inference_state_dict(fmt)  # first: refused when the objective's parameters have no place there
-        fmt_cls().export(model, cfg, output)
+        writer.export(model, cfg, output)
         return output
+    state = consolidated_state_dict(found.folder)
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(output / EXPORT_WEIGHTS))
     (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

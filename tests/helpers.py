@@ -32,6 +32,7 @@ PYTHON = sys.executable
 __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
     "ReadmeBlock", "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
+    "heldout_images", "image_decoder",
     "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard",
@@ -103,6 +104,34 @@ def png_bytes(seed: int, size=(8, 8), fmt="PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def heldout_images(folder: Path) -> tuple[list[Path], list[int]]:
+    """The committed shards' held-out images (val: 12, 8x8, 4 classes) as PNG files in ``folder``,
+    then two non-square ones (label -1) written here: raw files for the field's own loaders."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    for shard in sorted((ASSET_SHARDS / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".png")):
+            paths.append(write(folder / name, members[name]))
+            labels.append(int(members[name[:-3] + "cls"]))
+    # resized and cropped or squashed, not only scaled (no crop margin of 3 mod 4: see hf_clip.image_processor)
+    for i, size in enumerate([(20, 16), (16, 22)]):
+        paths.append(write(folder / f"wide{i}.png", png_bytes(100 + i, size=size)))
+        labels.append(-1)
+    return paths, labels
+
+
+def image_decoder(**options):
+    """The image decoder (evaluation) with ``options`` (``data.modalities.image.options``), built alone."""
+    from pretrain.data import DataConfig
+    from pretrain.data.decoders import DECODERS, DecoderContext
+
+    key = "data.modalities.image"
+    typed = DECODERS.options("image", options, f"{key}.decoder", f"{key}.options")
+    return DECODERS.get("image", f"{key}.decoder")(typed, DecoderContext("image", False, DataConfig()))
 
 
 def text_shards(folder: Path, sizes: list[int], prefix: str = "s", label: bool = True) -> list[str]:

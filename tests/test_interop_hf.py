@@ -5,6 +5,8 @@ zero-shot predictions match the library's in fp32; bad inputs stop with messages
 trained checkpoint exported as a CLIPModel folder reproduces our embeddings."""
 from __future__ import annotations
 
+import copy
+import json
 import random
 import shutil
 
@@ -18,7 +20,8 @@ from pretrain.data import build_modalities
 from pretrain.losses import build_loss
 from pretrain.models import FORMATS, build_model
 from pretrain.models.towers import text_attention_mask
-from tests.helpers import ASSET_SHARDS, ASSETS, ok, png_bytes, torchrun
+from tests.helpers import ASSET_SHARDS, ASSETS, heldout_images, image_decoder, ok, png_bytes, readme_block, \
+    torchrun, write
 
 ATOL = 1e-5
 TEXTS = ["a cat", "the cat sat on the mat", "x", "a photo of a cat on a mat with the hat of the cat " * 3]
@@ -240,8 +243,119 @@ def test_bad_folders_weights_and_keys_stop_with_clear_messages(folders, tmp_path
     # export refuses what a CLIPModel cannot hold, saying why
     cfg, mods, model = ours(tree(clip))
     cfg.model.towers["image"].head = "linear"
-    with pytest.raises(ConfigError, match=r"--format hf: towers\.image\.head\.weight has no place in a CLIPModel"):
+    with pytest.raises(ConfigError, match=r"--format hf: model\.towers\.image\.head is linear: a CLIPModel projects"):
         FORMATS.get("hf", "--format")().export(build_model(cfg.model, mods), cfg, tmp_path / "out")
+
+
+def test_image_processor_gives_our_decoders_tensors(tmp_path):
+    """Through transformers' own loader (AutoImageProcessor, its default backend): for each decoder
+    setting it can express, its processing of PNG files (square and not) equals our decoder's up to
+    one level of 255 (PIL's rounding and torchvision's); the recipe reads the folder back to a
+    decoder giving the same tensors (init_from of an export); the others are refused, named."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from pretrain.models.hf_clip import image_options, image_processor
+
+    paths, _ = heldout_images(tmp_path / "png")
+    paths = paths[:2] + paths[-2:]
+    norms = [{"mean": [0.5] * 3, "std": [0.5] * 3}, {"mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}]
+    cases = [dict(interpolation=i, crop_mode=c, crop_pct=pct) for i in ("bilinear", "bicubic", "lanczos")
+             for c in ("center", "squash") for pct in (1.0, 0.875)]
+    cases = [dict(case, **norms[i % 2]) for i, case in enumerate(cases)]
+    for i, options in enumerate(cases):
+        ours = image_decoder(size=16, **options)
+        folder = tmp_path / f"case{i}"
+        name = "CLIPImageProcessor" if options["crop_mode"] == "center" else "SiglipImageProcessor"
+        image_processor(ours.settings, name).save_pretrained(folder)
+        theirs = AutoImageProcessor.from_pretrained(folder)
+        followed = image_decoder(**image_options(folder, SimpleNamespace(image_size=16), "SiglipVisionModel"))
+        for path in paths:
+            want = ours.decode(path.read_bytes(), "png", None)
+            got = theirs(images=Image.open(path), return_tensors="pt")["pixel_values"][0]
+            levels = (got - want).abs() * 255 * torch.tensor(options["std"]).reshape(3, 1, 1)
+            if _mixed(Image.open(path).size, options) and options["interpolation"] != "bilinear":
+                assert float(levels.mean()) <= 1, (options, path.name)  # see image_processor's docstring
+            else:
+                assert float(levels.max()) <= 1.001, (options, path.name)
+            torch.testing.assert_close(followed.decode(path.read_bytes(), "png", None), want, atol=0, rtol=0)
+    for options, message in [({"crop_mode": "border"}, r"crop_mode is border: transformers' image processors do "
+                                                        r"not pad"),
+                             ({"interpolation": "nearest"}, r"interpolation is nearest: transformers' image "
+                                                           r"processors resize with torchvision")]:
+        with pytest.raises(ConfigError, match=r"^data\.modalities\.image\.options\." + message):
+            image_processor(image_decoder(size=16, **options).settings)
+
+
+def _mixed(size: tuple[int, int], options: dict) -> bool:
+    """Whether a squash enlarges the image along one side and shrinks it along the other."""
+    scaled = int(16 / options["crop_pct"])
+    return options["crop_mode"] == "squash" and min(size) < scaled < max(size)
+
+
+def test_a_siglip_built_from_config_exports_with_its_processor(folders, tmp_path):
+    """Towers built from ``config:`` (no folder to copy a processor from), the image decoder unlike
+    SigLIP's defaults: the export holds the run's tokenizer and a SiglipImageProcessor of the run's
+    decoder, so AutoModel with AutoProcessor, and the zero-shot pipeline, give our embeddings and
+    predictions from raw image files."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    from pretrain.export import Embedder
+
+    siglip = {"model_type": "siglip", "vision_config": dict(image_size=16, patch_size=8, **TINY),
+              "text_config": dict(max_position_embeddings=64, **TINY)}
+    towers = {m: {"type": f"hf_clip_{m}", "options": {"config": siglip}, "head": "none"} for m in ("image", "text")}
+    data = {"context_length": 64, "modalities": {  # 64: the pipeline pads SigLIP's prompts to 64 tokens
+        "image": {"decoder": "image", "options": {"size": 16, "crop_mode": "squash", "interpolation": "bicubic",
+                                                  "mean": [0.4, 0.5, 0.6], "std": [0.3, 0.3, 0.3]}},
+        "text": {"decoder": "text", "options": {"tokenizer": str(folders["siglip"])}}}}
+    cfg, mods, model = ours(tree(model={"towers": towers, "embed_dim": 16}, data=data, loss={"name": "siglip"}),
+                            with_bias=True)
+    out = tmp_path / "export"
+    FORMATS.get("hf", "--format")().export(model, cfg, out)
+    paths, labels = heldout_images(tmp_path / "png")
+    lib, processor = AutoModel.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    assert type(lib).__name__ == "SiglipModel" and type(processor.image_processor).__name__ == "SiglipImageProcessor"
+    prompts = [f"a photo of a {c}" for c in CLASSES]
+    inputs = processor(text=prompts, images=[Image.open(p) for p in paths], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        images, texts = features(lib.get_image_features(pixel_values=inputs["pixel_values"])), features(
+            lib.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+    emb = Embedder(model, cfg, mods)
+    _agrees(images, texts, emb.embed_images(paths), emb.embed_texts(prompts), labels)
+    classify = pipeline("zero-shot-image-classification", model=str(out))
+    _same_top_label(classify, paths, labels, emb)
+
+    # what the folder could not carry is refused from the recipe alone, naming the key and every format
+    for where, value, message in [("text", {"tokenizer": "byte"}, r"text\.options\.tokenizer is 'byte': the export "
+                                                                   r"carries the run's tokenizer"),
+                                  ("image", {"crop_mode": "border"}, r"image\.options\.crop_mode is border")]:
+        changed = copy.deepcopy(data)
+        changed["modalities"][where]["options"].update(value)
+        cfg = config_from_dict(tree(model={"towers": towers, "embed_dim": 16}, data=changed, loss={"name": "siglip"}))
+        decoders = {m.name: m.decoder for m in build_modalities(cfg.data, train=False)}
+        with pytest.raises(ConfigError, match=r"^--format hf: data\.modalities\." + message + r".*\. Formats: "
+                                              r"native \(any model.*hf \(an hf_clip_image"):
+            FORMATS.get("hf", "--format")().check(cfg, decoders)
+
+
+def _agrees(images, texts, our_images, our_texts, labels) -> None:
+    """The library's embeddings are ours (cos >= 0.9999) and so are its zero-shot predictions."""
+    assert float(F.cosine_similarity(images, our_images).min()) >= 0.9999
+    assert float(F.cosine_similarity(texts, our_texts).min()) >= 0.9999
+    held = torch.tensor([label >= 0 for label in labels])
+    assert torch.equal((images @ texts.T).argmax(1)[held], (our_images @ our_texts.T).argmax(1)[held])
+
+
+def _same_top_label(classify, paths, labels, emb, template: str = "a photo of a {}") -> None:
+    """The zero-shot pipeline, for one template, predicts our class on every held-out image."""
+    held = [p for p, label in zip(paths, labels) if label >= 0]
+    ranked = classify([str(p) for p in held], candidate_labels=CLASSES, hypothesis_template=template)
+    ours = (emb.embed_images(held) @ emb.embed_texts([template.format(c) for c in CLASSES]).T).argmax(1)
+    assert [r[0]["label"] for r in ranked] == [CLASSES[i] for i in ours.tolist()]
 
 
 def test_hf_text_takes_the_text_model_of_a_clip_folder(folders):
@@ -253,17 +367,26 @@ def test_hf_text_takes_the_text_model_of_a_clip_folder(folders):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folders, tmp_path, capsys):
-    from transformers import AutoTokenizer, CLIPModel
+def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folders, tmp_path, capsys, monkeypatch):
+    """A CLIP folder fine-tuned on 2 ranks, its image decoder set unlike the folder's processor (mean
+    and std 0.5, bilinear), exported: the README's transformers lines, as printed (AutoModel,
+    AutoProcessor, the zero-shot pipeline), give our embeddings (cos >= 0.9999) and zero-shot
+    predictions from raw image files; the same for a run of the folder's own preprocessing (the
+    run's config.yaml set so, same weights); the recipe reads the export back; other towers are
+    refused, by the command line too."""
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel
 
-    from pretrain.export import consolidated_state_dict, export, main, model_from_state
+    from pretrain.export import Embedder, consolidated_state_dict, export, main, model_from_state
 
     run = tmp_path / "run"
     ok(torchrun([f"output_dir={run}", f"data.train.urls={ASSET_SHARDS}/train/shard-{{000000..000007}}.tar",
                "data.val.urls=", "data.train.shuffle_buffer=4", "data.train.workers=0", "model.towers={}",
                f"model.init_from={{format: hf, path: {folders['clip']}}}", "train.steps=2",
                "train.micro_batch_size=6", "train.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
-               "eval.classnames=[]"], timeout=300))
+               "eval.classnames=[]", "data.modalities.image.options.mean=[0.5, 0.5, 0.5]",
+               "data.modalities.image.options.std=[0.5, 0.5, 0.5]",
+               "data.modalities.image.options.interpolation=bilinear"],
+              timeout=300))
     ckpt = run / "checkpoints" / "step000002"
     out = export(ckpt, tmp_path / "hf", fmt="hf")
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
@@ -271,23 +394,65 @@ def test_a_checkpoint_trained_on_two_ranks_exports_as_a_clip_model_folder(folder
     cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     mods = build_modalities(cfg.data, train=False)
     trained = model_from_state(cfg, consolidated_state_dict(ckpt), mods).eval()
+    emb = Embedder(trained, cfg, mods)
     lib, before = CLIPModel.from_pretrained(out).eval(), CLIPModel.from_pretrained(folders["clip"]).eval()
-    lib_tok = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, truncation=True,
-                                                 max_length=cfg.data.context_length, return_tensors="pt")
-    assert cfg.data.context_length == 40  # the recipe's own, kept (the model reads up to 77)
+    lib_tok = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    assert cfg.data.context_length == 40  # the recipe's own, kept (the model reads up to 77): the tokenizer's cut
     x, ids = images(mods, 4), mods["text"].decoder.tokenizer(TEXTS)
     with torch.no_grad():
-        torch.testing.assert_close(trained.encode("image", x), features(lib.get_image_features(pixel_values=x)),
-                                   atol=ATOL, rtol=0)
         torch.testing.assert_close(trained.encode("text", ids), features(lib.get_text_features(**lib_tok)),
                                    atol=ATOL, rtol=0)
         assert (features(before.get_image_features(pixel_values=x)) - trained.encode("image", x)).abs().max() > 1e-4
     assert float(trained.scales()[0].detach()) == pytest.approx(float(lib.logit_scale.detach().exp()), abs=ATOL)
 
-    # a model of other towers is refused, with the reason, by the command line too
+    # the README's lines, as printed, with DIR the export, beside digit.png
+    paths, labels = heldout_images(tmp_path / "png")
+    write(tmp_path / "digit.png", paths[0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for first in ("from transformers import AutoModel", "from transformers import pipeline"):
+        exec(compile(readme_block(first).text.replace("DIR", str(out)), "README.md", "exec"), scope)
+    assert float(F.cosine_similarity(scope["out"].image_embeds.detach(), emb.embed_images([paths[0]]))) >= 0.9999
+    _agrees_through_processor(scope["model"], scope["processor"], paths, labels, emb)
+    _same_top_label(scope["classify"], paths, labels, emb)
+
+    # a run of the folder's own preprocessing (the checkpoint beside a config.yaml saying so)
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    tree_ = yaml.safe_load((plain / "config.yaml").read_text())
+    source = json.loads((folders["clip"] / "preprocessor_config.json").read_text())
+    tree_["data"]["modalities"]["image"]["options"].update(
+        mean=source["image_mean"], std=source["image_std"], interpolation="bicubic")
+    (plain / "config.yaml").write_text(yaml.safe_dump(tree_))
+    export(plain / "checkpoints" / "step000002", tmp_path / "hf_plain", fmt="hf")
+    cfg = config_from_dict(tree_)
+    _agrees_through_processor(AutoModel.from_pretrained(tmp_path / "hf_plain").eval(),
+                              AutoProcessor.from_pretrained(tmp_path / "hf_plain"), paths, labels,
+                              Embedder(trained, cfg, build_modalities(cfg.data, train=False)))
+
+    # the recipe reads the export back: its decoder settings are the run's
+    back = config_from_dict(tree(out)).data.modalities["image"].options
+    run_image = yaml.safe_load((run / "config.yaml").read_text())["data"]["modalities"]["image"]["options"]
+    keys = ("size", "mean", "std", "interpolation", "crop_mode")
+    assert {k: back[k] for k in keys} == {k: run_image[k] for k in keys}
+
+    # a model of other towers is refused, with the reason and every format, by the command line too
     capsys.readouterr()
     assert main(["--checkpoint", str(ASSETS / "run_v1" / "checkpoints" / "step000002"), "--output",
                  str(tmp_path / "refused"), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert "config error: --format hf: needs an hf_clip_image and an hf_clip_text tower" in err
     assert "this model has image: mlp, text: text_transformer" in err
+    assert "Formats: native (any model" in err and "open_clip (an open_clip_image" in err
+
+
+def _agrees_through_processor(model, processor, paths, labels, emb, template: str = "a photo of a {}") -> None:
+    """AutoModel with AutoProcessor, from the raw files, gives our embeddings and predictions."""
+    from PIL import Image
+
+    prompts = [template.format(c) for c in CLASSES]
+    inputs = processor(text=prompts, images=[Image.open(p) for p in paths], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    _agrees(F.normalize(out.image_embeds, dim=-1), F.normalize(out.text_embeds, dim=-1), emb.embed_images(paths),
+            emb.embed_texts(prompts), labels)

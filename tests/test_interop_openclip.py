@@ -8,18 +8,21 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from pretrain.config import config_from_dict, load_config
 from pretrain.data import build_modalities
 from pretrain.models import build_model
 from pretrain.options import ConfigError
-from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, ok, readme_block, run_cmd, run_cmds, torchrun
+from tests.helpers import ASSETS, ASSET_SHARDS, PYTHON, ROOT, heldout_images, image_decoder, ok, readme_block, \
+    run_cmd, run_cmds, torchrun, write
 
 open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test dependency (pip install -e .[test])")
 
@@ -120,11 +123,57 @@ def test_bad_weights_stop_with_a_message_naming_them(ck, tmp_path):
         _ours(ck, towers=["audio"])
 
 
-def test_export_to_open_clip_is_refused_for_other_towers(tmp_path):
+def test_export_to_open_clip_is_refused_for_other_towers_and_tokenizers(ck, tmp_path):
+    """Refused from the recipe alone, naming the reason and every format (native too)."""
     from pretrain.export import export
+    from pretrain.models import FORMATS
 
-    with pytest.raises(ConfigError, match=r"--format open_clip: needs an open_clip_image and an open_clip_text tower"):
+    with pytest.raises(ConfigError, match=r"--format open_clip: needs an open_clip_image and an open_clip_text tower"
+                                          r".*\. Formats: native \(any model.*hf \(.*open_clip \(an open_clip_image"):
         export(ASSETS / "run_v1" / "checkpoints" / "step000002", tmp_path / "x", fmt="open_clip")
+    with pytest.raises(ConfigError, match=r"--format nope: no such format\. Formats: native"):
+        export(ASSETS / "run_v1" / "checkpoints" / "step000002", tmp_path / "x", fmt="nope")
+    cfg, modalities, _ = _ours(ck)
+    cfg.data.modalities["text"].options["tokenizer"] = "byte"  # ids open_clip's loader would not give
+    decoders = {m.name: m.decoder for m in build_modalities(cfg.data, train=False)}
+    with pytest.raises(ConfigError, match=r"^--format open_clip: data\.modalities\.text\.options\.tokenizer is "
+                                          r"'byte': open_clip loads this model with its own tokenizer"):
+        FORMATS.get("open_clip", "--format")().check(cfg, decoders)
+
+
+OPENAI = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def test_preprocess_cfg_makes_open_clips_transform_give_our_decoders_tensors(tmp_path):
+    """Through open_clip's own ``local-dir:`` loader: for each decoder setting open_clip can express,
+    its transform of PNG files (square and not) equals our decoder's; the others are refused, named."""
+    from PIL import Image
+
+    from pretrain.models.openclip import preprocess_cfg
+
+    paths, _ = heldout_images(tmp_path / "png")
+    paths = paths[:2] + paths[-2:]
+    norms = [{"mean": [0.5] * 3, "std": [0.5] * 3}, {"mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}, OPENAI]
+    cases = [dict(interpolation=i, crop_mode=c, **n) for i in ("bilinear", "bicubic") for c in ("center", "squash")
+             for n in norms] + [dict(interpolation="bicubic", crop_mode="border", **norms[0])]
+    for i, options in enumerate(cases):
+        ours = image_decoder(size=16, **options)
+        folder = tmp_path / f"case{i}"
+        write(folder / "open_clip_config.json", json.dumps({"model_cfg": TINY, "preprocess_cfg": preprocess_cfg(
+            ours.settings)}))
+        _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        for path in paths:
+            want = ours.decode(path.read_bytes(), "png", None)
+            torch.testing.assert_close(preprocess(Image.open(path)), want, atol=1e-6, rtol=0,
+                                       msg=f"{options} {path.name}")
+    refused = [({"crop_pct": 0.875}, r"crop_pct is 0\.875: open_clip's preprocessing has no crop percentage"),
+               ({"interpolation": "lanczos"}, r"interpolation is lanczos: open_clip's preprocessing has bilinear and "
+                                             r"bicubic only"),
+               ({"crop_mode": "border", **OPENAI}, r"crop_mode is border, which pads with the mean colour \[123, 117, "
+                                                  r"104\]")]
+    for options, message in refused:
+        with pytest.raises(ConfigError, match=r"^data\.modalities\.image\.options\." + message):
+            preprocess_cfg(image_decoder(size=16, **options).settings)
 
 
 def _tiny_recipe(ck, out: Path) -> list[str]:
@@ -136,45 +185,99 @@ def _tiny_recipe(ck, out: Path) -> list[str]:
             "train.zero_stage=2", "train.log_every=1"]
 
 
+RUN_IMAGE = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_mode": "squash"}  # not open_clip's
+CLASSNAMES, TEMPLATE = ["a", "b", "c", "d"], "class number {}"
+
+
+def _agrees_with_ours(emb, model, preprocess, tokenizer, paths: list[Path], labels: list[int]) -> None:
+    """open_clip's model, transform (of the raw files) and tokenizer give our Embedder's embeddings
+    (cos >= 0.9999) and its zero-shot prediction on every held-out image."""
+    from PIL import Image
+
+    prompts = [TEMPLATE.format(c) for c in CLASSNAMES]
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]), normalize=True)
+        classes = model.encode_text(tokenizer(prompts), normalize=True)
+    ours, our_classes = emb.embed_images(paths), emb.embed_texts(prompts)
+    assert float(torch.nn.functional.cosine_similarity(images, ours).min()) >= 0.9999
+    assert float(torch.nn.functional.cosine_similarity(classes, our_classes).min()) >= 0.9999
+    held = torch.tensor([label >= 0 for label in labels])
+    assert torch.equal((images @ classes.T).argmax(1)[held], (ours @ our_classes.T).argmax(1)[held])
+
+
 @pytest.mark.slow
-def test_fine_tune_on_two_ranks_then_open_clip_loads_the_export(ck, tmp_path):
-    """configs/finetune_openclip.yaml at tiny size: the OpenCLIP checkpoint -> init_from -> 2 steps on
-    2 ranks -> export --format open_clip -> open_clip reproduces our trained embeddings; the native
-    export still serves the Embedder."""
-    from pretrain.export import Embedder, consolidated_state_dict, model_from_state
+def test_fine_tune_on_two_ranks_then_open_clip_loads_the_export(ck, tmp_path, monkeypatch):
+    """configs/finetune_openclip.yaml at tiny size, its image decoder set unlike open_clip's defaults
+    (mean/std 0.5, bilinear, squash): the OpenCLIP checkpoint -> init_from -> 2 steps on 2 ranks ->
+    export --format open_clip -> the README's local-dir lines, as printed: open_clip's loader,
+    transform and tokenizer give our embeddings and zero-shot predictions from raw image files. The
+    same for a run of open_clip's preprocessing (the run's config.yaml set so, same weights); one
+    open_clip cannot express is refused before the weights are read; the native export still
+    serves the Embedder."""
+    from pretrain import export as export_module
+    from pretrain.export import Embedder, consolidated_state_dict, export, model_from_state
 
     run = tmp_path / "run"
     args = _tiny_recipe(ck, run) + [f"model.init_from.path={ck.weights}", f"model.init_from.model={ck.name}",
-                                    f"model.init_from.model_config={ck.config}", "eval.classnames=[a, b, c, d]",
-                                    "eval.templates=['class number {}']", "train.checkpoint_every=0"]
-    proc = torchrun(args, config=ROOT / "configs" / "finetune_openclip.yaml")
-    out = ok(proc)
+                                    f"model.init_from.model_config={ck.config}", f"eval.classnames={CLASSNAMES}",
+                                    f"eval.templates=['{TEMPLATE}']", "train.checkpoint_every=0"]
+    args += [f"data.modalities.image.options.{k}={v}" for k, v in RUN_IMAGE.items()]
+    out = ok(torchrun(args, config=ROOT / "configs" / "finetune_openclip.yaml"))
     assert "zero-shot image top-1" in out
     ckpt = run / "checkpoints" / "step000002"
     exported = tmp_path / "oc_export"
     ok(run_cmd([PYTHON, "-m", "pretrain.export", "--checkpoint", str(ckpt), "--output", str(exported),
                 "--format", "open_clip"]))
-    # the README's lines, as printed, with DIR the export
-    snippet = readme_block("import open_clip").text.replace("DIR", str(exported))
-    scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)
-    theirs = scope["model"].eval()  # loaded strictly
     cfg = load_config(run / "config.yaml")
     modalities = build_modalities(cfg.data, train=False)
     ours = model_from_state(cfg, consolidated_state_dict(ckpt), modalities).eval()
+    paths, labels = heldout_images(tmp_path / "png")
+    write(tmp_path / "digit.png", paths[0].read_bytes())
+    # the README's lines, as printed, with DIR the export, beside digit.png
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_block("import open_clip").text.replace("DIR", str(exported)), "README.md", "exec"), scope)
+    theirs = scope["model"]
+    emb = Embedder(ours, cfg, modalities)
+    torch.testing.assert_close(scope["image"], emb.embed_images([paths[0]]), atol=1e-5, rtol=0)
+    _agrees_with_ours(emb, theirs, scope["preprocess"], scope["tokenizer"], paths, labels)
     images = torch.randn(4, 3, 16, 16)
-    ids = open_clip.tokenize(TEXTS, context_length=12)
     with torch.no_grad():
         trained = ours.encode("image", images)
         assert not torch.allclose(trained, ck.model.encode_image(images, normalize=True), atol=1e-4)  # it trained
-        torch.testing.assert_close(theirs.encode_image(images, normalize=True), trained, atol=1e-5, rtol=0)
-        torch.testing.assert_close(theirs.encode_text(ids, normalize=True), ours.encode("text", ids), atol=1e-5, rtol=0)
         torch.testing.assert_close(theirs.logit_scale.exp().reshape(1), ours.scales()[0])
+
+    # a run of open_clip's own preprocessing (the checkpoint beside a config.yaml saying so)
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    tree = yaml.safe_load((plain / "config.yaml").read_text())
+    tree["data"]["modalities"]["image"]["options"] = {"size": 16, **OPENAI, "interpolation": "bicubic"}
+    (plain / "config.yaml").write_text(yaml.safe_dump(tree))
+    export(plain / "checkpoints" / "step000002", tmp_path / "oc_plain", fmt="open_clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc_plain'}")
+    cfg = load_config(plain / "config.yaml")
+    modalities = build_modalities(cfg.data, train=False)
+    _agrees_with_ours(Embedder(ours, cfg, modalities), model.eval(), preprocess,
+                      open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc_plain'}"), paths, labels)
+
+    # preprocessing open_clip cannot express: refused, naming the key, before the weights are read
+    tree["data"]["modalities"]["image"]["options"]["crop_pct"] = 0.875
+    (plain / "config.yaml").write_text(yaml.safe_dump(tree))
+
+    def never(folder):
+        raise AssertionError("the weights were read before the refusal")
+
+    monkeypatch.setattr(export_module, "consolidated_state_dict", never)
+    with pytest.raises(ConfigError, match=r"^--format open_clip: data\.modalities\.image\.options\.crop_pct is "
+                                          r"0\.875: .*Formats: native \(any model"):
+        export(plain / "checkpoints" / "step000002", tmp_path / "refused", fmt="open_clip")
+    monkeypatch.undo()
+
     # the native export keeps working for these towers
     native = tmp_path / "native"
-    ok(run_cmd([PYTHON, "-m", "pretrain.export", "--checkpoint", str(ckpt), "--output", str(native)]))
-    emb = Embedder.load(native)
-    torch.testing.assert_close(emb.embed_texts(TEXTS), ours.encode("text", ids), atol=1e-5, rtol=0)
+    export(ckpt, native)
+    ids = open_clip.tokenize(TEXTS, context_length=12)
+    torch.testing.assert_close(Embedder.load(native).embed_texts(TEXTS), ours.encode("text", ids), atol=1e-5, rtol=0)
 
 
 RECIPES = ["openclip_vit_b32", "openclip_vit_b16", "lit"]

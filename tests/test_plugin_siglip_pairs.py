@@ -70,9 +70,15 @@ def test_a_plugin_loss_with_parameters_trains_resumes_and_exports(tmp_path):
     emb = Embedder.load(native)
     torch.testing.assert_close(emb.model.objective.pair_bias["a-c"].detach(), state["objective.pair_bias.a-c"])
 
-    # a format holding one scalar bias refuses the model and says why
+    # a format holding one scalar bias refuses the model and says why: its towers, before the weights
+    # are read, and every format; its parameters, for a model whose towers it could hold
     refused = run_cmd([PYTHON, "-m", "pretrain.export", "--checkpoint", str(out), "--output",
                        str(tmp_path / "oc"), "--format", "open_clip"])
     assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "objective.pair_bias" in refused.stderr and "one scalar bias" in refused.stderr, refused.stderr[-2000:]
+    assert "needs an open_clip_image and an open_clip_text tower" in refused.stderr, refused.stderr[-2000:]
+    assert "Formats: native (any model" in refused.stderr, refused.stderr[-2000:]
     assert not (tmp_path / "oc").exists()
+    from pretrain.options import ConfigError
+
+    with pytest.raises(ConfigError, match=r"objective\.pair_bias.* one scalar bias"):
+        emb.model.inference_state_dict("open_clip")

@@ -179,6 +179,23 @@ def build_modalities(data: Any, train: bool) -> Modalities:
 # ---------------------------------------------------------------------------------------- image
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """What the image decoder does to an image outside training (timm's eval transform): decode to
+    RGB, resize (``crop_mode``: ``center`` the short side to ``size / crop_pct`` then the centre
+    cropped, ``squash`` both sides, ``border`` the long side then padded with the mean colour), scale
+    to [0, 1], normalise. Another library's preprocessing of an export is made from these
+    (``pretrain.models.openclip.preprocess_cfg``, ``pretrain.models.hf_clip.image_processor``)."""
+
+    key: str  # data.modalities.<m>.options: what errors about these settings name
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+
+
 _AUGMENT_KEYS = {
     "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
     "gaussian_blur_prob", "auto_augment", "re_prob", "re_mode", "re_count", "train_crop_mode",
@@ -224,6 +241,8 @@ class ImageDecoder(Decoder):
         self.size = options.size or ctx.data.image_size
         mean = tuple(options.mean or ctx.data.image_mean)
         std = tuple(options.std or ctx.data.image_std)
+        self.settings = ImageSettings(key, self.size, mean, std, options.interpolation, options.crop_pct,
+                                      options.crop_mode)
         common = dict(input_size=(3, self.size, self.size), interpolation=options.interpolation, mean=mean, std=std)
         self.augmenting = ctx.train and options.augment is not None
         if self.augmenting:

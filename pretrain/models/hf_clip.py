@@ -18,7 +18,8 @@ Their forward passes are the library's own; with ``head: none`` they give its fe
 ``model.init_from: {format: hf, path: FOLDER}`` (the recipe follows the folder: towers, embed_dim,
 tokenizer, context length, image size and normalisation from ``preprocessor_config.json``, SigLIP's
 loss); ``python -m pretrain.export --format hf`` writes a folder that ``CLIPModel.from_pretrained``
-(``SiglipModel``) loads, with the tokenizer and image processor the run used. Key layout: the HF
+(``SiglipModel``, ``AutoModel``) loads, with the run's tokenizer and an image processor made from the
+run's image decoder (``image_processor``), so ``AutoProcessor`` and ``pipeline(...)`` read them. Key layout: the HF
 model's ``vision_model.*`` / ``visual_projection.*`` are ``towers.<image>.backbone.`` + the same
 keys, ``text_model.*`` / ``text_projection.*`` ``towers.<text>.backbone.`` + them; ``logit_scale``
 (a log, like ours) and SigLIP's ``logit_bias`` are of shape (1,) here (CLIP's scale is a scalar).
@@ -29,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from pretrain.models.config import ModelConfig
-from pretrain.models.interop import FORMATS, CheckpointFormat, export_pair, load_checked, towers_of
+from pretrain.models.interop import FORMATS, CheckpointFormat, check_projects_itself, decoders_of, load_checked, pair, \
+    refusal, tower_configs, towers_of
 from pretrain.models.towers import TOWERS, Backbone, _hf_grad_checkpointing, _tokenizer_of, local_path, \
     text_attention_mask
 from pretrain.options import ConfigError
@@ -56,7 +57,9 @@ BY_TYPE = {  # a config's model_type -> the class (for configs that name no arch
     "siglip_vision_model": "SiglipVisionModel", "siglip_text_model": "SiglipTextModel",
 }
 DUAL = ("CLIPModel", "SiglipModel")
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes in preprocessor_config.json
+PROCESSORS = {"CLIPModel": "CLIPImageProcessor", "SiglipModel": "SiglipImageProcessor"}  # each one's image processor
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL's codes in preprocessor_config.json
+_RESAMPLE = {code: name for name, code in PIL_RESAMPLE.items()}
 
 
 def hf_config(path: Optional[str], config: dict, key: str, vocab: Optional[dict] = None):
@@ -139,6 +142,12 @@ def parts(model: nn.Module, part: str) -> dict[str, nn.Module]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+def vocab_of(tok) -> dict:
+    """The text-config entries a tokenizer fixes (filled into a ``config:`` where unset)."""
+    eos = getattr(tok, "eos_id", None)
+    return {"vocab_size": tok.vocab_size, **({"eos_token_id": eos} if eos is not None else {})}
+
+
 @dataclass
 class _Options:
     path: Optional[str] = None  # a local save_pretrained folder (CLIPModel, SiglipModel, ...)
@@ -190,8 +199,7 @@ class HFClipText(Backbone):
         key = f"{ctx.key}.options"
         tok = _tokenizer_of(ctx)
         self.pad_id, self.eos_id = tok.pad_id, getattr(tok, "eos_id", None)
-        vocab = {"vocab_size": tok.vocab_size, **({"eos_token_id": self.eos_id} if self.eos_id is not None else {})}
-        for name, module in parts(build(options, key, "text", vocab), "text").items():
+        for name, module in parts(build(options, key, "text", vocab_of(tok)), "text").items():
             setattr(self, name, module)
         tc = self.text_model.config
         if ctx.input_shape is not None and ctx.input_shape[0] > tc.max_position_embeddings:
@@ -247,15 +255,43 @@ def image_options(folder: Path, cfg, name: str) -> dict:
     if resample in _RESAMPLE or resample in _RESAMPLE.values():
         out["interpolation"] = _RESAMPLE.get(resample, resample)
     resize = p.get("size") if isinstance(p.get("size"), dict) else {}
-    if "height" in resize and "width" in resize and not p.get("do_center_crop"):
-        out["crop_mode"] = "squash"  # SigLIP: resized to the square, nothing cropped
+    crop = p.get("crop_size")
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    scaled = None
+    if "height" in resize and "width" in resize:  # SigLIP: resized to the square (then cropped, if asked)
+        out["crop_mode"], scaled = "squash", resize["height"]
     elif p.get("do_center_crop"):  # CLIP: the short side resized, the centre cropped
-        out["crop_mode"] = "center"
-        short, crop = resize.get("shortest_edge"), p.get("crop_size")
-        crop = crop.get("height") if isinstance(crop, dict) else crop
-        if isinstance(short, int) and isinstance(crop, int) and crop < short:
-            out["crop_pct"] = crop / short
+        out["crop_mode"], scaled = "center", resize.get("shortest_edge")
+    if p.get("do_center_crop") and isinstance(scaled, int) and isinstance(crop, int) and crop < scaled:
+        out["crop_pct"] = crop / scaled
     return out
+
+
+def image_processor(image, name: str = "CLIPImageProcessor"):
+    """The transformers image processor ``name`` (``CLIPImageProcessor``, ``SiglipImageProcessor``)
+    that does what the image decoder does (``image``: its ``ImageSettings``): timm's resize to
+    ``floor(size / crop_pct)`` (the short side, or both with ``squash``), its centre crop, mean and
+    std; a setting it cannot express is a ``ConfigError`` naming its key. Its tensors (torchvision's
+    resize of the decoded pixels, where ours is PIL's) differ from ours by at most one level of 255,
+    measured, except: a cubic kernel (bicubic, lanczos) that enlarges an image along one side and
+    shrinks it along the other (squash) differs by up to ~20 levels on random pixels (under one on
+    average); a centre crop's margin of 3 mod 4 pixels moves the crop by one pixel (transformers
+    floors the offset, torchvision rounds it)."""
+    import transformers
+
+    if image.crop_mode == "border":
+        raise ConfigError(f"{image.key}.crop_mode is border: transformers' image processors do not pad an image "
+                          f"to keep its aspect ratio (crop_mode center or squash)")
+    if image.interpolation == "nearest":
+        raise ConfigError(f"{image.key}.interpolation is nearest: transformers' image processors resize with "
+                          f"torchvision, whose nearest picks other pixels than PIL's (bilinear, bicubic or lanczos)")
+    scaled = math.floor(image.size / image.crop_pct)  # timm's, before its crop
+    size = {"shortest_edge": scaled} if image.crop_mode == "center" else {"height": scaled, "width": scaled}
+    return getattr(transformers, name)(
+        do_resize=True, size=size, resample=PIL_RESAMPLE[image.interpolation],
+        do_center_crop=image.crop_mode == "center" or scaled != image.size,
+        crop_size={"height": image.size, "width": image.size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(image.mean), image_std=list(image.std), do_convert_rgb=True)
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -278,6 +314,7 @@ def peek_logit_scale(folder: Path) -> Optional[float]:
 @FORMATS.register("hf")
 class HFFormat(CheckpointFormat):
     tower_types = (IMAGE, TEXT)
+    holds = f"an {IMAGE} and an {TEXT} tower of one CLIPModel or SiglipModel, head: none"
 
     def follow(self, tree: dict, init: dict) -> dict:
         tree = copy.deepcopy(tree)
@@ -345,26 +382,45 @@ class HFFormat(CheckpointFormat):
                     prefixes.append(k)
         load_checked(model, mapped, prefixes, f"{init.path} (hf {name})", init.path)
 
+    def check(self, cfg, decoders: dict) -> None:
+        towers = tower_configs(cfg)
+        image, text = pair("hf", towers, IMAGE, TEXT, " of one CLIPModel or SiglipModel")
+        a, b = (towers[m].typed_options(f"model.towers.{m}") for m in (image, text))
+        if (a.path, a.config) != (b.path, b.config):
+            raise refusal("hf", f"the towers are of two models ({a.path or a.config}, {b.path or b.config}); one "
+                                f"CLIPModel or SiglipModel holds both")
+        _, name = hf_config(a.path, a.config, f"model.towers.{image}.options")
+        if name not in DUAL:
+            raise refusal("hf", f"the towers are of a {name}, not one CLIPModel or SiglipModel holding both")
+        check_projects_itself("hf", towers, (image, text), name)
+        spec = getattr(decoders[text].options, "tokenizer", None)
+        try:
+            if spec is None or not Path(spec).is_dir():
+                raise ConfigError(f"data.modalities.{text}.options.tokenizer is {spec!r}: the export carries the run's "
+                                  f"tokenizer, and transformers reads only its own files (a tokenizer folder)")
+            image_processor(decoders[image].settings, PROCESSORS[name])
+        except ConfigError as err:
+            raise refusal("hf", str(err)) from None
+
     def export(self, model, cfg, out: Path) -> list[Path]:
+        """A ``save_pretrained`` folder of a CLIPModel or SiglipModel with the run's tokenizer (its
+        ``model_max_length`` the run's context length) and the image processor of the run's image
+        decoder: what ``AutoProcessor`` and ``pipeline(...)`` read. (SigLIP pools its text at the
+        last position, so texts padded to another length give other features: ``AutoProcessor``
+        with ``padding="max_length"`` pads to the run's; the zero-shot pipeline always to 64.)"""
         import transformers
 
-        image, text = export_pair(model, IMAGE, TEXT, "hf", " of one CLIPModel or SiglipModel")
-        a, b = model.towers[image].backbone.options, model.towers[text].backbone.options
-        if (a.path, a.config) != (b.path, b.config):
-            raise ConfigError(f"--format hf: the towers are of two models ({a.path or a.config}, "
-                              f"{b.path or b.config}); one CLIPModel or SiglipModel holds both")
-        key = f"model.towers.{image}.options"
-        hf_cfg, name = hf_config(a.path, a.config, key)
-        if name not in DUAL:
-            raise ConfigError(f"--format hf: the towers are of a {name}, not one CLIPModel or SiglipModel holding both")
+        decoders = decoders_of(model)
+        self.check(cfg, decoders)
+        image, text = pair("hf", tower_configs(cfg), IMAGE, TEXT)
+        a = model.towers[image].backbone.options
+        hf_cfg, name = hf_config(a.path, a.config, f"model.towers.{image}.options", vocab_of(decoders[text].tokenizer))
         ours = (f"towers.{image}.backbone.", f"towers.{text}.backbone.", "logit_scale", "logit_bias")
         extra = [k for k in model.inference_state_dict("hf") if not k.startswith(ours)]
         if extra:
-            raise ConfigError(f"--format hf: {extra[0]} has no place in a {name} (towers with a head or a missingness "
-                              f"embedding cannot be written so; keep the native format)")
+            raise refusal("hf", f"{extra[0]} has no place in a {name}")
         if name == "CLIPModel" and model.logit_bias is not None:
-            raise ConfigError("--format hf: a CLIPModel has no logit_bias, and this model learned one (loss siglip); "
-                              "keep the native format")
+            raise refusal("hf", "a CLIPModel has no logit_bias, and this model learned one (loss siglip)")
         hf = getattr(transformers, name)(hf_cfg).float()
         for m, part in ((image, "image"), (text, "text")):
             for attr, module in parts(hf, part).items():
@@ -377,9 +433,10 @@ class HFFormat(CheckpointFormat):
                 hf.logit_bias.copy_(bias.reshape(hf.logit_bias.shape))
         out.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(str(out))
-        spec = cfg.data.modalities[text].options.get("tokenizer")
-        if spec and Path(spec).is_dir():  # the tokenizer the run used
-            transformers.AutoTokenizer.from_pretrained(spec, local_files_only=True).save_pretrained(str(out))
-        if a.path and (Path(a.path) / "preprocessor_config.json").is_file():
-            shutil.copyfile(Path(a.path) / "preprocessor_config.json", out / "preprocessor_config.json")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(decoders[text].options.tokenizer, local_files_only=True)
+        if tokenizer.pad_token_id is None:  # as the text decoder pads (pretrain.tokenizer.HFTokenizer)
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.model_max_length = cfg.data.context_length  # truncation=True cuts where ours does
+        tokenizer.save_pretrained(str(out))
+        image_processor(decoders[image].settings, PROCESSORS[name]).save_pretrained(str(out))
         return sorted(out.iterdir())

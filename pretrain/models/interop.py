@@ -10,8 +10,12 @@ registered ``CheckpointFormat`` that knows three things, all through the field's
 - ``load(model, init)``: the checkpoint's weights into the built towers of this format (those named
   in ``init.towers``, default all), the temperature and bias too unless ``init.temperature`` is
   false; a missing, unexpected or mis-shaped tensor stops with a ``ConfigError`` naming it;
-- ``export(model, cfg, out)``: the trained model in the library's own layout, or a ``ConfigError``
-  saying why this model cannot be written so.
+- ``check(cfg, decoders)``: from the recipe alone, a ``ConfigError`` (``refusal``: the reason and
+  every format with what it holds) for a model this format cannot hold (tower types, heads) or
+  whose preprocessing it cannot carry (the decoders' settings, the tokenizer); ``pretrain.export``
+  calls it before the ZeRO consolidation, ``export`` again first;
+- ``export(model, cfg, out)``: the trained model in the library's own layout, with the run's image
+  preprocessing and tokenizer in the library's own files, so its loaders give our embeddings.
 """
 from __future__ import annotations
 
@@ -27,9 +31,13 @@ from pretrain.options import ConfigError, Registry
 
 class CheckpointFormat:
     tower_types: tuple[str, ...] = ()  # the tower types whose weights this format holds
+    holds: str = ""  # the models it can hold, in one line (a refusal lists every format's)
 
     def follow(self, tree: dict, init: dict) -> dict:
         raise NotImplementedError
+
+    def check(self, cfg, decoders: dict[str, Any]) -> None:
+        """Nothing is refused before the weights are read unless a format says so."""
 
     def load(self, model, init) -> None:
         raise NotImplementedError
@@ -57,6 +65,55 @@ def load_init(model, init) -> None:
     FORMATS.get(init.format, "model.init_from.format")().load(model, init)
 
 
+NATIVE = "native (any model: model.safetensors + config.yaml, for Embedder and pretrain.eval)"
+
+
+def refusal(fmt: str, why: str) -> ConfigError:
+    """The error of an export that cannot be written: the reason, then every format and what it holds."""
+    others = ", ".join(f"{name} ({FORMATS.get(name, '--format').holds})" for name in FORMATS.names())
+    return ConfigError(f"--format {fmt}: {why}. Formats: {NATIVE}, {others}")
+
+
+def tower_configs(cfg) -> dict[str, Any]:
+    """modality -> the ``TowerConfig`` its tower is built from (the configured one, or its decoder's
+    default), read from the recipe alone."""
+    from pretrain.models.config import default_tower
+
+    out = {}
+    for m, spec in cfg.data.modalities.items():
+        out[m] = cfg.model.towers.get(m) or default_tower(spec.decoder_name(m), spec.options)
+    return out
+
+
+def decoders_of(model) -> dict[str, Any]:
+    """modality -> the data decoder its tower was built with."""
+    return {m: tower.backbone.ctx.decoder for m, tower in model.towers.items()}
+
+
+def pair(fmt: str, towers: dict[str, Any], image_type: str, text_type: str, what: str = "") -> tuple[str, str]:
+    """The (image, text) modalities of the first tower of each type among ``towers`` (modality ->
+    ``TowerConfig``), or the ``refusal`` saying this model has no such pair."""
+    image = next((m for m, t in towers.items() if t is not None and t.type == image_type), None)
+    text = next((m for m, t in towers.items() if t is not None and t.type == text_type), None)
+    if image is None or text is None:
+        has = ", ".join(f"{m}: {t.type if t is not None else 'none'}" for m, t in towers.items())
+        raise refusal(fmt, f"needs an {image_type} and an {text_type} tower{what}; this model has {has}")
+    return image, text
+
+
+def check_projects_itself(fmt: str, towers: dict[str, Any], modalities: tuple[str, ...], holder: str) -> None:
+    """The towers of ``modalities`` hold nothing beside the library's own modules: no head, no
+    missingness embedding (``holder`` names the library's model, for the message)."""
+    for m in modalities:
+        tower = towers[m]
+        if tower.head != "none":
+            raise refusal(fmt, f"model.towers.{m}.head is {tower.head}: a {holder} projects its features itself and "
+                               f"has no place for a head (train with head: none)")
+        if tower.missing != "mask":
+            raise refusal(fmt, f"model.towers.{m}.missing is {tower.missing}: a {holder} has no place for the "
+                               f"missingness embedding")
+
+
 def towers_of(model, types: tuple[str, ...], only=None) -> dict[str, Any]:
     """modality -> tower, for the towers whose backbone is one of ``types`` (and in ``only``)."""
     out = {}
@@ -70,16 +127,6 @@ def split_pair(towers: dict, image_type: str, text_type: str) -> tuple[Optional[
     """The modalities of the first tower of each type (None where there is none)."""
     image = next((m for m, t in towers.items() if t.backbone.registered_name == image_type), None)
     text = next((m for m, t in towers.items() if t.backbone.registered_name == text_type), None)
-    return image, text
-
-
-def export_pair(model, image_type: str, text_type: str, fmt: str, what: str = "") -> tuple[str, str]:
-    """The (image, text) modalities an export of ``fmt`` writes, or a ``ConfigError`` saying why
-    this model has no such pair."""
-    image, text = split_pair(dict(model.towers.items()), image_type, text_type)
-    if image is None or text is None:
-        has = ", ".join(f"{m}: {t.backbone.registered_name}" for m, t in model.towers.items())
-        raise ConfigError(f"--format {fmt}: needs an {image_type} and an {text_type} tower{what}; this model has {has}")
     return image, text
 
 

@@ -12,7 +12,11 @@ architecture open_clip does not ship, registered with ``open_clip.add_model_conf
 Both are built by ``open_clip.create_model(name, pretrained=None)``; their forward passes are the
 library's own. With ``head: none`` they give OpenCLIP's embeddings. Weights: ``model.init_from:
 {format: open_clip, model: NAME, path: FILE}`` (an OpenCLIP checkpoint: .safetensors, or .pt/.bin
-read with ``weights_only=True``); ``python -m pretrain.export --format open_clip`` writes one back.
+read with ``weights_only=True``); ``python -m pretrain.export --format open_clip`` writes one back in
+open_clip's own folder layout: ``open_clip_config.json`` (``model_cfg``, and the run's image
+preprocessing as ``preprocess_cfg``) beside ``open_clip_model.safetensors``, which
+``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``
+load as they are.
 Key layout: OpenCLIP's ``visual.*`` is our ``towers.<image>.backbone.visual.*``; its text keys
 (``token_embedding``, ``transformer``, ... or ``text.*``) are ``towers.<text>.backbone.model.*``;
 ``logit_scale`` / ``logit_bias`` are scalars there and of shape (1,) here.
@@ -28,9 +32,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pretrain.models.interop import FORMATS, CheckpointFormat, export_pair, load_checked, split_pair, towers_of
+from pretrain.models.interop import FORMATS, CheckpointFormat, check_projects_itself, decoders_of, load_checked, pair, \
+    refusal, split_pair, tower_configs, towers_of
 from pretrain.models.towers import TOWERS, Backbone, load_weights_file, local_path
 from pretrain.options import ConfigError, require
+from pretrain.tokenizer import is_open_clip
 
 IMAGE, TEXT = "open_clip_image", "open_clip_text"
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -141,6 +147,40 @@ class OpenClipText(Backbone):
 
 # ------------------------------------------------------------------------------ the checkpoint format
 
+RESIZE_MODES = {"center": "shortest", "squash": "squash", "border": "longest"}  # timm's crop_mode -> open_clip's
+
+
+def preprocess_cfg(image) -> dict:
+    """open_clip's ``preprocess_cfg`` (fields of its ``PreprocessCfg``) whose evaluation transform
+    gives what the image decoder gives (``image``: its ``ImageSettings``; equal tensors, since both
+    run the same torchvision and PIL operations); a setting open_clip cannot express is a
+    ``ConfigError`` naming its key."""
+    if image.crop_pct != 1:
+        raise ConfigError(f"{image.key}.crop_pct is {image.crop_pct:g}: open_clip's preprocessing has no crop "
+                          f"percentage (it resizes to the model's size: crop_pct 1)")
+    if image.interpolation not in ("bilinear", "bicubic"):
+        raise ConfigError(f"{image.key}.interpolation is {image.interpolation}: open_clip's preprocessing has "
+                          f"bilinear and bicubic only")
+    cfg = {"size": image.size, "mode": "RGB", "mean": list(image.mean), "std": list(image.std),
+           "interpolation": image.interpolation, "resize_mode": RESIZE_MODES[image.crop_mode]}
+    if image.crop_mode == "border":  # timm pads with the mean colour, open_clip with one grey level
+        fill = {round(255 * m) for m in image.mean}
+        if len(fill) != 1:
+            raise ConfigError(f"{image.key}.crop_mode is border, which pads with the mean colour "
+                              f"{[round(255 * m) for m in image.mean]}; open_clip pads with one grey level "
+                              f"(an equal mean per channel, or crop_mode center or squash)")
+        cfg["fill_color"] = fill.pop()
+    return cfg
+
+
+def check_tokenizer(text_decoder, text_cfg: dict, key: str) -> None:
+    """The text decoder's tokenizer is the one ``open_clip.get_tokenizer("local-dir:DIR")`` gives for
+    this model config (OpenAI's BPE, no extra options), or a ``ConfigError`` naming its key."""
+    spec = getattr(text_decoder.options, "tokenizer", None)
+    if spec is None or not is_open_clip(spec) or text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_kwargs"):
+        raise ConfigError(f"{key}.tokenizer is {spec!r}: open_clip loads this model with its own tokenizer "
+                          f"(OpenAI's BPE, tokenizer: open_clip), which would give other ids")
+
 
 def to_ours(state: dict[str, torch.Tensor], image: Optional[str], text: Optional[str], scales: bool) -> dict:
     """An OpenCLIP state dict in our keys (the parts of the towers named, and the scales)."""
@@ -176,6 +216,7 @@ def to_open_clip(state: dict[str, torch.Tensor], image: str, text: str) -> dict:
 @FORMATS.register("open_clip")
 class OpenClipFormat(CheckpointFormat):
     tower_types = (IMAGE, TEXT)
+    holds = f"an {IMAGE} and an {TEXT} tower of one model, head: none"
 
     def follow(self, tree: dict, init: dict) -> dict:
         tree = copy.deepcopy(tree)
@@ -231,21 +272,38 @@ class OpenClipFormat(CheckpointFormat):
             prefixes.append("logit_bias")
         load_checked(model, mapped, prefixes, f"{init.path} (open_clip {init.model})", init.path)
 
+    def check(self, cfg, decoders: dict) -> None:
+        towers = tower_configs(cfg)
+        image, text = pair("open_clip", towers, IMAGE, TEXT)
+        check_projects_itself("open_clip", towers, (image, text), "CLIP model of open_clip")
+        a, b = (towers[m].typed_options(f"model.towers.{m}") for m in (image, text))
+        if (a.model, a.model_config) != (b.model, b.model_config):
+            raise refusal("open_clip", f"the towers are of two models ({a.model}, {b.model})")
+        config = model_config(a.model, a.model_config, f"model.towers.{image}.options")
+        try:
+            preprocess_cfg(decoders[image].settings)
+            check_tokenizer(decoders[text], config["text_cfg"], f"data.modalities.{text}.options")
+        except ConfigError as err:
+            raise refusal("open_clip", str(err)) from None
+
     def export(self, model, cfg, out: Path) -> list[Path]:
+        """open_clip's folder layout: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``)
+        and ``open_clip_model.safetensors``, what ``create_model_and_transforms("local-dir:DIR")`` reads."""
         from safetensors.torch import save_file
 
-        image, text = export_pair(model, IMAGE, TEXT, "open_clip")
-        a, b = model.towers[image].backbone.options, model.towers[text].backbone.options
-        if (a.model, a.model_config) != (b.model, b.model_config):
-            raise ConfigError(f"--format open_clip: the towers are of two models ({a.model}, {b.model})")
-        config = model_config(a.model, a.model_config, f"model.towers.{image}.options")
+        decoders = decoders_of(model)
+        self.check(cfg, decoders)
+        image, text = pair("open_clip", tower_configs(cfg), IMAGE, TEXT)
+        options = model.towers[image].backbone.options
+        config = model_config(options.model, options.model_config, f"model.towers.{image}.options")
         state = to_open_clip({k: v.detach().float().contiguous() for k, v in model.inference_state_dict("open_clip").items()},
                              image, text)
         if model.logit_bias is not None:
             config["init_logit_bias"] = float(model.logit_bias.detach())
         else:  # open_clip makes a bias exactly when the config has one
             config.pop("init_logit_bias", None)
+        layout = {"model_cfg": config, "preprocess_cfg": preprocess_cfg(decoders[image].settings)}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "open_clip_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (out / "open_clip_config.json").write_text(json.dumps(layout, indent=1) + "\n")
         save_file(state, str(out / "open_clip_model.safetensors"))
         return [out / "open_clip_config.json", out / "open_clip_model.safetensors"]
