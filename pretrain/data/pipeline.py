@@ -31,10 +31,30 @@ plain JSON-compatible data; ``load_state_dict()`` on a loader built with the sam
 world size and workers makes the next ``iter()`` continue exactly where the saved one stopped:
 each worker re-reads at most its current window from the shard where it starts (without
 decoding what was already passed on), and worker roles are rotated so the batch order continues.
+
+On another layout
+-----------------
+``load_layout(states)`` takes every rank's saved state of another number of ranks or workers (or
+batch size) and gives this rank its share of what is left, by one rule (``relayout``):
+
+- epoch mode: each old slot's stream is a *virtual stream* (its old rank, worker and layout, and its
+  position). Let F be the last epoch any old stream has started reading. Every virtual stream
+  continues, with its old identity (so its shard plan and window order are the ones it had), to
+  the end of epoch F; the virtual streams are dealt to the new slots in turn (stream i to slot
+  i mod slots) and each new slot reads its virtual streams first, then its own stream from epoch
+  F + 1 on. So every sample of the epochs in progress is read exactly once (what sat in prefetch
+  queues and shuffle windows was never handed out, so it is read then), and later epochs follow
+  the new layout. A slot that had itself inherited streams passes them on unchanged; done again,
+  the rule stays exact.
+- resampled mode: the new slots start their own streams at epoch F + 1 (shards drawn as always
+  from (seed, epoch, rank, worker)), so the stream continues from the seed and where it was.
+
+The bad-data counts of the old slots go to the new rank 0's first slot (the run's totals stay).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -257,6 +277,30 @@ class Loader:
         self._batches = int(state["batches"])
         self._exhausted = False
 
+    def layout_changed(self, state: dict) -> bool:
+        """Whether a saved state of this rank comes from another layout: world size, workers or
+        batch size (``load_layout`` continues it; ``load_state_dict`` refuses it)."""
+        mine = self._identity_fields()
+        return any(state.get(k) != mine[k] for k in ("world_size", "num_workers", "batch_size"))
+
+    def load_layout(self, states: list[dict]) -> None:
+        """Continues from every rank's saved state of another layout (``relayout``: the rule in the
+        module docstring). Seed, mode, shuffle window and shard list must be the same."""
+        mine = self._identity_fields()
+        for state in states:
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a data loader state (format {state.get('format') if isinstance(state, dict) else None!r})")
+            for k in ("seed", "mode", "shuffle_buffer", "shards"):
+                if state.get(k) != mine[k]:
+                    what = "the shard list or source weights differ" if k == "shards" else f"saved {state.get(k)!r}, now {mine[k]!r}"
+                    raise ValueError(f"{self.key}: cannot resume the data position on a new layout: {k} changed ({what})")
+        spec = self.dataset.spec
+        self.close()
+        self._states = relayout(states, spec.rank, spec.world_size, self._slots)
+        self._next = 0
+        self._batches = 0
+        self._exhausted = False
+
     # -- counters
     def counters(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -472,6 +516,13 @@ def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, want
                  events: _Events) -> Iterator[RawSample]:
     """Raw samples of one slot from position ``st`` on; ``st`` is updated as samples are passed on
     (after sample i of a window, ``st['emitted'] == i + 1``)."""
+    inherited = st.get("inherited") or []
+    while inherited:  # streams of an earlier layout, each to the end of its epochs (relayout)
+        v = inherited[0]
+        until = v["until"] if spec.epochs is None else min(v["until"], spec.epochs)
+        old = dataclasses.replace(spec, rank=v["rank"], world_size=v["world_size"], epochs=until)
+        yield from slot_samples(old, v["state"], v["worker"], v["num_workers"], wanted, events)
+        inherited.pop(0)
     empty_epochs = 0
     while spec.epochs is None or st["epoch"] < spec.epochs:
         plan = slot_plan(spec, st["epoch"], worker, num_workers)
@@ -545,7 +596,56 @@ def new_slot_state() -> dict:
 def _copy_state(st: dict) -> dict:
     out = dict(st)
     out["counters"] = dict(st["counters"])
+    if st.get("inherited"):  # streams of an earlier layout this slot finishes first (see relayout)
+        out["inherited"] = [{**v, "state": _copy_state(v["state"])} for v in st["inherited"]]
     return out
+
+
+def _started(st: dict) -> bool:
+    """Whether a stream has read anything of its current epoch."""
+    return any(st[k] for k in ("window", "shard", "offset", "emitted"))
+
+
+def relayout(old: list[dict], rank: int, world_size: int, num_workers: int) -> list[dict]:
+    """This rank's new slot states from every old rank's loader state (``Loader.state_dict()``), by
+    the rule in the module docstring."""
+    old = sorted(old, key=lambda s: s["rank"])
+    if [s["rank"] for s in old] != list(range(len(old))) or any(s["world_size"] != len(old) for s in old):
+        raise ValueError(f"the saved loader states are not one per rank of one layout: ranks "
+                         f"{[s['rank'] for s in old]}, world sizes {sorted({s['world_size'] for s in old})}")
+    own = [(s, w, st) for s in old for w, st in enumerate(s["workers"])]
+    # F: the last epoch an old stream has started (a stream at the very start of an epoch has not)
+    last = max(st["epoch"] - (not _started(st)) for _, _, st in own)
+    slots = world_size * num_workers
+    mine = [rank * num_workers + w for w in range(num_workers)]
+    states = []
+    for slot in mine:
+        st = new_slot_state()
+        st["epoch"] = max(last + 1, 0)
+        states.append(st)
+    if old[0]["mode"] == "epoch":
+        streams = []
+        for s, w, st in own:
+            streams += [{**v, "state": _copy_state(v["state"])} for v in st.get("inherited") or []]
+            mine_part = {k: v for k, v in _copy_state(st).items() if k != "inherited"}
+            mine_part.update(counters={}, dropped=0, batches=0)
+            streams.append({"rank": s["rank"], "worker": w, "world_size": s["world_size"],
+                            "num_workers": s["num_workers"], "until": last + 1, "state": mine_part})
+        for i, stream in enumerate(streams):
+            if stream["state"]["epoch"] >= stream["until"]:
+                continue  # nothing left of it before the new layout takes over
+            if i % slots in mine:
+                states[mine.index(i % slots)].setdefault("inherited", []).append(stream)
+    if rank == 0:  # the run's bad-data totals stay whole
+        for _, _, st in own:
+            states[0]["dropped"] += st["dropped"]
+            for k, v in st["counters"].items():
+                states[0]["counters"][k] = states[0]["counters"].get(k, 0) + v
+            for v in st.get("inherited") or []:
+                states[0]["dropped"] += v["state"]["dropped"]
+                for k, n in v["state"]["counters"].items():
+                    states[0]["counters"][k] = states[0]["counters"].get(k, 0) + n
+    return states
 
 
 def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
