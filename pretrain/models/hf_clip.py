@@ -19,7 +19,9 @@ Their forward passes are the library's own; with ``head: none`` they give its fe
 tokenizer, context length, image size and normalisation from ``preprocessor_config.json``, SigLIP's
 loss); ``python -m pretrain.export --format hf`` writes a folder that ``CLIPModel.from_pretrained``
 (``SiglipModel``, ``AutoModel``) loads, with the run's tokenizer and an image processor made from the
-run's image decoder (``image_processor``), so ``AutoProcessor`` and ``pipeline(...)`` read them. Key layout: the HF
+run's image decoder (``image_processor``), so ``AutoProcessor`` and ``pipeline(...)`` read them; a model of
+our ``timm`` and ``text_transformer`` towers (the quickstart's) as a ``VisionTextDualEncoderModel``
+(``pretrain.models.timm_bert``) with its processor. Key layout: the HF
 model's ``vision_model.*`` / ``visual_projection.*`` are ``towers.<image>.backbone.`` + the same
 keys, ``text_model.*`` / ``text_projection.*`` ``towers.<text>.backbone.`` + them; ``logit_scale``
 (a log, like ours) and SigLIP's ``logit_bias`` are of shape (1,) here (CLIP's scale is a scalar).
@@ -477,7 +479,7 @@ class HFFormat(CheckpointFormat):
         backbone = model.towers[image].backbone
         kwargs = timm_bert.created_kwargs(tower_configs(cfg), decoders, image)
         vision = transformers.TimmWrapperConfig(architecture=backbone.options.name, hidden_size=backbone.width,
-                                                model_args=kwargs or None)
+                                                model_args=kwargs or None, num_labels=0)  # features, no classes
         config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
             vision, model.towers[text].backbone.encoder.config, projection_dim=model.embed_dim,
             logit_scale_init_value=float(weights["scales"]["logit_scale"]))

@@ -17,6 +17,9 @@ open_clip's own folder layout: ``open_clip_config.json`` (``model_cfg``, and the
 preprocessing as ``preprocess_cfg``) beside ``open_clip_model.safetensors``, which
 ``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``
 load as they are.
+A model of our ``timm`` and ``text_transformer`` towers (the quickstart's) is written as open_clip's
+``CustomTextCLIP`` (``pretrain.models.timm_bert``: its TimmModel and HFTextEncoder, the run's
+tokenizer beside them).
 Key layout: OpenCLIP's ``visual.*`` is our ``towers.<image>.backbone.visual.*``; its text keys
 (``token_embedding``, ``transformer``, ... or ``text.*``) are ``towers.<text>.backbone.model.*``;
 ``logit_scale`` / ``logit_bias`` are scalars there and of shape (1,) here.
