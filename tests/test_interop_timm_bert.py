@@ -153,6 +153,8 @@ def test_what_a_format_cannot_hold_is_refused_from_the_recipe(tmp_path):
          r"TimmModel builds one by its name alone"),
         (("data.modalities.image.options.crop_mode=border",), "hf", r"data\.modalities\.image\.options\.crop_mode is "
                                                                     r"border"),
+        (("data.modalities.title={decoder: text}",), "open_clip", r"model\.towers\.title: a CustomTextCLIP .* holds an "
+                                                                 r"image and a text tower only"),
     ]
     for overrides, fmt, message in refused:
         cfg, mods = _tiny(tmp_path, *overrides)

@@ -48,7 +48,11 @@ def check(fmt: str, towers: dict[str, Any], decoders: dict[str, Any], image: str
           holder: str) -> None:
     """What every format asks of this pair, from the recipe alone (a ``refusal`` otherwise): bias-free
     linear heads, no missingness embedding, a text pooling among ``poolings`` (ours -> how the
-    library names it, for the message), a tokenizer transformers can read (``byte`` or a folder)."""
+    library names it, for the message), a tokenizer transformers can read (``byte`` or a folder),
+    no third tower."""
+    others = [m for m, t in towers.items() if t is not None and m not in (image, text)]
+    if others:
+        raise refusal(fmt, f"model.towers.{others[0]}: a {holder} holds an image and a text tower only")
     for m in (image, text):
         tower = towers[m]
         if tower.head != "linear":
