@@ -8,7 +8,9 @@ instead (``open_clip_config.json`` with ``model_cfg`` and the run's ``preprocess
 ``open_clip_model.safetensors``: ``open_clip.create_model_and_transforms("local-dir:DIR")``),
 ``--format hf`` a ``save_pretrained`` folder of transformers (CLIPModel or SiglipModel, with the run's
 tokenizer and image processor: ``AutoProcessor``, ``pipeline``), for models whose towers have those
-architectures (``pretrain.models.interop``). A model or preprocessing a format cannot hold is refused
+architectures (``pretrain.models.interop``) and for a timm + text_transformer model such as the
+quickstart's (open_clip's CustomTextCLIP, transformers' VisionTextDualEncoderModel:
+``pretrain.models.timm_bert``). A model or preprocessing a format cannot hold is refused
 with the reason and every format, before the checkpoint's weights are read. Then::
 
     from pretrain.export import Embedder

@@ -31,6 +31,34 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+SPECIAL = ("[PAD]", "[BOS]", "[EOS]")  # PAD, BOS, EOS in a transformers tokenizer of the byte tokenizer
+
+
+def byte_tokenizer_for_transformers(context_length: int):
+    """The byte tokenizer as a transformers tokenizer (a ``tokenizers`` model, saved as
+    ``tokenizer.json``): each UTF-8 byte is its own token (the byte-level alphabet as vocabulary,
+    no merges: byte b -> b + 3), texts become ``[BOS] bytes [EOS]``, pad id 0, and truncation to
+    ``context_length`` keeps BOS and EOS, so ``tok(text, truncation=True, padding="max_length")``
+    gives ``ByteTokenizer(context_length).encode(text)`` and its mask, for any text. Special-token
+    names in a text are bytes like any other (``split_special_tokens``)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()  # byte -> the printable character byte-level tokenizers name it by
+    vocab = {name: i for i, name in enumerate(SPECIAL)}
+    vocab.update({chars[b]: b + _OFFSET for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # bytes, unsplit
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True) for name in SPECIAL])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL[BOS]} $A {SPECIAL[EOS]}", special_tokens=[(SPECIAL[BOS], BOS), (SPECIAL[EOS], EOS)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIAL[PAD], bos_token=SPECIAL[BOS], eos_token=SPECIAL[EOS],
+        model_max_length=context_length, split_special_tokens=True, model_input_names=["input_ids", "attention_mask"])
+
+
 class HFTokenizer:
     """A transformers tokenizer from a local folder, with the ByteTokenizer's interface: ``encode``
     gives (context_length,) ids, truncated and right-padded; ``pad_id``; ``vocab_size``; ``eos_id``,

@@ -35,7 +35,7 @@ __all__ = [
     "heldout_images", "image_decoder",
     "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
-    "write_shard",
+    "write_shard", "libraries_agree",
 ]
 
 # ------------------------------------------------------------------------------------- processes
@@ -417,3 +417,69 @@ def readme_block(fragment: str, path: Path | None = None) -> ReadmeBlock:
     found = [b for b in readme_blocks(path) if fragment in b.first]
     assert len(found) == 1, f"README blocks starting with {fragment!r}: {found}"
     return found[0]
+
+
+# ------------------------------------------------------------------------ the field's libraries on an export
+
+
+def libraries_agree(ckpt: Path, open_clip_dir: Path, hf_dir: Path, paths: list[Path], labels: list[int],
+                    classnames: list[str], templates: list[str], elsewhere: Path) -> dict[str, float]:
+    """The checkpoint ``ckpt`` exported with ``--format open_clip`` to ``open_clip_dir`` and with
+    ``--format hf`` to ``hf_dir``: run from the folder ``elsewhere``, each library's own loader,
+    tokenizer and preprocessing of the raw image files ``paths`` (``labels``: -1 for one that is not
+    held out) give our embeddings (cos >= 0.9999) of every image and prompt (``classnames`` x
+    ``templates``) and our zero-shot prediction (the prompts' mean per class) on every held-out
+    image: open_clip's ``local-dir:`` loader with its ``build_zero_shot_classifier``; transformers'
+    ``AutoModel`` with ``AutoProcessor``, and the ``zero-shot-image-classification`` pipeline per
+    template. Returns each one's zero-shot top-1 on the held-out images."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    from pretrain.config import load_config
+    from pretrain.data import build_modalities
+    from pretrain.export import Embedder, consolidated_state_dict, model_from_state
+
+    cfg = load_config(Path(ckpt).parents[1] / "config.yaml")
+    mods = build_modalities(cfg.data, train=False)
+    emb = Embedder(model_from_state(cfg, consolidated_state_dict(ckpt), mods), cfg, mods)
+    prompts = [t.format(c) for c in classnames for t in templates]
+    images, texts = emb.embed_images(paths), emb.embed_texts(prompts)
+    held = torch.tensor([label >= 0 for label in labels])
+    truth = torch.tensor(labels)[held]
+
+    def classes(prompt_features):  # (classes, d): the mean over templates, renormalised (as ours)
+        per_class = F.normalize(prompt_features, dim=-1).reshape(len(classnames), len(templates), -1)
+        return F.normalize(per_class.mean(1), dim=-1)
+
+    ours = (images @ classes(texts).T).argmax(1)[held]
+    found = {}
+
+    def agree(name, lib_images, lib_texts, lib_classes):
+        assert float(F.cosine_similarity(lib_images, images).min()) >= 0.9999, name
+        assert float(F.cosine_similarity(lib_texts, texts).min()) >= 0.9999, name
+        predicted = (F.normalize(lib_images, dim=-1) @ lib_classes.T).argmax(1)[held]
+        assert torch.equal(predicted, ours), (name, predicted, ours)
+        found[name] = float((predicted == truth).float().mean())
+
+    pictures = [Image.open(p) for p in paths]
+    with contextlib.chdir(elsewhere), torch.no_grad():
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+        model.eval()  # open_clip leaves it in training mode
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
+        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
+        agree("open_clip", model.encode_image(torch.stack([preprocess(p) for p in pictures]), normalize=True),
+              model.encode_text(tokenizer(prompts), normalize=True), classifier.T)
+
+        model, processor = AutoModel.from_pretrained(hf_dir).eval(), AutoProcessor.from_pretrained(hf_dir)
+        lib = model(**processor(text=prompts, images=pictures, padding=True, truncation=True, return_tensors="pt"))
+        agree("transformers", lib.image_embeds, lib.text_embeds, classes(lib.text_embeds))
+
+        classify = pipeline("zero-shot-image-classification", model=str(hf_dir))
+        kept = [str(p) for p, h in zip(paths, held.tolist()) if h]
+        for i, template in enumerate(templates):
+            ranked = classify(kept, candidate_labels=classnames, hypothesis_template=template, batch_size=64)
+            mine = (images @ texts[i::len(templates)].T).argmax(1)[held]  # prompts are class-major
+            assert [r[0]["label"] for r in ranked] == [classnames[j] for j in mine.tolist()], template
+    return found

@@ -19,7 +19,9 @@ Their forward passes are the library's own; with ``head: none`` they give its fe
 tokenizer, context length, image size and normalisation from ``preprocessor_config.json``, SigLIP's
 loss); ``python -m pretrain.export --format hf`` writes a folder that ``CLIPModel.from_pretrained``
 (``SiglipModel``, ``AutoModel``) loads, with the run's tokenizer and an image processor made from the
-run's image decoder (``image_processor``), so ``AutoProcessor`` and ``pipeline(...)`` read them. Key layout: the HF
+run's image decoder (``image_processor``), so ``AutoProcessor`` and ``pipeline(...)`` read them; a model of
+our ``timm`` and ``text_transformer`` towers (the quickstart's) as a ``VisionTextDualEncoderModel``
+(``pretrain.models.timm_bert``) with its processor. Key layout: the HF
 model's ``vision_model.*`` / ``visual_projection.*`` are ``towers.<image>.backbone.`` + the same
 keys, ``text_model.*`` / ``text_projection.*`` ``towers.<text>.backbone.`` + them; ``logit_scale``
 (a log, like ours) and SigLIP's ``logit_bias`` are of shape (1,) here (CLIP's scale is a scalar).
@@ -37,6 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from pretrain.models import timm_bert
 from pretrain.models.config import ModelConfig
 from pretrain.models.interop import FORMATS, CheckpointFormat, check_projects_itself, decoders_of, load_checked, pair, \
     refusal, tower_configs, towers_of
@@ -311,10 +314,22 @@ def peek_logit_scale(folder: Path) -> Optional[float]:
         return float(f.get_tensor("logit_scale").reshape(-1)[0]) if "logit_scale" in f.keys() else None
 
 
+TIMM_BERT = "VisionTextDualEncoderModel (TimmWrapperModel + BertModel)"
+
+
+def timm_bert_pair(towers: dict) -> Optional[tuple[str, str]]:
+    """The (image, text) modalities of a timm + text_transformer model (``pretrain.models.timm_bert``)
+    this format writes as a VisionTextDualEncoderModel; None for a model of CLIP or SigLIP towers."""
+    if any(t is not None and t.type in (IMAGE, TEXT) for t in towers.values()):
+        return None
+    return timm_bert.find_pair(towers)
+
+
 @FORMATS.register("hf")
 class HFFormat(CheckpointFormat):
     tower_types = (IMAGE, TEXT)
-    holds = f"an {IMAGE} and an {TEXT} tower of one CLIPModel or SiglipModel, head: none"
+    holds = (f"an {IMAGE} and an {TEXT} tower of one CLIPModel or SiglipModel, head: none; or {timm_bert.WHAT} "
+             f"(pooling: pooler), head: linear, as a VisionTextDualEncoderModel")
 
     def follow(self, tree: dict, init: dict) -> dict:
         tree = copy.deepcopy(tree)
@@ -384,7 +399,17 @@ class HFFormat(CheckpointFormat):
 
     def check(self, cfg, decoders: dict) -> None:
         towers = tower_configs(cfg)
-        image, text = pair("hf", towers, IMAGE, TEXT, " of one CLIPModel or SiglipModel")
+        found = timm_bert_pair(towers)
+        if found is not None:
+            image, text = found
+            timm_bert.check("hf", towers, decoders, image, text, {"pooler": "BERT's pooler"}, TIMM_BERT)
+            try:
+                image_processor(decoders[image].settings)
+            except ConfigError as err:
+                raise refusal("hf", str(err)) from None
+            return
+        image, text = pair("hf", towers, IMAGE, TEXT, f" of one CLIPModel or SiglipModel, or {timm_bert.WHAT} (a "
+                                                      f"VisionTextDualEncoderModel)")
         a, b = (towers[m].typed_options(f"model.towers.{m}") for m in (image, text))
         if (a.path, a.config) != (b.path, b.config):
             raise refusal("hf", f"the towers are of two models ({a.path or a.config}, {b.path or b.config}); one "
@@ -412,6 +437,9 @@ class HFFormat(CheckpointFormat):
 
         decoders = decoders_of(model)
         self.check(cfg, decoders)
+        found = timm_bert_pair(tower_configs(cfg))
+        if found is not None:
+            return self.export_timm_bert(model, cfg, out, *found)
         image, text = pair("hf", tower_configs(cfg), IMAGE, TEXT)
         a = model.towers[image].backbone.options
         hf_cfg, name = hf_config(a.path, a.config, f"model.towers.{image}.options", vocab_of(decoders[text].tokenizer))
@@ -433,10 +461,37 @@ class HFFormat(CheckpointFormat):
                 hf.logit_bias.copy_(bias.reshape(hf.logit_bias.shape))
         out.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(str(out))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(decoders[text].options.tokenizer, local_files_only=True)
-        if tokenizer.pad_token_id is None:  # as the text decoder pads (pretrain.tokenizer.HFTokenizer)
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.model_max_length = cfg.data.context_length  # truncation=True cuts where ours does
-        tokenizer.save_pretrained(str(out))
+        timm_bert.transformers_tokenizer(decoders[text], cfg.data.context_length).save_pretrained(str(out))
         image_processor(decoders[image].settings, PROCESSORS[name]).save_pretrained(str(out))
+        return sorted(out.iterdir())
+
+    def export_timm_bert(self, model, cfg, out: Path, image: str, text: str) -> list[Path]:
+        """A ``save_pretrained`` folder of a VisionTextDualEncoderModel (a TimmWrapperModel of the timm
+        model, the BertModel, bias-free projections) with its processor: the run's tokenizer and a
+        CLIPImageProcessor made from the run's image decoder."""
+        import transformers
+
+        decoders = decoders_of(model)
+        if model.logit_bias is not None:
+            raise refusal("hf", "a VisionTextDualEncoderModel has no logit_bias, and this model learned one (loss "
+                                "siglip)")
+        weights = timm_bert.parts("hf", model, image, text)
+        backbone = model.towers[image].backbone
+        kwargs = timm_bert.created_kwargs(tower_configs(cfg), decoders, image)
+        vision = transformers.TimmWrapperConfig(architecture=backbone.options.name, hidden_size=backbone.width,
+                                                model_args=kwargs or None, num_labels=0)  # features, no classes
+        config = transformers.VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision, model.towers[text].backbone.encoder.config, projection_dim=model.embed_dim,
+            logit_scale_init_value=float(weights["scales"]["logit_scale"]))
+        hf = transformers.VisionTextDualEncoderModel(config).float()
+        state = {**{f"vision_model.timm_model.{k}": v for k, v in weights["timm"].items()},
+                 "visual_projection.weight": weights["image_proj"]["weight"],
+                 **{f"text_model.{k}": v for k, v in weights["bert"].items()},
+                 "text_projection.weight": weights["text_proj"]["weight"], "logit_scale": weights["scales"]["logit_scale"]}
+        hf.load_state_dict(state, strict=True)
+        out.mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(out))
+        transformers.VisionTextDualEncoderProcessor(
+            image_processor=image_processor(decoders[image].settings, "CLIPImageProcessor"),
+            tokenizer=timm_bert.transformers_tokenizer(decoders[text], cfg.data.context_length)).save_pretrained(str(out))
         return sorted(out.iterdir())

@@ -17,6 +17,9 @@ open_clip's own folder layout: ``open_clip_config.json`` (``model_cfg``, and the
 preprocessing as ``preprocess_cfg``) beside ``open_clip_model.safetensors``, which
 ``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``
 load as they are.
+A model of our ``timm`` and ``text_transformer`` towers (the quickstart's) is written as open_clip's
+``CustomTextCLIP`` (``pretrain.models.timm_bert``: its TimmModel and HFTextEncoder, the run's
+tokenizer beside them).
 Key layout: OpenCLIP's ``visual.*`` is our ``towers.<image>.backbone.visual.*``; its text keys
 (``token_embedding``, ``transformer``, ... or ``text.*``) are ``towers.<text>.backbone.model.*``;
 ``logit_scale`` / ``logit_bias`` are scalars there and of shape (1,) here.
@@ -32,6 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pretrain.models import timm_bert
 from pretrain.models.interop import FORMATS, CheckpointFormat, check_projects_itself, decoders_of, load_checked, pair, \
     refusal, split_pair, tower_configs, towers_of
 from pretrain.models.towers import TOWERS, Backbone, load_weights_file, local_path
@@ -213,10 +217,24 @@ def to_open_clip(state: dict[str, torch.Tensor], image: str, text: str) -> dict:
     return out
 
 
+# our text_transformer's pooling -> open_clip's HFTextEncoder pooler doing the same
+POOLERS = {"pooler": "cls_pooler", "cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}
+TIMM_BERT = "CustomTextCLIP of open_clip (TimmModel + HFTextEncoder)"
+
+
+def timm_bert_pair(towers: dict) -> Optional[tuple[str, str]]:
+    """The (image, text) modalities of a timm + text_transformer model (``pretrain.models.timm_bert``)
+    this format writes as open_clip's CustomTextCLIP; None for a model of open_clip's own towers."""
+    if any(t is not None and t.type in (IMAGE, TEXT) for t in towers.values()):
+        return None
+    return timm_bert.find_pair(towers)
+
+
 @FORMATS.register("open_clip")
 class OpenClipFormat(CheckpointFormat):
     tower_types = (IMAGE, TEXT)
-    holds = f"an {IMAGE} and an {TEXT} tower of one model, head: none"
+    holds = (f"an {IMAGE} and an {TEXT} tower of one model, head: none; or {timm_bert.WHAT} (pooling "
+             f"{', '.join(POOLERS)}), head: linear")
 
     def follow(self, tree: dict, init: dict) -> dict:
         tree = copy.deepcopy(tree)
@@ -274,7 +292,10 @@ class OpenClipFormat(CheckpointFormat):
 
     def check(self, cfg, decoders: dict) -> None:
         towers = tower_configs(cfg)
-        image, text = pair("open_clip", towers, IMAGE, TEXT)
+        found = timm_bert_pair(towers)
+        if found is not None:
+            return self.check_timm_bert(towers, decoders, *found)
+        image, text = pair("open_clip", towers, IMAGE, TEXT, f", or {timm_bert.WHAT}")
         check_projects_itself("open_clip", towers, (image, text), "CLIP model of open_clip")
         a, b = (towers[m].typed_options(f"model.towers.{m}") for m in (image, text))
         if (a.model, a.model_config) != (b.model, b.model_config):
@@ -286,6 +307,57 @@ class OpenClipFormat(CheckpointFormat):
         except ConfigError as err:
             raise refusal("open_clip", str(err)) from None
 
+    def check_timm_bert(self, towers: dict, decoders: dict, image: str, text: str) -> None:
+        timm_bert.check("open_clip", towers, decoders, image, text, POOLERS, TIMM_BERT)
+        kwargs = timm_bert.created_kwargs(towers, decoders, image)
+        if kwargs:
+            raise refusal("open_clip", f"model.towers.{image}.options: the timm model is built with {kwargs}, and "
+                                       f"open_clip's TimmModel builds one by its name alone")
+        tok = decoders[text].tokenizer
+        if getattr(tok, "eos_id", None) is not None and tok.eos_id == tok.pad_id:
+            raise refusal("open_clip", f"data.modalities.{text}.options.tokenizer pads with its end token, which "
+                                       f"open_clip's HFTextEncoder masks out everywhere, the end of each text too "
+                                       f"(a tokenizer with a pad token of its own)")
+        try:
+            preprocess_cfg(decoders[image].settings)
+        except ConfigError as err:
+            raise refusal("open_clip", str(err)) from None
+
+    def export_timm_bert(self, model, cfg, out: Path, image: str, text: str) -> list[Path]:
+        """A CustomTextCLIP's folder: ``open_clip_config.json`` whose ``text_cfg`` names the BERT's config
+        (``text_model/``) and the tokenizer (the folder itself) by absolute path, as open_clip resolves
+        ``hf_model_name`` from the working directory; the run's tokenizer (``tokenizer.json``, ...)."""
+        from safetensors.torch import save_file
+
+        decoders = decoders_of(model)
+        weights = timm_bert.parts("open_clip", model, image, text)
+        state = {**{f"visual.trunk.{k}": v for k, v in weights["timm"].items()},
+                 "visual.head.proj.weight": weights["image_proj"]["weight"],
+                 **{f"text.transformer.{k}": v for k, v in weights["bert"].items()},
+                 "text.proj.weight": weights["text_proj"]["weight"], **weights["scales"]}
+        out.mkdir(parents=True, exist_ok=True)
+        home = out.resolve()
+        bert = model.towers[text].backbone.encoder.config
+        bert.save_pretrained(str(home / "text_model"))
+        timm_bert.transformers_tokenizer(decoders[text], cfg.data.context_length).save_pretrained(str(home))
+        settings = decoders[image].settings
+        model_cfg = {
+            "embed_dim": model.embed_dim,
+            "vision_cfg": {"timm_model_name": model.towers[image].backbone.options.name, "timm_model_pretrained": False,
+                           "timm_pool": "", "timm_proj": "linear", "timm_proj_bias": False,  # the model's own pooling
+                           "image_size": settings.size},
+            "text_cfg": {"hf_model_name": str(home / "text_model"), "hf_model_pretrained": False,
+                         "hf_tokenizer_name": str(home), "hf_pooler_type": POOLERS[model.towers[text].backbone.options.pooling],
+                         "hf_proj_type": "linear", "context_length": cfg.data.context_length},
+        }
+        if "logit_bias" in weights["scales"]:
+            model_cfg["init_logit_bias"] = float(weights["scales"]["logit_bias"])
+        layout = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(settings)}
+        (out / "open_clip_config.json").write_text(json.dumps(layout, indent=1) + "\n")
+        save_file(state, str(out / "open_clip_model.safetensors"))
+        library("--format open_clip").create_model(f"local-dir:{home}")  # open_clip's strict load, at once
+        return sorted(out.iterdir())
+
     def export(self, model, cfg, out: Path) -> list[Path]:
         """open_clip's folder layout: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``)
         and ``open_clip_model.safetensors``, what ``create_model_and_transforms("local-dir:DIR")`` reads."""
@@ -293,6 +365,9 @@ class OpenClipFormat(CheckpointFormat):
 
         decoders = decoders_of(model)
         self.check(cfg, decoders)
+        found = timm_bert_pair(tower_configs(cfg))
+        if found is not None:
+            return self.export_timm_bert(model, cfg, out, *found)
         image, text = pair("open_clip", tower_configs(cfg), IMAGE, TEXT)
         options = model.towers[image].backbone.options
         config = model_config(options.model, options.model_config, f"model.towers.{image}.options")

@@ -161,11 +161,7 @@ class TimmBackbone(Backbone):
         key = f"{ctx.key}.options"
         if not timm.is_model(options.name):
             raise ConfigError(f"{key}.name: timm has no model {options.name!r}")
-        kwargs = dict(options.kwargs)
-        shape = ctx.input_shape
-        cfg = timm.get_pretrained_cfg(options.name)
-        if cfg is not None and getattr(cfg, "fixed_input_size", False) and shape and len(shape) == 3:
-            kwargs.setdefault("img_size", tuple(shape[1:]))  # ViTs are built for one input size
+        kwargs = timm_kwargs(options, ctx.input_shape)
         try:
             self.model = timm.create_model(options.name, pretrained=False, num_classes=0, **kwargs)
         except TypeError as err:
@@ -196,6 +192,18 @@ class TimmBackbone(Backbone):
         self.model.set_grad_checkpointing(enabled)
 
 
+def timm_kwargs(options, input_shape: Optional[tuple[int, ...]]) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments a ``timm`` tower adds to its name (besides ``pretrained``
+    and ``num_classes``): its ``kwargs``, and the input size of models built for one (ViTs)."""
+    import timm
+
+    kwargs = dict(options.kwargs)
+    cfg = timm.get_pretrained_cfg(options.name)
+    if cfg is not None and getattr(cfg, "fixed_input_size", False) and input_shape and len(input_shape) == 3:
+        kwargs.setdefault("img_size", tuple(input_shape[1:]))  # ViTs are built for one input size
+    return kwargs
+
+
 def _is_classifier(name: str) -> bool:
     return name.split(".")[0] in ("fc", "head", "classifier", "last_linear") or name.startswith("head.fc")
 
@@ -205,7 +213,10 @@ def _is_classifier(name: str) -> bool:
 
 @register_tower("text_transformer")
 class TextTransformer(Backbone):
-    """A BERT-style encoder (transformers' BertModel) built from sizes, random init."""
+    """A BERT-style encoder (transformers' BertModel) built from sizes, random init. Pooling: the
+    first token's output (``cls``), the mean over the text (``mean``), its last token (``last``), or
+    BERT's pooler (``pooler``: dense + tanh over the first token, the layer built only then), which
+    is how transformers' ``VisionTextDualEncoderModel`` and open_clip's ``cls_pooler`` pool a BERT."""
 
     @dataclass
     class Options:
@@ -213,7 +224,7 @@ class TextTransformer(Backbone):
         layers: int = 2
         heads: int = 4
         mlp_ratio: float = 4.0
-        pooling: Literal["cls", "mean", "last"] = "cls"
+        pooling: Literal["cls", "mean", "last", "pooler"] = "cls"
         dropout: float = 0.0
 
     def __init__(self, options, ctx):
@@ -240,15 +251,16 @@ class TextTransformer(Backbone):
             attention_probs_dropout_prob=options.dropout,
             attn_implementation="sdpa",  # fused scaled-dot-product attention
         )
+        pooler = options.pooling == "pooler"  # its weights only then: the state dicts of other poolings stay as they were
         if building_partitioned():  # train.zero3_init: transformers initialises once the parameters are whole
             from transformers.initialization import no_init_weights
 
             with no_init_weights():
-                self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
+                self.encoder = BertModel(hf_cfg, add_pooling_layer=pooler)
             with gathered(self.encoder):
                 self.encoder.init_weights()
         else:
-            self.encoder = BertModel(hf_cfg, add_pooling_layer=False)
+            self.encoder = BertModel(hf_cfg, add_pooling_layer=pooler)
         self.width = options.width
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -256,8 +268,10 @@ class TextTransformer(Backbone):
         # a 4-D mask as transformers takes it as it is: from a 2-D one it would first ask the device
         # whether every token is kept (a host read each step)
         mask = attn[:, None, None, :].bool().expand(-1, 1, ids.shape[1], -1)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return _pool(hidden, attn, self.options.pooling)
+        out = self.encoder(input_ids=ids, attention_mask=mask)
+        if self.options.pooling == "pooler":
+            return out.pooler_output
+        return _pool(out.last_hidden_state, attn, self.options.pooling)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         _hf_grad_checkpointing(self.encoder, enabled, self.ctx.key)
