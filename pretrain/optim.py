@@ -50,6 +50,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def optimized_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters the optimizer holds, in its order (groups, then position)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":
