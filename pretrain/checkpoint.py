@@ -93,6 +93,22 @@ def latest_complete(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def previous_global_batch(cfg: CheckpointConfig, ckpt_dir: Path) -> Optional[int]:
+    """The global batch (samples per optimizer step) of the checkpoint ``train.resume`` would pick
+    (the newest complete one under ``auto``), from its DeepSpeed config; None on a fresh start."""
+    if cfg.resume == "none":
+        return None
+    folder = Path(cfg.resume) if cfg.resume != "auto" else latest_complete(ckpt_dir)
+    if folder is None or not is_complete(folder):
+        return None
+    from pretrain.layout import saved_layout
+
+    try:
+        return saved_layout(folder).global_batch
+    except (OSError, RuntimeError, ValueError):
+        return None  # a damaged folder: the resume names it
+
+
 class CheckpointError(RuntimeError):
     """A folder is not the checkpoint, run or export it was given as."""
 
@@ -241,12 +257,20 @@ def load(engine, folder: Path, rank: int) -> tuple[int, dict]:
 class Checkpointer:
     """Saves and resumes one run's checkpoints; decides itself which steps save.
 
-    ``state`` is the run's training state: ``state.step`` and ``state_dict()`` /
-    ``load_state_dict()`` (``pretrain.trainer.TrainState``)."""
+    ``engine`` is a ``pretrain.engine.Engine``; ``state`` the run's training state: ``state.step``,
+    ``state_dict()`` / ``load_state_dict()``, ``layout_changed(saved)`` and ``load_layout(every
+    rank's saved, step)`` (``pretrain.trainer.TrainState``).
+
+    A checkpoint of the same layout (world size, ZeRO stage, loader workers) loads as DeepSpeed
+    wrote it, bit for bit. One of another layout is read by parameter name and put into this
+    engine (``pretrain.layout``), and the data position of every old rank is dealt to the new ones
+    (``pretrain.data.pipeline.relayout``)."""
 
     def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int):
-        self.cfg, self.dir, self.engine, self.rank = cfg, Path(ckpt_dir), engine, rank
+        self.cfg, self.dir, self.rank = cfg, Path(ckpt_dir), rank
+        self.engine, self.bundle = engine.ds, engine
         self.last_saved: Optional[int] = None
+        self.changed_layout: Optional[str] = None  # "ZeRO-2 x 2 ranks -> ZeRO-3 x 4 ranks", after such a resume
 
     def resume_folder(self) -> Optional[Path]:
         """The checkpoint to resume from, its files checked (collective): under ``auto`` the newest
@@ -282,13 +306,36 @@ class Checkpointer:
         folder = self.resume_folder()
         if folder is None:
             return None
-        try:
-            step, saved = load(self.engine, folder, self.rank)
-        except FileNotFoundError as err:
-            raise RuntimeError(f"cannot resume from {folder}: {err} (was it written by another world size?)") from None
-        state.load_state_dict({**saved, "step": step})
+        from pretrain.layout import saved_layout
+
+        old, world, stage = saved_layout(folder), world_size(), self.engine.zero_optimization_stage()
+        if (old.world_size, old.zero_stage) == (world, stage):
+            # our own file, written by this code: not a stranger's shard, so a full unpickle is fine
+            mine = torch.load(folder / f"rank{self.rank:05d}.pt", weights_only=False)
+            if not state.layout_changed(mine):
+                step, saved = load(self.engine, folder, self.rank)
+                state.load_state_dict({**saved, "step": step})
+                self.last_saved = step
+                return folder
+            self.engine.load_checkpoint(str(folder.parent), tag=folder.name)  # the data's layout alone changed
+        else:
+            self._load_other_layout(folder)
+            self.changed_layout = f"ZeRO-{old.zero_stage} x {old.world_size} ranks -> ZeRO-{stage} x {world} ranks"
+        step = checkpoint_step(folder)
+        saved = [torch.load(folder / f"rank{r:05d}.pt", weights_only=False) for r in range(old.world_size)]
+        state.load_layout(saved, step)
         self.last_saved = step
         return folder
+
+    def _load_other_layout(self, folder: Path) -> None:
+        from pretrain.layout import load_full_state, read_full_state
+        from pretrain.optim import optimized_names
+
+        try:
+            full = read_full_state(folder, self.dir, optimized_names(self.engine.module))
+            load_full_state(self.bundle, full)
+        except (ValueError, FileNotFoundError) as err:
+            raise RuntimeError(f"cannot resume from {folder} on this layout: {err}") from None
 
     def due(self, step: int) -> bool:
         """Whether ``save`` at ``step`` writes a periodic checkpoint."""

@@ -20,6 +20,7 @@ import argparse
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ class SavedLayout:
     zero_stage: int
     world_size: int
     precision: str
+    global_batch: Optional[int] = None  # samples per optimizer step (DeepSpeed's train_batch_size)
 
 
 def _model_states(folder: Path) -> dict:
@@ -48,7 +50,8 @@ def saved_layout(folder: Path) -> SavedLayout:
     ds = states.get("ds_config") or {}
     stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
     precision = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
-    return SavedLayout(stage, int(states.get("dp_world_size", 1)), precision)
+    batch = ds.get("train_batch_size")
+    return SavedLayout(stage, int(states.get("dp_world_size", 1)), precision, int(batch) if batch else None)
 
 
 @dataclass
@@ -66,7 +69,7 @@ class FullState:
 
 
 def read_full_state(folder: Path, scratch: Path, optimized: list[str]) -> FullState:
-    """Collective (every rank calls it): ``folder``'s state by parameter name; ``scratch`` is a
+    """Collective where torch.distributed is initialised (every rank calls it): ``folder``'s state by parameter name; ``scratch`` is a
     folder rank 0 may fill and remove (the universal conversion of ZeRO 1-3 files); ``optimized``:
     the names of the parameters in the optimizer's order (``pretrain.optim.optimized_names``), which
     names a ZeRO-0 checkpoint's optimizer state (kept by position)."""
@@ -84,18 +87,24 @@ def read_full_state(folder: Path, scratch: Path, optimized: list[str]) -> FullSt
         params, moments, steps = _zero0(states, optimized)
         return FullState(params, buffers, moments, optimizer_steps=steps, **common)
     universal = Path(scratch) / f"{folder.name}.universal"
-    if dist.get_rank() == 0:
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    if lead:
         shutil.rmtree(universal, ignore_errors=True)
         _convert(folder, universal)
-    dist.barrier()
+    _barrier()
     try:
         params, moments, steps = _read_universal(universal / "zero")
         params = {k: v for k, v in params.items() if k not in buffer_names}  # (the converter writes buffers too)
     finally:
-        dist.barrier()  # every rank has read it
-        if dist.get_rank() == 0:
+        _barrier()  # every rank has read it
+        if lead:
             shutil.rmtree(universal, ignore_errors=True)
     return FullState(params, buffers, moments, optimizer_steps=steps, **common)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _zero0(states: dict, names: list[str]) -> tuple[dict, dict, float]:

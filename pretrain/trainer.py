@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pretrain.checkpoint import CheckpointConfig, Checkpointer
+from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch
 from pretrain.data import Loader, build_modalities, make_loader
 from pretrain.distributed import (
     StopSignal,
@@ -123,6 +123,23 @@ class TrainState:
         self.loader.load_state_dict(state["loader"])  # the data stream continues where it stopped
         set_rng_state(state["rng"])
 
+    def layout_changed(self, state: dict) -> bool:
+        """Whether this rank's saved state comes from another number of ranks or loader workers."""
+        return self.loader.layout_changed(state["loader"])
+
+    def load_layout(self, saved: list[dict], step: int) -> None:
+        """Continues from every old rank's saved state on this layout: the step and skip counters
+        (the same on every rank), the data position dealt to the new ranks
+        (``pretrain.data.pipeline.relayout``), the random streams of the rank of the same number
+        where there was one."""
+        self.step = step
+        self.skipped_steps = int(saved[0].get("skipped_steps", 0))
+        self.nonfinite_in_row = int(saved[0].get("nonfinite_in_row", 0))
+        self.loader.load_layout([s["loader"] for s in saved])
+        rank = self.loader.dataset.spec.rank
+        if rank < len(saved):
+            set_rng_state(saved[rank]["rng"])
+
 
 class StepLogger:
     """Logs every ``train.log_every`` steps and the last: the rank-mean loss and its terms, the
@@ -210,18 +227,38 @@ def _refuse_own_weights_when_partitioned(cfg) -> None:
                               f"partitioned build cannot; use model.init_from, or train.zero3_init=false")
 
 
+def _fit_global_batch(t: TrainConfig, world: int, before: Optional[int]) -> str:
+    """``train.global_batch_size``: checked on a fresh start; on a resume (``before``: the global batch
+    of the checkpoint resumed) a target, kept on another number of ranks by the accumulation steps
+    (the micro-batch, hence the memory, stays). Returns what the start line should say ("" if
+    nothing changed)."""
+    now = t.micro_batch_size * t.grad_accumulation_steps * world
+    if not t.global_batch_size:
+        return f"global batch {before} -> {now}" if before is not None and before != now else ""
+    if t.global_batch_size == now:
+        return ""
+    per = t.micro_batch_size * world
+    if before is None or t.global_batch_size % per:
+        how = (f"on resume it is kept by train.grad_accumulation_steps, which needs a multiple of micro_batch_size "
+               f"{t.micro_batch_size} x world size {world} = {per}" if before is not None else
+               f"micro_batch_size {t.micro_batch_size} x grad_accumulation_steps {t.grad_accumulation_steps} x world "
+               f"size {world} = {now}")
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} asked, but {how}")
+    old = t.grad_accumulation_steps
+    t.grad_accumulation_steps = t.global_batch_size // per
+    return (f"global batch {t.global_batch_size} kept: train.grad_accumulation_steps {old} -> "
+            f"{t.grad_accumulation_steps} on {world} ranks")
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.train
         self.info = info = init_distributed(timeout=2 * t.collective_timeout or None)
         self.rank, self.world = info.rank, info.world_size
         self.heartbeat = Heartbeat(self.rank, self.world, t.collective_timeout).start()  # a hung rank ends the job
-        self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
-        if t.global_batch_size and t.global_batch_size != self.global_batch:
-            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} asked, but micro_batch_size "
-                              f"{t.micro_batch_size} x grad_accumulation_steps {t.grad_accumulation_steps} x world "
-                              f"size {self.world} = {self.global_batch}")
         self.out = Path(cfg.output_dir)
+        self.batch_note = _fit_global_batch(t, self.world, previous_global_batch(t, self.out / "checkpoints"))
+        self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
         self._prepare_run_folder()
         self.stop_signal = StopSignal()
         self.stopped_by: Optional[str] = None  # set when a signal ended the run before its last step
@@ -235,7 +272,7 @@ class Trainer:
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)
         self.state = TrainState(self.loader)
-        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine.ds, self.rank)
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
@@ -367,6 +404,10 @@ class Trainer:
         if self.rank == 0:
             t = self.cfg.train
             resumed = f" resumed_from={self.resumed_from} at step {self.state.step}" if self.resumed_from else ""
+            if self.checkpointer.changed_layout:
+                resumed += f" on another layout ({self.checkpointer.changed_layout})"
+            if self.batch_note:
+                resumed += f"; {self.batch_note}"
             print(f"[train] world_size={self.world} micro_batch={t.micro_batch_size} accumulation="
                   f"{t.grad_accumulation_steps} global_batch={self.global_batch} steps={t.steps} zero_stage="
                   f"{t.zero_stage} precision={t.precision} device={self.info.device}{resumed}", flush=True)

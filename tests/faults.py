@@ -12,6 +12,8 @@ production code has no fault hooks):
   complete checkpoint;
 - ``record_buffers:DIR`` (a probe): at every checkpoint save, each rank writes its model's buffers
   (BatchNorm statistics, ...) to ``DIR/step<S>.rank<R>.pt``, then saves as usual;
+- ``save_after_resume:DIR`` (a probe): right after a resume, the engine's state as loaded is saved
+  with DeepSpeed's own writer to ``DIR/resumed`` (before any step), then training goes on;
 - ``record_partitions:PATH`` (a probe): right after the model is built, each rank saves
   ``{"rows": [(name, numel, ds_numel, local numel)], "decayed": [names]}`` to ``PATH.<rank>``
   (ZeRO-3 with ``train.zero3_init``: what each rank holds of each parameter), then trains on.
@@ -92,6 +94,15 @@ def install(spec: str) -> None:
             return save(engine, ckpt_dir, at, rank, *args, **kwargs)
 
         checkpoint.save = record_then_save
+    elif kind == "save_after_resume":
+        resume = checkpoint.Checkpointer.resume
+
+        def resume_then_save(self, state):
+            folder = resume(self, state)
+            self.engine.save_checkpoint(arg, tag="resumed", client_state={"step": state.step}, save_latest=False)
+            return folder
+
+        checkpoint.Checkpointer.resume = resume_then_save
     elif kind == "record_partitions":
         from pretrain import trainer
         from pretrain.optim import param_groups

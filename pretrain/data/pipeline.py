@@ -631,9 +631,8 @@ def relayout(old: list[dict], rank: int, world_size: int, num_workers: int) -> l
             mine_part.update(counters={}, dropped=0, batches=0)
             streams.append({"rank": s["rank"], "worker": w, "world_size": s["world_size"],
                             "num_workers": s["num_workers"], "until": last + 1, "state": mine_part})
-        for i, stream in enumerate(streams):
-            if stream["state"]["epoch"] >= stream["until"]:
-                continue  # nothing left of it before the new layout takes over
+        live = [v for v in streams if v["state"]["epoch"] < v["until"]]  # those with something left to read
+        for i, stream in enumerate(live):
             if i % slots in mine:
                 states[mine.index(i % slots)].setdefault("inherited", []).append(stream)
     if rank == 0:  # the run's bad-data totals stay whole
