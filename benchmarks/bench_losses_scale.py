@@ -165,8 +165,8 @@ def summarise(records: list[dict]) -> dict:
         per.setdefault((world, label), []).append({
             "round": rnd, "step": max(r["wall"] for r in ranks), "coll": mean("coll_wall"),
             "compute": statistics.fmean(r["wall"] - r["coll_wall"] for r in ranks), "cpu": mean("cpu"),
-            "coll_cpu": mean("coll_cpu"),
-            "compute_cpu": statistics.fmean(r["cpu"] - r["coll_cpu"] for r in ranks), "bytes": mean("bytes"), "calls": mean("calls")})
+            "coll_cpu": mean("coll_cpu"), "compute_cpu": statistics.fmean(r["cpu"] - r["coll_cpu"] for r in ranks),
+            "bytes": mean("bytes"), "calls": mean("calls")})
     out = {}
     for key, rows in per.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "round"}
