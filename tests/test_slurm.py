@@ -332,6 +332,22 @@ def test_preempted_job_requeues_and_resumes(preempted):
     assert _loss_steps(p.run) == list(range(1, STEPS + 1))
 
 
+def test_resubmitted_on_fewer_tasks_the_run_continues(preempted, shards):
+    """The same run folder submitted again with 1 task instead of 2 (and two more steps): it resumes
+    its last checkpoint on the new layout and completes (issue 27)."""
+    p = preempted
+    root = p.run.parent
+    proc = subprocess.run(_launch_cmd(shards, root, "preempt", STEPS + 2, "--tasks-per-node", "1"),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    job = re.search(r"job (\d+): COMPLETED", proc.stdout)
+    assert proc.returncode == 0 and job, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (p.run / "slurm" / f"{job.group(1)}_0_log.out").read_text()
+    assert f"at step {STEPS} on another layout (ZeRO-0 x 2 ranks -> ZeRO-0 x 1 ranks)" in log, log[-3000:]
+    assert json.loads((p.run / "ranks" / "rank0.json").read_text())["world_size"] == 1
+    assert _loss_steps(p.run)[-2:] == [STEPS + 1, STEPS + 2]
+    assert json.loads((p.run / "checkpoints" / f"step{STEPS + 2:06d}" / "COMPLETE").read_text())["step"] == STEPS + 2
+
+
 def test_sweep_is_a_job_array(slurm, shards, tmp_path, capsys):
     """--sweep train.lr=a,b: one array job, one run folder per value, each trained to the end."""
     # in this process (the CLI as a subprocess is tested above): the launcher's config check does not
