@@ -1,6 +1,6 @@
 """Resume on another layout (issue 27): a checkpoint of the suite's uninterrupted run (2 ranks,
 ZeRO-2, 1 loader worker, 6 steps of 12 samples over 48-sample epochs) continues on 1 rank at ZeRO-3
-with 2 workers; that run, mid-epoch, on 2 ranks at ZeRO-2; that one, mid-epoch, on 1 rank at ZeRO-0;
+with 2 workers; that run, mid-epoch, on 2 ranks at ZeRO-1; that one, mid-epoch, on 1 rank at ZeRO-0;
 and the original on 4 ranks at ZeRO-3. Each time the state the new engine loaded (saved again right
 after the resume by tests.faults' probe) equals the checkpoint's, parameter by parameter: weights,
 Adam moments and step count, buffers, the schedule; and the sample keys logged over the epoch that
@@ -96,9 +96,9 @@ def test_two_ranks_to_one_to_two_to_one_and_to_four(uninterrupted_run, tmp_path)
     assert "on another layout (ZeRO-2 x 2 ranks -> ZeRO-3 x 1 ranks); global batch 12 -> 6" in out, out[-3000:]
     _assert_same_state(steps / "step000004", tmp_path / "probe1" / "resumed", names)
 
-    # -> 2 ranks ZeRO-2, 1 worker, from its step 6 (12 samples of epoch 1 read), to step 9
+    # -> 2 ranks ZeRO-1, 1 worker, from its step 6 (12 samples of epoch 1 read), to step 9
     two = _copy_at(one, tmp_path / "two", 6)
-    _resume(two, tmp_path / "probe2", 2, "train.steps=9")
+    _resume(two, tmp_path / "probe2", 2, "train.zero_stage=1", "train.steps=9")
     _assert_same_state(one / "checkpoints" / "step000006", tmp_path / "probe2" / "resumed", names)
 
     # -> 1 rank ZeRO-0, from its step 8 (36 of epoch 1 read: stopped mid-epoch), to step 10
