@@ -11,8 +11,11 @@ size through DeepSpeed's fragment API (``safe_set_full_fp32_param``, ``safe_set_
 or, under ZeRO-0, into the torch optimizer directly. Same layout: the checkpoint loads as it always
 did (``engine.load_checkpoint``), bit for bit.
 
-Scope: fp32 and bf16 at ZeRO 1-3, fp32 at ZeRO-0, on either side; the optimizers with ``exp_avg`` /
-``exp_avg_sq`` moments (AdamW, LAMB).
+ZeRO-0 in bf16/fp16 keeps DeepSpeed's flat fp32 master per parameter group: it is read and written
+slice by slice in the optimizer's parameter order.
+
+Scope: fp32 and bf16 at ZeRO 0-3 on either side; the optimizers with ``exp_avg`` / ``exp_avg_sq``
+moments (AdamW, LAMB).
 """
 from __future__ import annotations
 
@@ -81,10 +84,8 @@ def read_full_state(folder: Path, scratch: Path, optimized: list[str]) -> FullSt
     common = dict(scheduler=states.get("lr_scheduler") or {}, global_steps=int(states.get("global_steps", 0)),
                   global_samples=int(states.get("global_samples", 0)), source=layout)
     if layout.zero_stage == 0:
-        if layout.precision != "fp32":
-            raise ValueError(f"{folder}: a ZeRO-0 {layout.precision} checkpoint cannot continue on another layout "
-                             "(its optimizer state is DeepSpeed's own); resume it on its own layout")
-        params, moments, steps = _zero0(states, optimized)
+        read = _zero0 if layout.precision == "fp32" else _zero0_masters
+        params, moments, steps = read(states, optimized)
         return FullState(params, buffers, moments, optimizer_steps=steps, **common)
     universal = Path(scratch) / f"{folder.name}.universal"
     lead = not dist.is_initialized() or dist.get_rank() == 0
@@ -122,6 +123,37 @@ def _zero0(states: dict, names: list[str]) -> tuple[dict, dict, float]:
         if st:
             moments[name] = {k: st[k].float() for k in MOMENTS if k in st}
             steps = max(steps, float(st.get("step", 0)))
+    return params, moments, steps
+
+
+def _zero0_masters(states: dict, names: list[str]) -> tuple[dict, dict, float]:
+    """(fp32 params, moments) of a ZeRO-0 bf16/fp16 checkpoint: DeepSpeed keeps fp32 masters in
+    the optimizer's parameter order (``names``): one per parameter (``FP16_UnfusedOptimizer``,
+    whose torch optimizer state is kept by position, as ZeRO-0 in fp32), or one flat tensor per
+    group, the group's parameters end to end (``FP16_Optimizer``)."""
+    optim = states["optimizer"]
+    if "fp32_groups" in optim:
+        masters = [t for group in optim["fp32_groups"] for t in group]
+        if len(masters) != len(names):
+            raise ValueError(f"the checkpoint's optimizer holds {len(masters)} tensors, this model's {len(names)} (another model?)")
+        _, moments, steps = _zero0({"optimizer": optim["optimizer_state_dict"], "module": {}}, names)
+        return {n: t.detach().float().clone() for n, t in zip(names, masters)}, moments, steps
+    flats = optim["fp32_groups_flat"]
+    inner = optim["optimizer_state_dict"]["state"]
+    sizes = [states["module"][n].numel() for n in names]
+    if sum(sizes) != sum(f.numel() for f in flats):
+        raise ValueError(f"the checkpoint's optimizer holds {sum(f.numel() for f in flats)} values, this model's "
+                         f"parameters {sum(sizes)} (another model?)")
+    params, moments, steps, k = {}, {}, 0.0, 0
+    for i, flat in enumerate(flats):
+        st, offset = inner.get(i) or {}, 0
+        steps = max(steps, float(st.get("step", 0)))
+        while offset < flat.numel():
+            name, n = names[k], sizes[k]
+            shape = states["module"][name].shape
+            params[name] = flat[offset:offset + n].float().reshape(shape).clone()
+            moments[name] = {m: st[m][offset:offset + n].float().reshape(shape).clone() for m in MOMENTS if m in st}
+            offset, k = offset + n, k + 1
     return params, moments, steps
 
 
@@ -177,6 +209,9 @@ def load_full_state(engine, full: FullState) -> None:
             raise ValueError(f"{name}: the checkpoint holds {tuple(full.params[name].shape)}, the model {tuple(want)}")
     _prime(engine)  # the moments exist only after a first step: make them, then overwrite all
     stage = engine.ds.zero_optimization_stage()
+    flat = stage == 0 and hasattr(engine.ds.optimizer, "fp16_groups")  # ZeRO-0 in bf16/fp16: fp32 masters
+    if flat:
+        _set_masters(engine, {id(p): n for n, p in named.items()}, full)
     for name, p in named.items():
         shape = torch.Size(getattr(p, "ds_shape", p.shape))  # (a ZeRO-3 source holds them flat)
         value = full.params[name].reshape(shape)
@@ -186,7 +221,7 @@ def load_full_state(engine, full: FullState) -> None:
                 p.data.copy_(value.to(p.dtype))
         elif not hasattr(p, "_hp_mapping"):
             p.data.copy_(value.to(p.dtype))  # ZeRO-0 in fp32, or a frozen parameter
-        if not p.requires_grad:
+        if not p.requires_grad or flat:
             continue
         if stage == 0 and not hasattr(p, "_hp_mapping"):
             state = engine.optimizer.state[p]
@@ -216,6 +251,31 @@ def load_full_state(engine, full: FullState) -> None:
     if full.scheduler:
         engine.scheduler.load_state_dict(full.scheduler)
     engine.ds.global_steps, engine.ds.global_samples = full.global_steps, full.global_samples
+
+
+def _set_masters(engine, names: dict, full: FullState) -> None:
+    """ZeRO-0 in bf16/fp16: DeepSpeed's fp32 masters and their moments, one per parameter
+    (``FP16_UnfusedOptimizer``) or one flat tensor per group, slice by slice in the group's order
+    (``FP16_Optimizer``)."""
+    zero = engine.ds.optimizer
+    if hasattr(zero, "fp32_groups"):
+        for group, masters in zip(zero.fp16_groups, zero.fp32_groups):
+            for p, master in zip(group, masters):
+                name, state = names[id(p)], engine.optimizer.state[master]
+                master.data.copy_(full.params[name].reshape(master.shape))
+                for key in MOMENTS:
+                    if key in full.moments.get(name, {}):
+                        state[key].copy_(full.moments[name][key].reshape(master.shape))
+        return
+    for group, master in zip(zero.fp16_groups, zero.fp32_groups_flat):
+        state, offset = engine.optimizer.state[master], 0
+        for p in group:
+            n, name = p.numel(), names[id(p)]
+            master.data[offset:offset + n].copy_(full.params[name].reshape(-1))
+            for key in MOMENTS:
+                if key in full.moments.get(name, {}):
+                    state[key][offset:offset + n].copy_(full.moments[name][key].reshape(-1))
+            offset += n
 
 
 def _set_zero3_partition(zero, p, value: torch.Tensor, key) -> None:

@@ -196,7 +196,8 @@ class PeriodicEvaluation:
 
 
 class KeyLog:
-    """``train.log_keys``: every step's sample keys of this rank, in ``output_dir/keys/rank{r}.jsonl``."""
+    """``train.log_keys``: every step's sample keys of this rank, in ``output_dir/keys/rank{r}.jsonl``:
+    ``{"step", "keys", "epochs"}``, the epoch each sample was read in beside its key."""
 
     def __init__(self, enabled: bool, output_dir: Path, rank: int, append: bool):
         self.file = None
@@ -206,7 +207,8 @@ class KeyLog:
 
     def write(self, step: int, batches: list) -> None:
         if self.file is not None:
-            self.file.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys]}) + "\n")
+            epochs = [e for b in batches for e in (b.epochs or [-1] * len(b.keys))]
+            self.file.write(json.dumps({"step": step, "keys": [k for b in batches for k in b.keys], "epochs": epochs}) + "\n")
 
     def close(self) -> None:
         if self.file is not None:

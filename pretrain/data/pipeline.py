@@ -90,6 +90,7 @@ class Batch:
     masks: dict[str, torch.Tensor]
     keys: list[str]
     labels: Optional[torch.Tensor] = None  # class labels, -1 where a sample has none; None without data.labels
+    epochs: Optional[list[int]] = None  # the epoch each sample was read in (the training loader's)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -99,7 +100,7 @@ class Batch:
         step's copies to the GPU run asynchronously (``non_blocking``)."""
         pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
         return Batch(pin(self.modalities), pin(self.masks), self.keys,
-                     None if self.labels is None else self.labels.pin_memory())
+                     None if self.labels is None else self.labels.pin_memory(), self.epochs)
 
 
 def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
@@ -112,7 +113,8 @@ def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
     labels = None
     if any("__label__" in s or "label" in s for s in samples):
         labels = torch.tensor([s.get("__label__", s.get("label", -1)) for s in samples], dtype=torch.long)
-    return Batch(mods, masks, [s["__key__"] for s in samples], labels)
+    epochs = [s["__epoch__"] for s in samples] if all("__epoch__" in s for s in samples) else None
+    return Batch(mods, masks, [s["__key__"] for s in samples], labels, epochs)
 
 
 # ----------------------------------------------------------------------------------- the loader
@@ -444,7 +446,7 @@ class SampleDecoding:
         return None, False
 
     def __call__(self, raw: RawSample, rng: random.Random, events: _Events) -> Optional[dict]:
-        out: dict[str, Any] = {"__key__": raw.key}
+        out: dict[str, Any] = {"__key__": raw.key, "__epoch__": raw.epoch}
         masks: dict[str, bool] = {}
         for m in self.modalities:
             x, ok = self._one(m, raw, rng, events)
@@ -543,6 +545,7 @@ def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, want
                 raw = window[order[i]]
                 window[order[i]] = None  # type: ignore[call-overload]
                 st["emitted"] = i + 1
+                raw.epoch = st["epoch"]
                 yield raw
             st["window"] += 1
             st["shard"], st["offset"] = pos

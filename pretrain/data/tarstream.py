@@ -41,6 +41,7 @@ class RawSample:
     url: str
     index: int  # position of the sample in its shard
     seen: tuple[str, ...] = ()  # every member of the sample (for messages)
+    epoch: int = -1  # the epoch of the stream that read it (set by the loader)
 
 
 Report = Callable[[str, str, int], None]  # (reason, detail, sample index it belongs to)
