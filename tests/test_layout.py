@@ -121,3 +121,21 @@ def test_two_ranks_to_one_to_two_to_one_and_to_four(uninterrupted_run, tmp_path)
 
     emb = Embedder.load(export(back / "checkpoints" / "step000010", tmp_path / "exported"))
     assert emb.embed_texts(["class number 1"]).shape == (1, 16)
+
+
+def test_zero0_bf16_mid_epoch_to_four_ranks_at_zero1(tmp_path):
+    """The chain above has no ZeRO-0 source and no bf16: benchmarks/relayout_matrix.py's cell for a
+    2-rank ZeRO-0 bf16 checkpoint (DeepSpeed's per-parameter fp32 masters) saved mid-epoch, resumed on
+    4 ranks at ZeRO-1: the state loaded equals the checkpoint's; epoch 0 read exactly once, the two
+    new ranks (no old stream dealt to them) starting epoch 1. The script runs every such pair."""
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("relayout_matrix", ROOT / "benchmarks" / "relayout_matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    source, error = matrix.make_source(tmp_path, 0, 2, "bf16")
+    assert not error, error
+    cell = matrix.resume_cell(source, tmp_path, 1, 4, "bf16", matrix._names(source), matrix._every_key())
+    assert cell["result"] == "exact", cell
