@@ -198,7 +198,9 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict]
         shutil.rmtree(folder)
     dist.barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        groups = getattr(getattr(engine, "basic_optimizer", None), "group_names", None)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "optimizer_groups": groups},
+                               save_latest=False)
         torch.save(state(), folder / f"rank{rank:05d}.pt")
     except (OSError, RuntimeError) as err:  # a full disk, a quota, a lost mount (torch wraps some as RuntimeError)
         free = shutil.disk_usage(ckpt_dir).free  # torch's own message often hides the cause
@@ -309,7 +311,9 @@ class Checkpointer:
         from pretrain.layout import saved_layout
 
         old, world, stage = saved_layout(folder), world_size(), self.engine.zero_optimization_stage()
-        if (old.world_size, old.zero_stage) == (world, stage):
+        groups = self.bundle.optimizer.group_names
+        regrouped = (old.optimizer_groups or self._default_groups()) != groups
+        if (old.world_size, old.zero_stage) == (world, stage) and not regrouped:
             # our own file, written by this code: not a stranger's shard, so a full unpickle is fine
             mine = torch.load(folder / f"rank{self.rank:05d}.pt", weights_only=False)
             if not state.layout_changed(mine):
@@ -319,20 +323,30 @@ class Checkpointer:
                 return folder
             self.engine.load_checkpoint(str(folder.parent), tag=folder.name)  # the data's layout alone changed
         else:
-            self._load_other_layout(folder)
-            self.changed_layout = f"ZeRO-{old.zero_stage} x {old.world_size} ranks -> ZeRO-{stage} x {world} ranks"
+            self._load_other_layout(folder, [n for g in (old.optimizer_groups or self._default_groups()) for n in g])
+            self.changed_layout = (f"ZeRO-{old.zero_stage} x {old.world_size} ranks -> ZeRO-{stage} x {world} ranks"
+                                   if (old.world_size, old.zero_stage) != (world, stage) else "")
+            if regrouped:
+                self.changed_layout += ("; " if self.changed_layout else "") + (
+                    f"optimizer groups {len(old.optimizer_groups or self._default_groups())} -> {len(groups)}")
         step = checkpoint_step(folder)
         saved = [torch.load(folder / f"rank{r:05d}.pt", weights_only=False) for r in range(old.world_size)]
         state.load_layout(saved, step)
         self.last_saved = step
         return folder
 
-    def _load_other_layout(self, folder: Path) -> None:
+    def _default_groups(self) -> list[list[str]]:
+        """The groups a checkpoint that does not record them was written with: the two of every
+        earlier version."""
+        from pretrain.optim import optimizer_groups
+
+        return optimizer_groups(self.engine.module, settings={})
+
+    def _load_other_layout(self, folder: Path, saved_order: list[str]) -> None:
         from pretrain.layout import load_full_state, read_full_state
-        from pretrain.optim import optimized_names
 
         try:
-            full = read_full_state(folder, self.dir, optimized_names(self.engine.module))
+            full = read_full_state(folder, self.dir, saved_order)
             load_full_state(self.bundle, full)
         except (ValueError, FileNotFoundError) as err:
             raise RuntimeError(f"cannot resume from {folder} on this layout: {err}") from None

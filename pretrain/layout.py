@@ -38,6 +38,7 @@ class SavedLayout:
     world_size: int
     precision: str
     global_batch: Optional[int] = None  # samples per optimizer step (DeepSpeed's train_batch_size)
+    optimizer_groups: Optional[list] = None  # each optimizer group's parameter names (None: not recorded)
 
 
 def _model_states(folder: Path) -> dict:
@@ -54,7 +55,8 @@ def saved_layout(folder: Path) -> SavedLayout:
     stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
     precision = "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32"
     batch = ds.get("train_batch_size")
-    return SavedLayout(stage, int(states.get("dp_world_size", 1)), precision, int(batch) if batch else None)
+    return SavedLayout(stage, int(states.get("dp_world_size", 1)), precision, int(batch) if batch else None,
+                       states.get("optimizer_groups"))
 
 
 @dataclass
@@ -249,8 +251,22 @@ def load_full_state(engine, full: FullState) -> None:
         if name in full.buffers:
             buf.copy_(full.buffers[name].to(buf.dtype))
     if full.scheduler:
-        engine.scheduler.load_state_dict(full.scheduler)
+        _load_schedule(engine, full.scheduler)
     engine.ds.global_steps, engine.ds.global_samples = full.global_steps, full.global_samples
+
+
+def _load_schedule(engine, saved: dict) -> None:
+    """The schedule's position; with other optimizer groups than the checkpoint's, each group's
+    rate follows from its own base rate at that position (the saved rates were per old group)."""
+    sched = engine.scheduler
+    if len(saved.get("base_lrs") or []) == len(engine.optimizer.param_groups):
+        sched.load_state_dict(saved)
+        return
+    sched.last_epoch = int(saved["last_epoch"])
+    sched._step_count = int(saved.get("_step_count", sched.last_epoch + 1))
+    for group, base, factor in zip(engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
 
 
 def _set_masters(engine, names: dict, full: FullState) -> None:

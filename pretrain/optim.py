@@ -2,17 +2,43 @@
 
 AdamW from torch (fused), LAMB from ``timm.optim`` (You et al., 2019: Adam's update rescaled per
 parameter tensor by the trust ratio ||w|| / ||update||, applied to every tensor as in the paper);
-weight decay on matrices and kernels only; linear warmup, then cosine decay to 0 or constant.
+weight decay on matrices and kernels only (``train.weight_decay_on: all``: on every parameter);
+linear warmup, then cosine decay to 0 or constant.
+
+Parameter groups: without per-part settings, two groups (decayed, not decayed). With them
+(``model.towers.<m>.optim``, ``model.towers.<m>.head_optim``, ``loss.optim``: ``GroupOptim``), one
+group per part, depth and decay: a tower's backbone and its other parameters (``<m>``), its head
+(``<m>.head``; default: the tower's settings), the parameters the loss owns (``loss``: the
+temperature, the bias, ``objective.*``); each unset value is ``train.*``'s. ``layer_decay`` d scales
+the learning rate of a backbone parameter at depth i of L + 1 (embeddings 0, block k k + 1, what
+follows the last block L + 1; ``layer_depths``) by d ** (L + 1 - i), as BEiT and EVA-CLIP do; the
+head keeps the tower's rate. The schedule multiplies every group's own rate by the same factor.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
-from pretrain.options import require
+from pretrain.options import ConfigError, require
+
+
+@dataclass(kw_only=True)
+class GroupOptim:
+    """The optimizer settings of one part of the model; unset: ``train.*``'s."""
+
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    layer_decay: float = 1.0  # a tower's backbone only: the rate shrinks by this per block below the top
+
+    def check(self, key: str) -> None:
+        require(self.lr is None or self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay is None or self.weight_decay >= 0, f"{key}.weight_decay",
+                f"must be >= 0, got {self.weight_decay}")
+        require(0 < self.layer_decay <= 1, f"{key}.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
 
 
 @dataclass(kw_only=True)  # built from the config by name
@@ -24,6 +50,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     weight_decay: float = 0.1
+    weight_decay_on: Literal["matrices", "all"] = "matrices"  # all: norms, biases and the temperature too
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"  # after linear warmup
 
@@ -35,38 +62,143 @@ class OptimConfig:
         require(self.eps > 0, f"{key}.eps", f"must be > 0, got {self.eps}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and kernels only: not on norms, biases, the temperature, the logit
-    bias or the missing/present embeddings."""
-    decay, no_decay = [], []
+def _decayed(name: str, p: torch.nn.Parameter) -> bool:
+    """Matrices and kernels: not norms, biases, the temperature, the logit bias or the
+    missing/present embeddings."""
+    ndim = len(getattr(p, "ds_shape", p.shape))  # a parameter built partitioned (ZeRO-3) keeps its shape there
+    return ndim >= 2 and "logit_" not in name and "missing_embedding" not in name
+
+
+def param_groups(model: torch.nn.Module, cfg: "OptimConfig | float", settings: Optional[dict] = None) -> list[dict]:
+    """The optimizer's parameter groups (the module docstring); ``cfg`` a weight decay alone means
+    ``train.*``'s defaults otherwise; ``settings``: the per-part ``GroupOptim`` (default: the
+    model's ``optim_settings``, which ``build_model`` sets). Each group of the per-part form has
+    ``name`` (its part) and ``depth`` beside ``lr`` and ``weight_decay``."""
+    if not isinstance(cfg, OptimConfig):
+        cfg = OptimConfig(weight_decay=float(cfg))
+    if settings is None:
+        settings = getattr(model, "optim_settings", None) or {}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if not settings and cfg.weight_decay_on == "matrices":  # the two groups of every earlier version
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if _decayed(name, p) else no_decay).append(p)
+        return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scales = _layer_scales(model, settings)
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        ndim = len(getattr(p, "ds_shape", p.shape))  # a parameter built partitioned (ZeRO-3) keeps its shape there
-        (decay if ndim >= 2 and "logit_" not in name and "missing_embedding" not in name else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        part, own = _part(name, settings)
+        lr = own.lr if own is not None and own.lr is not None else cfg.lr
+        wd = own.weight_decay if own is not None and own.weight_decay is not None else cfg.weight_decay
+        depth, scale = scales.get(name, (None, 1.0))
+        decayed = cfg.weight_decay_on == "all" or _decayed(name, p)
+        key = (part, depth, decayed)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lr * scale, "weight_decay": wd if decayed else 0.0, "name": part,
+                           "depth": depth}
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
-def optimized_names(model: torch.nn.Module) -> list[str]:
+def _part(name: str, settings: dict) -> tuple[str, Optional[GroupOptim]]:
+    """(group name, its settings) of a parameter: ``<m>.head``, ``<m>`` or ``loss``."""
+    if name.startswith("towers."):
+        tower = name.split(".")[1]
+        if name.startswith(f"towers.{tower}.head."):
+            return f"{tower}.head", settings.get(f"towers.{tower}.head") or settings.get(f"towers.{tower}")
+        return tower, settings.get(f"towers.{tower}")
+    return "loss", settings.get("loss")
+
+
+def _layer_scales(model: torch.nn.Module, settings: dict) -> dict[str, tuple[int, float]]:
+    """Parameter name -> (depth, learning-rate scale) for the backbones with ``layer_decay`` < 1."""
+    out = {}
+    for key, own in settings.items():
+        if not key.startswith("towers.") or key.endswith(".head") or own.layer_decay == 1.0:
+            continue
+        tower = key.split(".")[1]
+        backbone = model.towers[tower].backbone
+        depths, top = layer_depths(backbone)
+        if top < 2:
+            raise ConfigError(f"model.towers.{tower}.optim.layer_decay: the {tower} tower's backbone has no "
+                              "numbered blocks to decay over (layer_depths found none)")
+        for sub, depth in depths.items():
+            out[f"towers.{tower}.backbone.{sub}"] = (depth, own.layer_decay ** (top - depth))
+    return out
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|resblocks|layers|layer|h)\.(\d+)\.")
+_STEM = re.compile(r"(?:^|\.|_)(?:embed|embeddings|embedding|cls_token|reg_token|mask_token|pos_embed|patch_embed|"
+                   r"class_embedding|positional_embedding|token_embedding|conv1|ln_pre|pre_layrnorm|stem)(?:$|\.|_)")
+
+
+def layer_depths(backbone: torch.nn.Module) -> tuple[dict[str, int], int]:
+    """(parameter name -> depth, top depth) of a backbone: timm models by their own
+    ``group_matcher`` (stem 0, then blocks or stages in order, the final norm last); other
+    transformers (open_clip, Hugging Face, this project's) by name: embeddings and the stem 0,
+    block k (``blocks.k``, ``resblocks.k``, ``layer.k``, ``layers.k``) k + 1, what follows the last
+    block (final norm, pooler, projection) L + 1."""
+    names = [n for n, _ in backbone.named_parameters()]
+    inner = getattr(backbone, "model", None)
+    if inner is not None and hasattr(inner, "group_matcher"):
+        from timm.models import group_parameters
+
+        layer_map = group_parameters(inner, inner.group_matcher(coarse=False), reverse=True)
+        top = max(layer_map.values(), default=0)
+        return {n: layer_map.get(n[len("model."):], top) if n.startswith("model.") else top for n in names}, top
+    blocks = {n: int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
+    top = max(blocks.values(), default=-1) + 2
+    depths = {}
+    for n in names:
+        if n in blocks:
+            depths[n] = blocks[n] + 1
+        elif _STEM.search(n):
+            depths[n] = 0
+        else:
+            depths[n] = top
+    return depths, top
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rate of each named part (its top depth's), from the optimizer's groups."""
+    out: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        if "name" in g:
+            out[g["name"]] = max(out.get(g["name"], 0.0), float(g["lr"]))
+    return out
+
+
+def optimized_names(model: torch.nn.Module, cfg: "OptimConfig | float" = 0.0, settings: Optional[dict] = None) -> list[str]:
     """The names of the parameters the optimizer holds, in its order (groups, then position)."""
+    return [n for group in optimizer_groups(model, cfg, settings) for n in group]
+
+
+def optimizer_groups(model: torch.nn.Module, cfg: "OptimConfig | float" = 0.0,
+                     settings: Optional[dict] = None) -> list[list[str]]:
+    """The parameter names of each (non-empty) optimizer group, in order."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg, settings) if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    """The optimizer over ``param_groups``; its ``group_names`` lists each (non-empty) group's
+    parameter names, which checkpoints record (``pretrain.checkpoint``)."""
+    groups = [g for g in param_groups(model, cfg) if g["params"]]  # (DeepSpeed drops empty groups too)
+    names = {id(p): n for n, p in model.named_parameters()}
     if cfg.optimizer == "lamb":
         from timm.optim import Lamb
 
         # DeepSpeed clips the gradients (train.grad_clip): no second clip inside the optimizer
-        return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
-    # fused: one kernel for every tensor (CUDA, and CPU), and an update it skips on the device when
-    # the step's gradients are not finite (``found_inf``; see ``pretrain.step``)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
-    optimizer.register_load_state_dict_post_hook(_stay_fused)
+        optimizer = Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
+    else:
+        # fused: one kernel for every tensor (CUDA, and CPU), and an update it skips on the device when
+        # the step's gradients are not finite (``found_inf``; see ``pretrain.step``)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+        optimizer.register_load_state_dict_post_hook(_stay_fused)
+    optimizer.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
     return optimizer
 
 

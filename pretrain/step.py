@@ -47,6 +47,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
 from pretrain.losses import BatchContext, accumulate_step
+from pretrain.optim import group_lrs
 
 
 @dataclass
@@ -103,6 +104,7 @@ class StepOutput:
     # where asked (a log step) and DeepSpeed keeps none (ZeRO-0): the norm of the averaged gradient
     # before clipping, on the device
     grad_norm: Optional[torch.Tensor] = None
+    part_lrs: Optional[dict] = None  # with per-part optimizer groups: each part's rate for this update
 
 
 class ContrastiveStep:
@@ -131,7 +133,7 @@ class ContrastiveStep:
 
     def __call__(self, batches: list, step: int, grad_norm: bool = False) -> StepOutput:
         """``grad_norm``: measure the gradient's norm where DeepSpeed does not (ZeRO-0), for the log."""
-        lr = self.engine.lr()
+        lr, part_lrs = self.engine.lr(), group_lrs(self.engine.optimizer)
         self._norm_wanted, self._norm = grad_norm and self.engine.ds.zero_optimization_stage() == 0, None
         loss_masks = [self.model.loss_masks({m: b.masks[m].to(self.device, non_blocking=True)
                                              for m in self.masked if m in b.masks}) for b in batches]
@@ -155,7 +157,7 @@ class ContrastiveStep:
             self.engine.skip()  # no backward, no update; the schedule stays on the step count
         self.flags.send(step + 1, self._flags)
         scale, bias = self._scales
-        return StepOutput(losses, scale, bias, lr, self._norm)
+        return StepOutput(losses, scale, bias, lr, self._norm, part_lrs)
 
     def forward(self, batch, step: int, micro: int = 0, micros: int = 1):
         """(features as float32, logit scale, logit bias or None, the objective's ``params``) of micro-

@@ -162,6 +162,7 @@ class StepLogger:
         values = mean_over_ranks(values)
         values.update(window, global_batch=float(self.global_batch), lr=out.lr,
                       temperature=1.0 / float(out.logit_scale), skipped_steps=float(state.skipped_steps))
+        values.update({f"lr/{part}": lr for part, lr in (out.part_lrs or {}).items()})
         grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         grad_norm = out.grad_norm if grad_norm is None else grad_norm  # ZeRO-0: the step measured it
         if grad_norm is not None:

@@ -41,6 +41,7 @@ class LossConfig:
 
     name: str = "clip"
     options: Any = None  # the objective's Options (its defaults when None)
+    optim: Any = None  # ``loss.optim``: the optimizer settings of the parameters it owns (pretrain.optim.GroupOptim)
 
     def __post_init__(self):
         if self.options is None:
@@ -51,19 +52,30 @@ class LossConfig:
         # an option left unset (or null, as configs written by earlier versions list every one) takes the default
         values = {k: v for k, v in values.items() if v is not None}
         name = values.pop("name", "clip")
+        optim = values.pop("optim", None)
         require(isinstance(name, str), f"{key}.name", f"expected a string, got {name!r}")
         options_cls = LOSSES.get(name, f"{key}.name").Options
         known = [f.name for f in dataclasses.fields(options_cls)]
         for k in values:
             require(k in known, f"{key}.{k}", f"not an option of {name} (its options: {', '.join(known) or 'none'})")
-        return cls(name, from_dict(options_cls, values, key))
+        from pretrain.optim import GroupOptim
+
+        group = None if optim is None else from_dict(GroupOptim, optim, f"{key}.optim")
+        if group is not None:
+            require(group.layer_decay == 1.0, f"{key}.optim.layer_decay", "the loss's parameters have no layers")
+        return cls(name, from_dict(options_cls, values, key), group)
 
     def to_config(self) -> dict:
-        return {"name": self.name, **to_dict(self.options)}
+        out = {"name": self.name, **to_dict(self.options)}
+        if self.optim is not None:
+            out["optim"] = to_dict(self.optim)
+        return out
 
     def build(self):
-        return LOSSES.get(self.name, "loss.name")(**{f.name: getattr(self.options, f.name)
+        loss = LOSSES.get(self.name, "loss.name")(**{f.name: getattr(self.options, f.name)
                                                      for f in dataclasses.fields(self.options)})
+        loss.optim = self.optim  # read by pretrain.models.build_model for the optimizer's groups
+        return loss
 
     def check_against(self, modalities: list[str], train, key: str = "loss") -> None:
         """The objective's checks against the data's modalities and ``train.*`` (``Loss.check_against``)."""

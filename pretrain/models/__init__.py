@@ -209,6 +209,10 @@ def build_model(cfg: ModelConfig, modalities, objective=None) -> ContrastiveMode
         if m not in towers:
             raise ConfigError(f"model.towers.{m}: no such modality in data.modalities ({', '.join(towers)})")
     model = ContrastiveModel(cfg, towers, tower_contexts(modalities), objective)
+    # the optimizer's per-part settings (pretrain.optim.param_groups); unset parts are left out
+    model.optim_settings = {k: v for k, v in [*((f"towers.{m}", t.optim) for m, t in towers.items()),
+                                              *((f"towers.{m}.head", t.head_optim) for m, t in towers.items()),
+                                              ("loss", getattr(objective, "optim", None))] if v is not None}
     if cfg.init_from is not None:
         load_init(model, cfg.init_from)
     if cfg.compile:  # in place: the parameters and their names stay the module's own

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 from pretrain.models.heads import HEADS
 from pretrain.models.towers import TOWERS
+from pretrain.optim import GroupOptim
 from pretrain.options import require
 
 
@@ -23,6 +24,8 @@ class TowerConfig:
     missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
     grad_checkpointing: bool = False  # recompute backbone activations in backward
     channels_last: bool = False  # convolutional image towers: NHWC memory layout (faster convolutions on GPUs)
+    optim: Optional[GroupOptim] = None  # the tower's learning rate, weight decay, layer decay (unset: train.*)
+    head_optim: Optional[GroupOptim] = None  # its head's (unset: the tower's)
 
     def typed_options(self, key: str):
         """The backbone's own ``Options``, type-checked (errors name ``key.options.<field>``)."""
@@ -101,3 +104,6 @@ class ModelConfig:
             require(name in modalities, where, f"no such modality in data.modalities ({', '.join(modalities)})")
             tower.typed_options(where)
             tower.typed_head_options(where)
+            if tower.head_optim is not None:
+                require(tower.head_optim.layer_decay == 1.0, f"{where}.head_optim.layer_decay",
+                        "a head has no layers (layer decay belongs in optim)")
