@@ -52,6 +52,8 @@ class EncoderTower(nn.Module):
         self.head = build_head(cfg.head, cfg.head_options, width, embed_dim, ctx.key)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        if cfg.patch_dropout:
+            self.backbone.set_patch_dropout(cfg.patch_dropout)
         self.channels_last = cfg.channels_last
         if cfg.channels_last:
             self.backbone.to(memory_format=torch.channels_last)

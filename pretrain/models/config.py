@@ -24,6 +24,7 @@ class TowerConfig:
     missing: Literal["mask", "indicator"] = "mask"  # absent samples: left out of the loss, or a learned embedding
     grad_checkpointing: bool = False  # recompute backbone activations in backward
     channels_last: bool = False  # convolutional image towers: NHWC memory layout (faster convolutions on GPUs)
+    patch_dropout: float = 0.0  # ViT towers: the share of patch tokens dropped in training (FLIP); off in eval
     optim: Optional[GroupOptim] = None  # the tower's learning rate, weight decay, layer decay (unset: train.*)
     head_optim: Optional[GroupOptim] = None  # its head's (unset: the tower's)
 
@@ -104,6 +105,7 @@ class ModelConfig:
             require(name in modalities, where, f"no such modality in data.modalities ({', '.join(modalities)})")
             tower.typed_options(where)
             tower.typed_head_options(where)
+            require(0 <= tower.patch_dropout < 1, f"{where}.patch_dropout", f"must be in [0, 1), got {tower.patch_dropout}")
             if tower.head_optim is not None:
                 require(tower.head_optim.layer_decay == 1.0, f"{where}.head_optim.layer_decay",
                         "a head has no layers (layer decay belongs in optim)")

@@ -187,6 +187,15 @@ class HFClipImage(Backbone):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         _hf_grad_checkpointing(self.vision_model, enabled, self.ctx.key)
 
+    def set_patch_dropout(self, prob: float) -> None:
+        """transformers has no patch dropout: the embeddings' output goes through ``TokenDropout``
+        (CLIP keeps its class token; SigLIP has none)."""
+        from pretrain.models.towers import TokenDropout
+
+        embeddings = self.vision_model.embeddings
+        self.token_dropout = TokenDropout(prob, 1 if hasattr(embeddings, "class_embedding") else 0)
+        embeddings.register_forward_hook(lambda module, args, out: self.token_dropout(out))
+
 
 @TOWERS.register(TEXT)
 class HFClipText(Backbone):

@@ -109,6 +109,13 @@ class OpenClipImage(Backbone):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.visual.set_grad_checkpointing(enabled)
 
+    def set_patch_dropout(self, prob: float) -> None:
+        from open_clip.transformer import PatchDropout
+
+        if not hasattr(self.visual, "patch_dropout"):
+            super().set_patch_dropout(prob)
+        self.visual.patch_dropout = PatchDropout(prob)
+
 
 @TOWERS.register(TEXT)
 class OpenClipText(Backbone):

@@ -56,6 +56,11 @@ class Backbone(nn.Module):
     def set_grad_checkpointing(self, enabled: bool) -> None:
         raise ConfigError(f"{self.ctx.key}.grad_checkpointing: tower type {type(self).__name__} does not support it")
 
+    def set_patch_dropout(self, prob: float) -> None:
+        """Drop this share of the patch tokens in training (FLIP); none in evaluation."""
+        raise ConfigError(f"{self.ctx.key}.patch_dropout: tower type {type(self).__name__} has no patch tokens "
+                          "(ViT towers only: timm, open_clip_image, hf_clip_image)")
+
 
 TOWERS = Registry("tower type", base=Backbone, hint="a module that registers more can be listed in data.imports")
 
@@ -190,6 +195,31 @@ class TimmBackbone(Backbone):
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         self.model.set_grad_checkpointing(enabled)
+
+    def set_patch_dropout(self, prob: float) -> None:
+        from timm.layers import PatchDropout
+
+        if not hasattr(self.model, "patch_drop"):
+            super().set_patch_dropout(prob)
+        self.model.patch_drop = PatchDropout(prob, num_prefix_tokens=getattr(self.model, "num_prefix_tokens", 1))
+
+
+class TokenDropout(nn.Module):
+    """Keeps ``max(1, int(N * (1 - prob)))`` of the N tokens after the first ``prefix`` (class or
+    register tokens, always kept), a random subset per sample, in training; the identity in eval."""
+
+    def __init__(self, prob: float, prefix: int):
+        super().__init__()
+        self.prob, self.prefix = prob, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0:
+            return x
+        head, tokens = x[:, :self.prefix], x[:, self.prefix:]
+        keep = max(1, int(tokens.shape[1] * (1 - self.prob)))
+        order = torch.rand(tokens.shape[0], tokens.shape[1], device=x.device).argsort(dim=1)[:, :keep]
+        tokens = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return torch.cat([head, tokens], dim=1)
 
 
 def timm_kwargs(options, input_shape: Optional[tuple[int, ...]]) -> dict[str, Any]:
