@@ -344,7 +344,14 @@ class Checkpointer:
 
     def _load_other_layout(self, folder: Path, saved_order: list[str]) -> None:
         from pretrain.layout import load_full_state, read_full_state
+        from pretrain.optim import FusedSGD, Lookahead
 
+        kind = self.bundle.optimizer
+        if isinstance(kind, (FusedSGD, Lookahead)):
+            what = "train.lookahead's slow weights" if isinstance(kind, Lookahead) else "train.optimizer sgd's momentum"
+            raise RuntimeError(f"cannot resume from {folder} on another layout or with other optimizer groups: {what} "
+                               "are not carried across (DeepSpeed's universal converter keeps Adam's moments only); "
+                               "resume it on the ZeRO stage, number of ranks and groups that wrote it")
         try:
             full = read_full_state(folder, self.dir, saved_order)
             load_full_state(self.bundle, full)

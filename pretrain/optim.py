@@ -1,7 +1,10 @@
 """The optimizer and its schedule (``train.optimizer``, ``train.lr``, ... in a recipe).
 
 AdamW from torch (fused), LAMB from ``timm.optim`` (You et al., 2019: Adam's update rescaled per
-parameter tensor by the trust ratio ||w|| / ||update||, applied to every tensor as in the paper);
+parameter tensor by the trust ratio ||w|| / ||update||, applied to every tensor as in the paper),
+SGD with momentum (torch's fused, optionally Nesterov); any of them inside ``Lookahead`` (Zhang et
+al., 2019: every k steps the slow weights move alpha of the way to the fast ones, which restart
+there; ``train.lookahead``);
 weight decay on matrices and kernels only (``train.weight_decay_on: all``: on every parameter);
 linear warmup, then cosine decay to 0 or constant.
 
@@ -41,13 +44,28 @@ class GroupOptim:
         require(0 < self.layer_decay <= 1, f"{key}.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
 
 
+@dataclass(kw_only=True)
+class LookaheadConfig:
+    """``train.lookahead``: every ``k`` steps the slow weights move ``alpha`` of the way to the fast."""
+
+    k: int = 5
+    alpha: float = 0.5
+
+    def check(self, key: str) -> None:
+        require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
+        require(0 < self.alpha <= 1, f"{key}.alpha", f"must be in (0, 1], got {self.alpha}")
+
+
 @dataclass(kw_only=True)  # built from the config by name
 class OptimConfig:
     """The optimizer fields of ``train.*``."""
 
-    optimizer: Literal["adamw", "lamb"] = "adamw"  # lamb: layer-wise trust ratio (needs zero_stage 0)
+    optimizer: Literal["adamw", "lamb", "sgd"] = "adamw"  # lamb: layer-wise trust ratio (needs zero_stage 0)
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    lookahead: Optional[LookaheadConfig] = None  # {k, alpha}: wrap the optimizer in Lookahead
     eps: float = 1e-6
     weight_decay: float = 0.1
     weight_decay_on: Literal["matrices", "all"] = "matrices"  # all: norms, biases and the temperature too
@@ -60,6 +78,9 @@ class OptimConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
                 f"two values in [0, 1), got {self.betas}")
         require(self.eps > 0, f"{key}.eps", f"must be > 0, got {self.eps}")
+        require(0 <= self.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {self.momentum}")
+        require(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), f"{key}.nesterov",
+                "goes with optimizer: sgd and a momentum > 0")
 
 
 def _decayed(name: str, p: torch.nn.Parameter) -> bool:
@@ -193,13 +214,93 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
         # DeepSpeed clips the gradients (train.grad_clip): no second clip inside the optimizer
         optimizer = Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, max_grad_norm=None, always_adapt=True)
+    elif cfg.optimizer == "sgd":
+        optimizer = FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     else:
         # fused: one kernel for every tensor (CUDA, and CPU), and an update it skips on the device when
         # the step's gradients are not finite (``found_inf``; see ``pretrain.step``)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
         optimizer.register_load_state_dict_post_hook(_stay_fused)
+    if cfg.lookahead is not None:
+        optimizer = Lookahead(optimizer, k=cfg.lookahead.k, alpha=cfg.lookahead.alpha)
     optimizer.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
     return optimizer
+
+
+class FusedSGD(torch.optim.SGD):
+    """torch's fused SGD, with each momentum buffer made (zeros) before the first update: torch
+    leaves a new buffer unset when that update is skipped on the device (``found_inf``), and zeros
+    give the first update exactly (dampening 0: buffer = 0 * momentum + gradient)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["momentum"]:
+                for p in group["params"]:
+                    if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return super().step(closure)
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead around ``base``, sharing its groups and state (so DeepSpeed steps and partitions
+    it as it does ``base``, and checkpoints hold it). Each parameter's state gets
+    ``lookahead_slow`` (a copy of the weights before its first update) and ``lookahead_step``;
+    after every ``k``-th update of a parameter, slow += alpha (fast - slow) and fast = slow. The
+    skip-on-device contract holds: with ``found_inf`` set (1 where the step's gradients were not
+    finite), ``base`` leaves the weights alone and this synchronisation is masked on the device
+    too, so neither fast nor slow weights change and nothing is read on the host (a skipped step
+    still counts toward ``k``)."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int, alpha: float):  # noqa: D107 - no Optimizer.__init__
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self.base, self.k, self.alpha = base, k, alpha
+        self.param_groups = base.param_groups
+        self.defaults = base.defaults
+        self.state = base.state
+        self.found_inf = None
+
+    def __getstate__(self):
+        return {"base": self.base, "k": self.k, "alpha": self.alpha}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # the weights before a parameter's first update (added after it: base optimizers such as
+        # Adam make their own state only while a parameter's is empty)
+        first = {p: p.detach().clone() for p in live if "lookahead_slow" not in self.state.get(p, {})}
+        if hasattr(self.base, "found_inf") or self.found_inf is not None:
+            self.base.found_inf = self.found_inf
+        loss = self.base.step(closure)
+        for p, value in first.items():
+            self.state[p]["lookahead_slow"], self.state[p]["lookahead_step"] = value, 0
+        due = []
+        for p in live:
+            st = self.state[p]
+            st["lookahead_step"] += 1
+            if st["lookahead_step"] % self.k == 0:
+                due.append(p)
+        if due:
+            slow = [self.state[p]["lookahead_slow"] for p in due]
+            keep = None if self.found_inf is None else (1 - self.found_inf.reshape(()).to(due[0].dtype))
+            weight = self.alpha if keep is None else keep * self.alpha
+            torch._foreach_add_(slow, torch._foreach_mul(torch._foreach_sub(due, slow), weight))
+            if keep is None:
+                torch._foreach_copy_(due, slow)
+            else:  # fast = fast + keep (slow - fast)
+                torch._foreach_add_(due, torch._foreach_mul(torch._foreach_sub(slow, due), keep))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base.load_state_dict(state_dict)
+        self.param_groups, self.state = self.base.param_groups, self.base.state
 
 
 def _stay_fused(optimizer: torch.optim.Optimizer) -> None:

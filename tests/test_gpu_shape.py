@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ASSET_SHARDS, QUICKSTART, ok, run_cmds, single_cmd, tiny_overrides, torchrun_cmd
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ok, run_cmd, run_cmds, single_cmd, tiny_overrides, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +18,20 @@ def test_no_host_reads_in_steady_state_steps(tmp_path):
     averaged while backward runs (pretrain.gradsync); both with clipping."""
     common = ["train.log_every=4", "eval.enabled=false", "train.checkpoint=false", "data.train.workers=0"]
     pattern = tmp_path / "reads-{world}-{rank}.json"  # tests.host_reads fills in its world size and rank
+    other = tmp_path / "sgd-{world}-{rank}.json"  # SGD in Lookahead (issue 30), ZeRO-0, its own counts file
     procs = run_cmds([
         single_cmd(tiny_overrides(ASSET_SHARDS, tmp_path / "run", steps=8) + common, module="tests.host_reads"),
         torchrun_cmd(tiny_overrides(ASSET_SHARDS, tmp_path / "run0", steps=8) + common + ["train.zero_stage=0"],
                      module="tests.host_reads")], env={"HOST_READS_OUT": str(pattern)})
+    procs.append(run_cmd(single_cmd(tiny_overrides(ASSET_SHARDS, tmp_path / "sgd", steps=8) + common + [
+        "train.zero_stage=0", "train.optimizer=sgd", "train.lookahead={k: 2, alpha: 0.5}"], module="tests.host_reads"),
+        env={"HOST_READS_OUT": str(other)}))
     for proc in procs:
         ok(proc)
-    for name, ranks, deepspeed_reads in (("ZeRO-2, 1 process", 1, True), ("ZeRO-0, 2 ranks", 2, False)):
+    for name, ranks, deepspeed_reads, files in (("ZeRO-2, 1 process", 1, True, pattern), ("ZeRO-0, 2 ranks", 2, False, pattern),
+                                                ("SGD + Lookahead, ZeRO-0, 1 process", 1, False, other)):
         for rank in range(ranks):
-            raw = json.loads(Path(str(pattern).format(world=ranks, rank=rank)).read_text())
+            raw = json.loads(Path(str(files).format(world=ranks, rank=rank)).read_text())
             counts = {int(k): v for k, v in raw.items()}
             steady = [s for s in range(2, 8) if not counts.get(s, {}).get("logged")]
             assert steady == [2, 3, 5, 6, 7], counts
