@@ -24,7 +24,10 @@ What each reports:
   (2) at a time. Six cells: ``clip-linear``, ``clip-milinear`` (CLIP with either head, so heads
   match across objectives), ``lite-linear``, ``lite-milinear`` (the official critic head),
   ``lite-milinear-coop`` / ``lite-milinear-adv`` (+ the prior term, weight 0.1, cooperative or
-  adversarial); heads on both towers. The primary metric is the linear probe (L-BFGS logistic
+  gradient reversal); heads on both towers. ``--recipe official`` trains every cell with CLIP-Lite's
+  own optimisation (``OFFICIAL``: SGD in Lookahead, 0.2 for the image backbone and 1e-3 for the rest,
+  weight decay 1e-4 on all, clipping at 10, critics as wide as their input) instead of AdamW at a
+  swept learning rate. The primary metric is the linear probe (L-BFGS logistic
   regression) on the image backbone's frozen pre-head features, fitted on the training split and
   scored on val; zero-shot top-1 and class-aware R@1 are secondary. Beside them, the probe on the
   untrained backbone (the floor). Stages:
@@ -224,8 +227,16 @@ CELLS = {
     "lite-linear": ("clip_lite", "linear", None),
     "lite-milinear": ("clip_lite", "milinear", None),
     "lite-milinear-coop": ("clip_lite", "milinear", "cooperative"),
-    "lite-milinear-adv": ("clip_lite", "milinear", "adversarial"),
+    "lite-milinear-adv": ("clip_lite", "milinear", "gradient_reversal"),
 }
+# --recipe official: CLIP-Lite's own optimisation (configs/clip_lite_official.yaml) on demo_small's
+# towers, for every cell: SGD momentum 0.9 in Lookahead (k 5, alpha 0.5), 0.2 for the image backbone,
+# 1e-3 for the rest (text tower, critics, discriminators, temperature), weight decay 1e-4 on every
+# parameter, clipping at 10, critics as wide as their input (the MLP image tower's 256 features)
+OFFICIAL_LR = 1e-3
+OFFICIAL = ["train.optimizer=sgd", "train.momentum=0.9", "train.lookahead={k: 5, alpha: 0.5}",
+            "model.towers.image.optim={lr: 0.2}", f"model.towers.image.head_optim={{lr: {OFFICIAL_LR}}}",
+            "train.weight_decay=1.0e-4", "train.weight_decay_on=all", "train.grad_clip=10.0", "model.embed_dim=256"]
 SIDE_CELLS = ["clip-linear", "clip-milinear", "lite-milinear-coop"]
 DEMO_CONFIG = {"digits": "configs/demo_small.yaml", "rich": "configs/demo_rich.yaml"}
 PRIOR_WEIGHT = 0.1  # the official recipe: 0.9 JSD + 0.1 PRIOR
@@ -301,9 +312,9 @@ def demo_subsets(demo: Path, fractions: list[float], tune_fraction: float) -> di
     return out
 
 
-def cell_overrides(cell: str, lr: float) -> list[str]:
+def cell_overrides(cell: str, lr: float, recipe: str = "ours") -> list[str]:
     loss, head, prior = CELLS[cell]
-    out = [f"loss.name={loss}", f"train.lr={lr}"]
+    out = [f"loss.name={loss}", f"train.lr={lr}"] + (OFFICIAL if recipe == "official" else [])
     if head != "linear":
         out += [f"model.towers.image.head={head}", f"model.towers.text.head={head}"]
     if prior:
@@ -407,6 +418,8 @@ def table(title: str, entries: list[dict], row_key: str, col_key: str, metric: s
 
 def exp_clip_lite(args) -> dict:
     nproc = args.nproc or 1
+    if args.recipe == "official":
+        args.lrs = [OFFICIAL_LR]  # the recipe's own rates (0.2 for the image backbone, in OFFICIAL)
     cells = args.cells or list(CELLS)
     side = [c for c in (args.side_cells or SIDE_CELLS) if c in CELLS]
     batches, seeds = args.batches, args.seeds
@@ -439,7 +452,8 @@ def exp_clip_lite(args) -> dict:
             out.append(f"eval.every={steps // every_points}")
         return out
 
-    result: dict = {"nproc": nproc, "parallel": args.parallel, "budget_samples": budget, "match_steps": match_steps,
+    result: dict = {"recipe": args.recipe, "official_overrides": OFFICIAL if args.recipe == "official" else None,
+                    "nproc": nproc, "parallel": args.parallel, "budget_samples": budget, "match_steps": match_steps,
                     "batches": batches, "seeds": seeds, "side_seeds": side_seeds, "prior_weight": PRIOR_WEIGHT,
                     "tune_fraction": args.tune_fraction,
                     "stats": "mean and sample std (n-1) over seeds; min and max beside them in the JSON"}
@@ -454,7 +468,7 @@ def exp_clip_lite(args) -> dict:
                 steps = budget // args.tune_batch
                 jobs.append(Job(root / f"sweep_{cell}_lr{lr:g}", DEMO_CONFIG["digits"],
                                 data_over(parts["tune_fit"], parts["tune_held"], parts["tune_fit"])
-                                + schedule(args.tune_batch, steps, 0) + cell_overrides(cell, lr)
+                                + schedule(args.tune_batch, steps, 0) + cell_overrides(cell, lr, args.recipe)
                                 + [f"train.seed={args.tune_seed}"], nproc,
                                 grid="sweep", cell=cell, lr=lr, batch=args.tune_batch, samples=budget,
                                 seed=args.tune_seed, prior=CELLS[cell][2]))
@@ -486,7 +500,7 @@ def exp_clip_lite(args) -> dict:
     for cell in cells:
         for batch in batches:
             for seed in seeds:
-                common = data_over(parts["train"], parts["val"]) + cell_overrides(cell, lrs[cell]) + [f"train.seed={seed}"]
+                common = data_over(parts["train"], parts["val"]) + cell_overrides(cell, lrs[cell], args.recipe) + [f"train.seed={seed}"]
                 steps = budget // batch
                 jobs.append(Job(root / f"main_{cell}_b{batch}_samples_s{seed}", DEMO_CONFIG["digits"],
                                 common + schedule(batch, steps, args.curve_points), nproc, grid="main", budget="samples",
@@ -543,7 +557,7 @@ def exp_clip_lite(args) -> dict:
             for seed in side_seeds:
                 jobs.append(Job(root / f"rich_{cell}_b{sb}_s{seed}", DEMO_CONFIG["rich"],
                                 data_over(rich / "shards" / "train", rich / "shards" / "val")
-                                + schedule(sb, steps, args.curve_points) + cell_overrides(cell, lrs[cell])
+                                + schedule(sb, steps, args.curve_points) + cell_overrides(cell, lrs[cell], args.recipe)
                                 + [f"train.seed={seed}"], nproc, grid="rich", cell=cell, batch=sb, seed=seed,
                                 steps=steps, samples=budget, prior=CELLS[cell][2]))
     for frac in args.fractions:
@@ -555,7 +569,7 @@ def exp_clip_lite(args) -> dict:
                 # the pretraining data shrinks; the probe still fits on the whole labelled training split
                 jobs.append(Job(root / f"{name}_{cell}_b{sb}_s{seed}", DEMO_CONFIG["digits"],
                                 data_over(parts[name], parts["val"], parts["train"])
-                                + schedule(sb, steps, 0) + cell_overrides(cell, lrs[cell]) + [f"train.seed={seed}"],
+                                + schedule(sb, steps, 0) + cell_overrides(cell, lrs[cell], args.recipe) + [f"train.seed={seed}"],
                                 nproc, grid="fraction", fraction=frac, cell=cell, batch=sb, seed=seed, steps=steps,
                                 samples=budget, prior=CELLS[cell][2]))
     if jobs:
@@ -628,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fractions of the digits' training split pretrained on (1.0 read off the main grid)")
     c.add_argument("--no-rich", action="store_true", help="leave out the rich-caption side grid")
     c.add_argument("--parallel", type=int, default=2, help="runs at a time (default 2, one thread each)")
+    c.add_argument("--recipe", choices=["ours", "official"], default="ours",
+                   help="official: every cell with CLIP-Lite's own optimisation (OFFICIAL; its learning rates, no sweep)")
     args = p.parse_args(argv)
     os.chdir(ROOT)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]

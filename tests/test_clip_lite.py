@@ -190,6 +190,18 @@ def test_adversarial_reverses_the_gradient_at_the_discriminator_input(tmp_path):
     for n in discriminator:
         torch.testing.assert_close(fa[n], fc[n])
 
+    # gradient_reversal is the mode's name now; adversarial, its earlier name, is the same mode
+    _, rev = vector_model(tmp_path / "r", "gradient_reversal")
+    rev.load_state_dict(coop.state_dict())
+    gr = grads(rev, False)
+    for n in gr:
+        assert torch.equal(gr[n], fa[n]), n
+
+
+def test_a_milinear_head_narrower_than_its_input_warns_naming_the_key(tmp_path):
+    with pytest.warns(UserWarning, match=r"model\.towers\.a\.head: a milinear head 8 wide on 16 input"):
+        vector_model(tmp_path / "n", "cooperative")  # tower a: MLP width 16 -> model.embed_dim 8
+
 
 def test_prior_only_on_the_named_modalities(tmp_path):
     _, model = vector_model(tmp_path, "cooperative", prior_on="[b]")

@@ -28,7 +28,8 @@ def _leaves(tree, prefix=""):
 
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
-FUZZED = (QUICKSTART, ROOT / "configs" / "clip_lite.yaml", ROOT / "configs" / "xor_symile.yaml")
+FUZZED = (QUICKSTART, ROOT / "configs" / "clip_lite.yaml", ROOT / "configs" / "clip_lite_official.yaml",
+          ROOT / "configs" / "xor_symile.yaml")
 KEYS = sorted((path.name, k) for path in FUZZED for k in set(_leaves(to_dict(load_config(path)))))
 
 hostile = st.one_of(

@@ -26,8 +26,9 @@ small discriminator (1000-200-1, sigmoid) per modality: the objective's own para
 (``pretrain.losses.prior``, held by the model as ``model.objective.prior``), trained in the same
 backward and optimizer step as everything else. Their logits reach the loss as
 ``params={"prior": {modality: (logits of u, logits of f)}}``. ``prior_mode: cooperative`` (the official
-code) lets the encoder descend PRIOR with the discriminator; ``adversarial`` (Deep InfoMax)
-reverses the gradient reaching f, so the encoder ascends it. The means run over the global batch
+code) lets the encoder descend PRIOR with the discriminator; ``gradient_reversal`` (earlier
+``adversarial``, still accepted; not Deep InfoMax's own scheme: ``pretrain.losses.prior``) reverses
+the gradient reaching f, so the encoder ascends it. The means run over the global batch
 (f: the samples holding the modality), so the term is exact under data parallelism. It is logged
 as ``clip_lite/prior`` (and ``clip_lite/prior/<modality>``); ``loss`` is the weighted total.
 """
@@ -55,7 +56,8 @@ class ClipLiteLoss(Loss):
         negative: Literal["global", "local"] = "global"  # the next sample of the global batch, or of the rank's
         anchor: Optional[str] = None  # pairs (anchor, other) instead of all pairs
         prior_weight: float = 0.0  # w of the prior-matching term (0: off; the official code uses 0.1)
-        prior_mode: Literal["cooperative", "adversarial"] = "cooperative"  # the official code's, or Deep InfoMax's
+        # the official code's, or a gradient-reversal game (adversarial: its earlier name)
+        prior_mode: Literal["cooperative", "gradient_reversal", "adversarial"] = "cooperative"
         prior_on: Optional[list[str]] = None  # modalities whose backbone features are matched (None: all)
 
         def check(self, key: str) -> None:

@@ -13,9 +13,12 @@ PRIOR = -(mean log D(u) + mean log(1 - D(f))). ``prior_mode``:
 
 - ``cooperative`` (the official code): one objective for everything, so the encoder descends
   PRIOR too, together with the discriminator;
-- ``adversarial`` (Deep InfoMax): the gradient reaching f through the discriminator is reversed,
-  so the discriminator descends PRIOR while the encoder ascends it (pushes its features towards
-  the prior), in the same backward and optimizer step.
+- ``gradient_reversal`` (called ``adversarial`` before, a name still accepted): the gradient
+  reaching f through the discriminator is reversed, so the discriminator descends PRIOR while the
+  encoder ascends it (pushes its features towards the prior), in the same backward and optimizer
+  step. This is a gradient-reversal game, not Deep InfoMax's own prior matching, which detaches the
+  features for the discriminator's update, gives the encoder the non-saturating loss -log D(f),
+  squashes the features with a sigmoid and adds a gradient penalty; none of that is built here.
 
 The prior samples are drawn for the whole global batch from (``train.seed``, step), shared by the
 ranks, and each micro-batch keeps its own rows, so a distributed or accumulated run sees the samples
@@ -30,7 +33,7 @@ from torch import nn
 
 from pretrain.losses.base import BatchContext, LossParameters
 
-PRIOR_MODES = ("cooperative", "adversarial")
+PRIOR_MODES = ("cooperative", "gradient_reversal", "adversarial")  # adversarial: gradient_reversal's earlier name
 
 
 class PriorDiscriminator(nn.Sequential):
@@ -91,6 +94,6 @@ class PriorParameters(LossParameters):
         out = {}
         for m in sorted(present):
             h = backbone[m]
-            fake = reverse_gradient(h) if self.mode == "adversarial" else h
+            fake = reverse_gradient(h) if self.mode in ("gradient_reversal", "adversarial") else h
             out[m] = (self.prior[m](noise[m].to(h.dtype)), self.prior[m](fake))
         return {"prior": out}

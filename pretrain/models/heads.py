@@ -70,6 +70,14 @@ class MILinearHead(nn.Module):
 
     def __init__(self, options, width: int, embed_dim: int, key: str):
         super().__init__()
+        if embed_dim < width and options.shortcut:
+            import warnings
+
+            # the official block asserts n_units >= n_input; narrower, the noisy-identity shortcut
+            # passes on only the first embed_dim features
+            warnings.warn(f"{key}: a milinear head {embed_dim} wide on {width} input features (model.embed_dim < "
+                          f"the backbone's width): its shortcut passes only the first {embed_dim}; the official "
+                          f"critic is at least as wide as its input (model.embed_dim >= {width})", stacklevel=2)
         hidden = options.width or embed_dim
         self.nonlinear = nn.Sequential(
             nn.Linear(width, hidden, bias=False),
