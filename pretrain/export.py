@@ -76,9 +76,27 @@ def load_weights(found: FoundCheckpoint, cfg: Config, modalities: Modalities) ->
         ) from None
 
 
-def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native") -> Path:
+def _weights(folder: Path, which: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's full fp32 state; ``which: ema``: with the moving average (``train.ema``) in
+    place of every trained parameter."""
+    state = consolidated_state_dict(folder)
+    if which == "ema":
+        from pretrain.ema import full_from_checkpoint
+
+        try:
+            averaged = full_from_checkpoint(folder)
+        except ValueError as err:
+            raise CheckpointError(f"--weights ema: {err}") from None
+        state.update({k: v.to(state[k].dtype) for k, v in averaged.items()})
+    return state
+
+
+def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native", weights: str = "live") -> Path:
     """The checkpoint's full weights in ``output``: our native layout, or (``fmt``) a registered
-    format of the field (``open_clip``, ``hf``)."""
+    format of the field (``open_clip``, ``hf``); ``weights``: ``live``, or ``ema`` (the moving
+    average of a run trained with ``train.ema``)."""
+    if weights not in ("live", "ema"):
+        raise CheckpointError(f"--weights: live or ema, got {weights!r}")
     from safetensors.torch import save_file
 
     found = find_checkpoint(checkpoint_folder)
@@ -94,11 +112,11 @@ def export(checkpoint_folder: str | Path, output: str | Path, fmt: str = "native
         writer = FORMATS.get(fmt, "--format")()
         modalities = build_modalities(cfg.data, train=False)
         writer.check(cfg, {m.name: m.decoder for m in modalities})  # before the consolidation, which takes long
-        model = model_from_state(cfg, consolidated_state_dict(found.folder), modalities, init=False)
+        model = model_from_state(cfg, _weights(found.folder, weights), modalities, init=False)
         model.inference_state_dict(fmt)  # first: refused when the objective's parameters have no place there
         writer.export(model, cfg, output)
         return output
-    state = consolidated_state_dict(found.folder)
+    state = _weights(found.folder, weights)
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(output / EXPORT_WEIGHTS))
     (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -165,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/stepNNNNNN) or a run")
     parser.add_argument("--output", required=True, help="folder for model.safetensors and config.yaml")
     parser.add_argument("--format", default="native", help="native (default), open_clip or hf")
+    parser.add_argument("--weights", default="live", choices=["live", "ema"],
+                        help="live (default) or ema: the moving average of a run trained with train.ema")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        out = export(args.checkpoint, args.output, args.format)
+        out = export(args.checkpoint, args.output, args.format, args.weights)
         print(f"exported ({args.format}) to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
     return run_cli(run, errors=[(CheckpointError, USAGE)])

@@ -33,6 +33,7 @@ from pretrain.distributed import (
     seed_everything,
     set_rng_state,
 )
+from pretrain.ema import EmaConfig, WeightEma
 from pretrain.engine import EngineConfig, build_engine, construction
 from pretrain.evaluation import evaluate, format_metrics
 from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
@@ -70,6 +71,7 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     # themselves time out at twice this (pretrain.watchdog). 0: torch's default (30 minutes), no watchdog
     collective_timeout: float = 300.0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (off unless wandb.project is set)
+    ema: Optional[EmaConfig] = None  # {decay, every, start}: a moving average of the weights (pretrain.ema)
 
     def check(self, key: str = "train") -> None:
         require(self.steps > 0, f"{key}.steps", f"must be > 0, got {self.steps}")
@@ -101,8 +103,8 @@ class TrainState:
     """What a checkpoint saves beside the engine, per rank: the step, the skip counters, the data
     loader's position and the random streams."""
 
-    def __init__(self, loader: Loader):
-        self.loader = loader
+    def __init__(self, loader: Loader, ema: Optional[WeightEma] = None):
+        self.loader, self.ema = loader, ema
         self.step = 0
         self.skipped_steps = 0  # steps skipped for a non-finite loss, over the whole run
         self.nonfinite_in_row = 0
@@ -114,7 +116,8 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "nonfinite_in_row": self.nonfinite_in_row,
-                "loader": self.loader.state_dict(), "rng": rng_state()}
+                "loader": self.loader.state_dict(), "rng": rng_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -122,6 +125,8 @@ class TrainState:
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.loader.load_state_dict(state["loader"])  # the data stream continues where it stopped
         set_rng_state(state["rng"])
+        if self.ema is not None and state.get("ema"):  # (a run that had none starts it from the weights)
+            self.ema.load_state_dict(state["ema"])
 
     def layout_changed(self, state: dict) -> bool:
         """Whether this rank's saved state comes from another number of ranks or loader workers."""
@@ -139,6 +144,8 @@ class TrainState:
         rank = self.loader.dataset.spec.rank
         if rank < len(saved):
             set_rng_state(saved[rank]["rng"])
+        if self.ema is not None and saved[0].get("ema"):
+            self.ema.load_layout([s["ema"] for s in saved])
 
 
 class StepLogger:
@@ -183,8 +190,8 @@ class StepLogger:
 class PeriodicEvaluation:
     """Held-out evaluation every ``eval.every`` steps and at the end (when ``data.val.urls`` is set)."""
 
-    def __init__(self, cfg, model, device: torch.device, output_dir: Path):
-        self.cfg, self.model, self.device, self.output_dir = cfg, model, device, output_dir
+    def __init__(self, cfg, model, device: torch.device, output_dir: Path, ema: Optional[WeightEma] = None):
+        self.cfg, self.model, self.device, self.output_dir, self.ema = cfg, model, device, output_dir, ema
         self.enabled = cfg.eval.enabled and bool(cfg.data.val.urls)
         self.modalities = build_modalities(cfg.data, train=False) if self.enabled else None
 
@@ -193,7 +200,13 @@ class PeriodicEvaluation:
         return self.enabled and bool(every) and step % every == 0 and step < end_step
 
     def run(self, step: int) -> dict[str, float]:
-        return evaluate(self.model, self.cfg, self.modalities, self.device, step=step, output_dir=self.output_dir)
+        """The metrics of the weights, and with ``train.ema`` those of the average as ``eval/ema/...``."""
+        metrics = evaluate(self.model, self.cfg, self.modalities, self.device, step=step, output_dir=self.output_dir)
+        if self.ema is not None:
+            with self.ema.swapped():
+                averaged = evaluate(self.model, self.cfg, self.modalities, self.device, step=step)
+            metrics.update({f"eval/ema/{k[len('eval/'):]}": v for k, v in averaged.items() if k.startswith("eval/")})
+        return metrics
 
 
 class KeyLog:
@@ -274,7 +287,9 @@ class Trainer:
         self.engine = build_engine(model, t, self.world)
         self.loader = make_loader(cfg.data.train, modalities, cfg.data, t.micro_batch_size, self.rank, self.world,
                                   t.seed, train=True)
-        self.state = TrainState(self.loader)
+        self.ema = (WeightEma(self.engine.module, t.ema, self.rank, self.world, t.zero_stage == 3)
+                    if t.ema is not None else None)
+        self.state = TrainState(self.loader, self.ema)
         self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
@@ -289,7 +304,7 @@ class Trainer:
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
         self.logger = StepLogger(t, self.writer, self.meter, engine=self.engine, loader=self.loader,
                                  global_batch=self.global_batch, rank=self.rank)
-        self.evaluation = PeriodicEvaluation(cfg, self.engine.module, info.device, self.out)
+        self.evaluation = PeriodicEvaluation(cfg, self.engine.module, info.device, self.out, ema=self.ema)
         self.keys = KeyLog(t.log_keys, self.out, self.rank, append=self.resumed_from is not None)
 
     def train(self) -> dict[str, float]:
@@ -304,6 +319,8 @@ class Trainer:
             with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
                 out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
             state.step += 1
+            if self.ema is not None:  # (masked on the device where the update was skipped there)
+                self.ema.update(state.step, self.engine.optimizer.found_inf if self.engine.skips_on_device else None)
             self._after_step(batches)
             stop = self._settle(earlier)
             if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
