@@ -37,7 +37,7 @@ gradient-norm check under ZeRO 1-2 with clipping) are its own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Optional
 
 import torch
@@ -104,6 +104,7 @@ class StepOutput:
     # where asked (a log step) and DeepSpeed keeps none (ZeRO-0): the norm of the averaged gradient
     # before clipping, on the device
     grad_norm: Optional[torch.Tensor] = None
+    _: KW_ONLY
     part_lrs: Optional[dict] = None  # with per-part optimizer groups: each part's rate for this update
 
 
@@ -157,7 +158,7 @@ class ContrastiveStep:
             self.engine.skip()  # no backward, no update; the schedule stays on the step count
         self.flags.send(step + 1, self._flags)
         scale, bias = self._scales
-        return StepOutput(losses, scale, bias, lr, self._norm, part_lrs)
+        return StepOutput(losses, scale, bias, lr, self._norm, part_lrs=part_lrs)
 
     def forward(self, batch, step: int, micro: int = 0, micros: int = 1):
         """(features as float32, logit scale, logit bias or None, the objective's ``params``) of micro-
