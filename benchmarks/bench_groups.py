@@ -1,7 +1,8 @@
 """What many optimizer groups cost under ZeRO (issue 30): DeepSpeed keeps one flat fp32 partition
-per group, so layer decay (a group per depth, decayed and not) multiplies them.
+per group, so layer decay (a group per depth, decayed and not) multiplies them. ``--compare ema``:
+what ``train.ema`` (every step) costs instead.
 
-    .venv/bin/python benchmarks/bench_groups.py [--steps 30] [--repeats 2] [--stage 2]
+    .venv/bin/python benchmarks/bench_groups.py [--steps 30] [--repeats 2] [--stage 2] [--compare ema]
 
 The test-size quickstart with a 12-layer text tower on 2 ranks, ``--steps`` steps, run with the two
 default groups and with ``model.towers.text.optim.layer_decay=0.8`` plus an image-head and a loss
@@ -42,11 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--compare", choices=["groups", "ema"], default="groups")
     args = p.parse_args(argv)
-    times = {"2 groups (default)": [], "layer decay + head + loss groups": []}
+    other = ("layer decay + head + loss groups", GROUPS) if args.compare == "groups" else (
+        "train.ema every step", ["train.ema={decay: 0.999}"])
+    times = {"2 groups (default)": [], other[0]: []}
     base = Path(tempfile.mkdtemp(prefix="bench_groups_"))
     for i in range(args.repeats):
-        for name, extra in (("2 groups (default)", []), ("layer decay + head + loss groups", GROUPS)):
+        for name, extra in (("2 groups (default)", []), other):
             t, _ = run(base / f"{i}_{len(extra)}", args.steps, args.stage, extra)
             times[name].append(t)
     from pretrain.config import load_config
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
     print(f"ZeRO-{args.stage}, 2 ranks, load {os.getloadavg()[0]:.1f}; median s/step over steps 6-{args.steps}, "
           f"runs interleaved x{args.repeats}")
     for name, ts in times.items():
-        groups = 2 if name.startswith("2") else count
+        groups = 2 if name.startswith("2") or args.compare == "ema" else count
         print(f"| {name} | {groups} | {statistics.median(ts):.3f} | {statistics.median(ts) / ref:.2f}x | {[round(t, 3) for t in ts]}")
     return 0
 
