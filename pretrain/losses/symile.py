@@ -132,6 +132,12 @@ class SymileLoss(Loss):
         super().__init__(**options)
         self._calls = 0  # the step, when the caller gives none
 
+    def negatives(self, global_batch, modalities):
+        if self.negative_sampling == "n_squared":
+            return (f"{global_batch ** (len(modalities) - 1) - 1:,} per anchor row (every combination of the other "
+                    f"{len(modalities) - 1} modalities' rows)")
+        return f"{global_batch - 1:,} per anchor row (one shared permutation per other modality)"
+
     def _permutation(self, n: int, step: int, anchor: int, k: int, device) -> torch.Tensor:
         key = ((self.seed * 1_000_003 + step) * 1_009 + anchor) * 1_013 + k
         g = torch.Generator().manual_seed(key % (1 << 63))
