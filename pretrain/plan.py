@@ -76,15 +76,17 @@ GPUS = {
 }
 
 # Activations: the simulated peak of live tensor bytes (meta device) times this factor, by kind of
-# tower: measured peak on a real run / simulated peak, forward and backward of one tower, CPU, fp32
-# (benchmarks/plan_calibration.py; 2026-12-07, the project's 2-core x86_64 machine, torch 2.14).
-# Convolutions agree exactly; attention is cheaper for real (CPU's fused scaled-dot-product attention
-# keeps no attention matrix, the meta device's reference path does). A GPU session re-measures with
+# tower: the measured peak of a real forward and backward of one tower / the simulated one, CPU, fp32,
+# mean over the towers of benchmarks/plan_calibration.py (2026-12-07, the project's 2-core x86_64
+# machine, torch 2.14; figures in benchmarks/plan_calibration.json): quickstart's resnet10t and BERT,
+# OpenCLIP ViT-B-32's image and text towers, Symile's MLPs. Convolutions and MLPs agree exactly;
+# attention is cheaper for real (0.84-0.97: CPU's fused scaled-dot-product attention keeps no
+# attention matrix, the meta device's reference path does). A GPU session re-measures with
 # `python benchmarks/plan_calibration.py --device cuda` and replaces the rows it measured.
 ACTIVATION_CALIBRATION = {
     # kind: (factor without gradient checkpointing, factor with it)
     "convolutional": (1.00, 1.00),
-    "attention": (0.85, 0.93),
+    "attention": (0.89, 0.97),
     "other": (1.00, 1.00),
 }
 CALIBRATION_LABEL = "calibrated on CPU fp32"
@@ -128,11 +130,16 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._seen:
+                if key in self._seen:
+                    continue
+                if inputs is None:  # a view or in-place result of an input (a parameter's transpose) is not new
+                    inputs = {id(x.untyped_storage()) for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+                if key not in inputs:
                     nbytes = storage.nbytes()
                     self._seen.add(key)
                     self.live += nbytes
@@ -174,6 +181,7 @@ class CountedModel:
     scale_params: int  # logit_scale (and logit_bias)
     real_towers: set[str]  # modalities built for real
     notes: list[str]
+    buffers: dict[str, int] = field(default_factory=dict)  # floating and other buffers' elements (BatchNorm statistics)
 
     @property
     def total(self) -> int:
@@ -257,7 +265,10 @@ def count_model(cfg, modalities=None) -> CountedModel:
                                  sum(p.numel() for p in ps if p.requires_grad), built))
     loss_params = sum(p.numel() for p in model.objective.parameters()) if model.objective is not None else 0
     scale_params = model.logit_scale.numel() + (model.logit_bias.numel() if model.logit_bias is not None else 0)
-    return CountedModel(model, rows, towers, loss_params, scale_params, {k.rsplit(".", 1)[1] for k in real}, notes)
+    buffers = {"floating": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+               "other_bytes": sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_floating_point())}
+    return CountedModel(model, rows, towers, loss_params, scale_params, {k.rsplit(".", 1)[1] for k in real}, notes,
+                        buffers)
 
 
 def _tower_type(cfg, modality: str, modalities) -> str:
@@ -273,10 +284,24 @@ def _tower_type(cfg, modality: str, modalities) -> str:
 # -------------------------------------------------------------------------------- model states
 
 
+# ZeroSettings' fields and the keys (with DeepSpeed's aliases) that set them in zero_optimization
+ZERO_KEYS = {
+    "reduce_bucket_size": ("reduce_bucket_size",),
+    "contiguous_gradients": ("contiguous_gradients",),
+    "overlap_comm": ("overlap_comm",),
+    "param_persistence_threshold": ("stage3_param_persistence_threshold", "param_persistence_threshold"),
+    "model_persistence_threshold": ("stage3_model_persistence_threshold", "model_persistence_threshold"),
+    "prefetch_bucket_size": ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
+    "max_live_parameters": ("stage3_max_live_parameters", "max_live_parameters"),
+    "parameter_alignment": ("parameter_alignment",),
+}
+
+
 @dataclass
 class ZeroSettings:
-    """What of DeepSpeed's ZeRO settings shapes memory: its defaults, with ``train.deepspeed``'s
-    ``zero_optimization`` over them (read by DeepSpeed's own config class)."""
+    """What of DeepSpeed's ZeRO settings shapes memory: DeepSpeed's defaults (``DeepSpeedZeroConfig``'s,
+    checked equal in tests/test_plan.py; DeepSpeed is not imported here: it prints on import), with
+    ``train.deepspeed``'s ``zero_optimization`` over them."""
 
     reduce_bucket_size: int = int(5e8)
     contiguous_gradients: bool = True
@@ -291,15 +316,14 @@ class ZeroSettings:
     @classmethod
     def from_train(cls, train, stage: int) -> "ZeroSettings":
         extra = dict((train.deepspeed or {}).get("zero_optimization") or {})
-        try:
-            from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-            z = DeepSpeedZeroConfig(**{**extra, "stage": stage})
-            out = cls(int(z.reduce_bucket_size), bool(z.contiguous_gradients), bool(z.overlap_comm),
-                      int(z.param_persistence_threshold), int(z.model_persistence_threshold),
-                      int(z.prefetch_bucket_size), int(z.max_live_parameters), bool(z.parameter_alignment))
-        except ImportError:  # DeepSpeed's defaults, as above
-            out = cls(overlap_comm=stage == 3)
+        out = cls()
+        for name, keys in ZERO_KEYS.items():
+            for key in keys:
+                if extra.get(key) is not None:
+                    kind = type(getattr(cls(), name)) if name != "overlap_comm" else bool
+                    setattr(out, name, kind(extra[key]))
+        if out.overlap_comm is None:
+            out.overlap_comm = stage == 3  # DeepSpeed's default: on at ZeRO-3 only
         out.allreduce_bucket_size = int((train.deepspeed or {}).get("allreduce_bucket_size", 5e8))
         return out
 
@@ -332,7 +356,7 @@ class ModelStates:
 
 
 def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, optimizer: str,
-                 accumulation: int, zero: ZeroSettings) -> ModelStates:
+                 accumulation: int, zero: ZeroSettings, buffers: Optional[dict] = None) -> ModelStates:
     """What the DeepSpeed engine holds per rank at ``stage`` for the parameters ``rows`` (in the
     optimizer's order), in the largest rank where ranks differ. The layout is DeepSpeed 0.16-0.19's:
 
@@ -354,6 +378,7 @@ def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, o
       (one fp32 per tensor it updates).
     """
     b = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
+    buffer_bytes = b * (buffers or {}).get("floating", 0) + (buffers or {}).get("other_bytes", 0)  # in each module file
     train = [r for r in rows if r.trainable]
     frozen = [r for r in rows if not r.trainable]
     groups = [g for g in ([r for r in train if r.decay], [r for r in train if not r.decay]) if g]
@@ -372,7 +397,7 @@ def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, o
             in_flight = b * min(n_train, zero.allreduce_bucket_size)
             notes.append("gradient all-reduce: flattened copies of up to allreduce_bucket_size elements")
         # rank 0 writes the module and the optimizer (masters for bf16/fp16) in one file
-        checkpoint = weights + masters + opt
+        checkpoint = weights + masters + opt + buffer_bytes
         return ModelStates(weights, masters, held, update, opt, 0, in_flight, checkpoint, notes)
     if stage in (1, 2):
         align = 2 * world
@@ -406,7 +431,7 @@ def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, o
         opt = 8 * sum(parts) + steps * len(parts)
         buckets = 2 if zero.overlap_comm else 1
         bucket = b * zero.reduce_bucket_size * buckets if zero.contiguous_gradients else 0
-        checkpoint = b * (n_train + n_frozen) + world * (masters + opt)
+        checkpoint = b * (n_train + n_frozen) + buffer_bytes + world * (masters + opt)
         return ModelStates(weights, masters, held, update, opt, bucket, 0, checkpoint, notes)
     # ZeRO-3
     part = lambda n: _ceil_div(n, world)  # noqa: E731
@@ -435,7 +460,7 @@ def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, o
     notes.append(f"{len(persistent)} parameters of at most {zero.param_persistence_threshold} elements kept whole "
                  f"({total_persistent:,} elements); gathered in flight: the largest module ({largest:,}) plus the "
                  f"prefetch bucket, at most stage3_max_live_parameters")
-    checkpoint = world * (4 * parts_train + opt)  # each rank's file: its fp32 partition and its moments
+    checkpoint = world * (4 * parts_train + opt + buffer_bytes)  # each rank: its fp32 partition, moments, buffers
     return ModelStates(weights, masters, held, update, opt, bucket, b * gathered, checkpoint, notes)
 
 
@@ -834,7 +859,7 @@ def make_plan(cfg, nodes: int, per_node: int, capacity: int, device: str, *, con
     stages = {}
     for stage in STAGES:
         zero = ZeroSettings.from_train(t, stage)
-        states = model_states(counted.rows, stage, world, t.precision, t.optimizer, accum, zero)
+        states = model_states(counted.rows, stage, world, t.precision, t.optimizer, accum, zero, counted.buffers)
         parts = {"weights": states.weights, "masters": states.masters, "gradients": states.gradients,
                  "optimizer": states.optimizer, "deepspeed": states.deepspeed, "activations": activations,
                  "loss": loss_bytes or 0, "inputs": inputs}
@@ -867,7 +892,7 @@ def choose(stages: dict[int, StagePlan], capacity: int, margin: float) -> tuple[
     allowed = [s for s in STAGES if stages[s].allowed]
     for s in allowed:
         p = stages[s]
-        if p.fits:
+        if p.total <= usable:
             faster = [f"ZeRO-{x} ({_fmt(stages[x].total)})" for x in allowed if x < s]
             why = (f"ZeRO-{s}: the fastest stage that fits ({_fmt(p.total)} of {_fmt(usable)} usable per rank, "
                    f"{_fmt(capacity)} less {margin:.0%} margin)")

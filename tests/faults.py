@@ -207,6 +207,21 @@ def _census(spec_file, recording: dict, path: str) -> dict:
             return collate([{"__key__": f"s{i}", **{m.name: random_input(m.decoder) for m in modalities}}
                             for i in range(t0.micro_batch_size)], [m.name for m in modalities])
 
+        if entry.get("loss_rows"):  # the objective's own forward and backward on real tensors, gathers and all
+            from pretrain.plan import LiveBytes
+
+            rows, d = entry["loss_rows"], cfg.model.embed_dim
+            loss_fn = cfg.loss.build()
+            loss_fn.check_finite = False
+            features = {m.name: torch.nn.functional.normalize(torch.randn(rows, d, generator=gen), dim=-1).requires_grad_()
+                        for m in modalities}
+            scale = torch.full((1,), 10.0, requires_grad=True)
+            tracker = LiveBytes()
+            with tracker:
+                loss_out = loss_fn(features, scale, None, step=0, sizes=(rows,) * dist.get_world_size())
+                loss_out["loss"].backward()
+                del loss_out
+            out[f"{entry['name']}/loss"] = tracker.peak
         for precision in entry["precisions"]:
             for stage in (0, 1, 2, 3):
                 t = dataclasses.replace(t0, zero_stage=stage, precision=precision)

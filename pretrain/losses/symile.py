@@ -157,8 +157,11 @@ class SymileLoss(Loss):
         gathered = {m: inp.gather(m) for m in names}
         cand = {m: gathered[m][valid] if inp.has_masks else gathered[m] for m in names}
         local = {m: inp.features[m][local_valid] if inp.has_masks else inp.features[m] for m in names}
-        # position of each local valid row among the global valid rows
-        own = (valid.cumsum(0) - 1)[lay.offset : lay.offset + lay.local][local_valid]
+        # position of each local valid row among the global valid rows (without masks every row is valid:
+        # no boolean indexing, which reads the device on the host)
+        own = (valid.cumsum(0) - 1)[lay.offset : lay.offset + lay.local]
+        if inp.has_masks:
+            own = own[local_valid]
         mip_pos = logit_scale * torch.stack([local[m] for m in names]).prod(0).sum(1)
         out, terms = {}, []
         for ai, anchor in enumerate(names):
