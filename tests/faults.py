@@ -23,8 +23,10 @@ production code has no fault hooks):
   ``grad``, ``ds_tensor``, the DeepSpeed optimizer's attributes, the torch optimizer's parameters,
   gradients and states, the ZeRO-0 gradient buckets) with its dtype, numel and storage; after the
   run's first step, the same for the engines of every config listed in the JSON file
-  ``PRETRAIN_CENSUS`` at every ZeRO stage (with a checkpoint each, ``PATH.ckpt/``); each rank saves
-  it all to ``PATH.<rank>``, then trains on (``pretrain.plan``'s figures are checked against it).
+  ``PRETRAIN_CENSUS`` at every ZeRO stage (with a checkpoint each, ``PATH.ckpt/``), and, where an
+  entry names ``loss_rows``, the peak bytes of its objective's forward and backward on that many rows
+  per rank, its gathers real; each rank saves it all to ``PATH.<rank>``, then trains on
+  (``pretrain.plan``'s figures are checked against it).
 """
 from __future__ import annotations
 

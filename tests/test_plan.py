@@ -56,7 +56,7 @@ def _recipes(tmp: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def census(tmp_path_factory):
-    from pretrain.plan import main as plan_main
+    from pretrain.plan.__main__ import main as plan_main
 
     tmp = tmp_path_factory.mktemp("plan")
     recipes = _recipes(tmp)
@@ -338,7 +338,7 @@ def test_the_symile_recipe(tmp_path):
 
 def test_bad_configs_and_flags_give_the_training_errors(capsys):
     """A bad key or value stops the plan as it stops training: the same message, exit code 2; bad flags too."""
-    from pretrain.plan import main as plan_main
+    from pretrain.plan.__main__ import main as plan_main
     from pretrain.train import main as train_main
 
     for override in ("train.stepz=5", "train.zero_stage=4", "loss.name=triplet", "train.zero3_init=true"):

@@ -36,17 +36,14 @@ auto`` makes the same choice when a run starts (``choose_stage``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -95,7 +92,8 @@ STAGES = (0, 1, 2, 3)
 PART_LABELS = {
     "weights": "weights",
     "masters": "fp32 master weights",
-    "gradients": "gradients",
+    "gradients": "gradients (after backward)",
+    "gradient_copies": "fp32 gradients (at the update)",
     "optimizer": "optimizer states",
     "deepspeed": "DeepSpeed buffers",
     "activations": "activations",
@@ -225,10 +223,10 @@ def count_model(cfg, modalities=None) -> CountedModel:
     """The model of ``cfg`` built on the meta device (towers whose library refuses it, for real) and
     its parameters counted. ``model.init_from`` is not read and ``model.compile`` not applied: neither
     changes the parameters."""
-    from pretrain.config import ConfigError
     from pretrain.data import build_modalities
     from pretrain.models import build_model
     from pretrain.optim import param_groups
+    from pretrain.options import ConfigError
 
     modalities = modalities if modalities is not None else build_modalities(cfg.data, train=True)
     model_cfg = dataclasses.replace(cfg.model, init_from=None, compile=False)
@@ -709,8 +707,8 @@ def epoch_figures(cfg, world: int) -> EpochFigures:
     missing = sum(1 for s in shards if s.samples is None)
     if sources.total_samples is None:
         absent = sum(1 for s in shards if local_path(s.url) is not None and not local_path(s.url).is_file())
-        where = (f"; {absent} of them are not on this machine" if absent else "")
-        fig.note = (f"sample counts unknown for {missing} of {len(shards)} shards (no index.json, sizes.json or "
+        where = (f"; {absent:,} of them are not on this machine" if absent else "")
+        fig.note = (f"sample counts unknown for {missing:,} of {len(shards):,} shards (no index.json, sizes.json or "
                     f"_stats.json beside them{where}; shards are not opened here{', nor ' + ', '.join(skipped) if skipped else ''}): "
                     f"steps per epoch and samples per rank x worker not computed; give data.train.samples")
         return fig
@@ -851,8 +849,10 @@ def make_plan(cfg, nodes: int, per_node: int, capacity: int, device: str, *, con
     host_sample = sum(_sample_bytes(m.decoder, 4 if getattr(m.decoder, "dtype", torch.float32).is_floating_point
                                     else b) + 1 for m in modalities)
     loader_host = in_flight * micro * host_sample
-    loader_note = (f"{in_flight} decoded micro-batches in flight ({workers} worker(s) x prefetch 2 + the one in use) x "
-                   f"{micro} samples x {_fmt(host_sample)}; plus each worker's shuffle window of "
+    flight = (f"{in_flight} decoded micro-batches ({workers} worker{'s' if workers > 1 else ''} x prefetch 2 + the one "
+              f"in use)"
+              if cfg.data.train.workers else "1 decoded micro-batch (no worker processes)")
+    loader_note = (f"{flight} x {micro} samples x {_fmt(host_sample)}; plus each worker's shuffle window of "
                    f"{cfg.data.train.shuffle_buffer} raw samples")
     epoch = epoch_figures(cfg, world)
     activations = combined_activations(acts)
@@ -860,11 +860,11 @@ def make_plan(cfg, nodes: int, per_node: int, capacity: int, device: str, *, con
     for stage in STAGES:
         zero = ZeroSettings.from_train(t, stage)
         states = model_states(counted.rows, stage, world, t.precision, t.optimizer, accum, zero, counted.buffers)
-        parts = {"weights": states.weights, "masters": states.masters, "gradients": states.gradients,
-                 "optimizer": states.optimizer, "deepspeed": states.deepspeed, "activations": activations,
+        parts = {"weights": states.weights, "masters": states.masters, "gradients": states.grads_held,
+                 "gradient_copies": states.grads_update, "optimizer": states.optimizer, "deepspeed": states.deepspeed, "activations": activations,
                  "loss": loss_bytes or 0, "inputs": inputs}
         total = sum(parts.values())
-        if device.startswith("this machine"):
+        if "this machine" in device:
             total += loader_host  # the loader's host memory shares the same memory
             parts["loader"] = loader_host
         refusal = stage_refusal(t, stage)
@@ -924,7 +924,7 @@ def gpu_capacity(name: str) -> tuple[int, str]:
     if len(hits) != 1:
         what = "matches several" if hits else "is not in the table"
         raise PlanError(f"--gpu {name}: {what} ({', '.join(hits or GPUS)}); or give --gpu-memory GiB")
-    return int(GPUS[hits[0]] * GIB), f"{hits[0]} ({GPUS[hits[0]]:.1f} GiB)"
+    return int(GPUS[hits[0]] * GIB), f"{GPUS[hits[0]]:.1f} GiB ({hits[0]}, --gpu)"
 
 
 def host_memory() -> int:
@@ -937,9 +937,9 @@ def local_capacity(per_node: int, device: Optional[torch.device] = None) -> tupl
     divided among its ``per_node`` ranks."""
     if device is not None and device.type == "cuda" or device is None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device if device is not None else 0)
-        return int(props.total_memory), f"{props.name} ({props.total_memory / GIB:.1f} GiB)"
+        return int(props.total_memory), f"{props.total_memory / GIB:.1f} GiB ({props.name})"
     total = host_memory()
-    return total // per_node, f"this machine's memory {total / GIB:.1f} GiB / {per_node} rank(s) per node"
+    return total // per_node, f"{total / per_node / GIB:.1f} GiB (this machine's {total / GIB:.1f} GiB / {per_node} ranks)"
 
 
 # ---------------------------------------------------------------------------------- train.zero_stage: auto
@@ -971,10 +971,16 @@ def _fmt(n: Optional[float]) -> str:
     return f"{int(n)} B"
 
 
+def _wrap(text: str, indent: str = "  ") -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=110, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
 def format_plan(plan: Plan) -> str:
     c, lines = plan.counted, []
     lines.append(f"plan: {plan.config or 'config'} on {plan.nodes} node(s) x {plan.per_node} = {plan.world} ranks; "
-                 f"{plan.device} per rank")
+                 f"memory per rank: {plan.device}")
     lines.append(f"model: {c.total:,} parameters ({c.trainable:,} trainable), {plan.precision}, {plan.optimizer}")
     for tw in c.towers:
         built = "" if tw.built == "meta" else f"  [{tw.built}]"
@@ -983,8 +989,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  {'loss':<10} {'objective':<18} {c.loss_params:>14,}")
     lines.append(f"  {'scale':<10} {'temperature/bias':<18} {c.scale_params:>14,}")
     bt = plan.batch
-    lines.append(f"batch: micro {bt['micro_batch']} x accumulation {bt['accumulation']} x {bt['world_size']} ranks = "
-                 f"global {bt['global_batch']:,}" + (f"; negatives: {plan.negatives}" if plan.negatives else ""))
+    lines.append(_wrap(f"batch: micro {bt['micro_batch']} x accumulation {bt['accumulation']} x {bt['world_size']} "
+                       f"ranks = global {bt['global_batch']:,}" + (f"; negatives: {plan.negatives}" if plan.negatives else "")))
     e = plan.epoch
     head = f"data: {e.key}: {e.shards:,} shards, " + (f"{e.samples:,} samples" if e.samples is not None else "samples unknown")
     lines.append(head + (f" ({e.counted_by})" if e.samples is not None else ""))
@@ -996,7 +1002,7 @@ def format_plan(plan: Plan) -> str:
                      f"epoch 0 read in full by step {e.epoch0_done_at:,}, the first sample of epoch 1 at step "
                      f"{e.epoch1_starts_at:,}")
     if e.note:
-        lines.append(f"  {e.note}")
+        lines.append(_wrap(f"  {e.note}", "    "))
     lines.append("")
     widths = 13
     lines.append(f"memory per rank{'':<22}" + "".join(f"{'ZeRO-' + str(s):>{widths}}" for s in STAGES))
@@ -1016,9 +1022,6 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  {'fits in ' + _fmt(plan.usable) + '?':<35}" + "".join(f"{f:>{widths}}" for f in fits))
     lines.append(f"  {'checkpoint on disk (all ranks)':<35}"
                  + "".join(f"{_fmt(plan.stages[s].states.checkpoint):>{widths}}" for s in STAGES))
-    lines.append("  gradients: " + ", ".join(
-        f"ZeRO-{s} {_fmt(p.states.grads_held)} held + {_fmt(p.states.grads_update)} fp32 at the update"
-        for s, p in plan.stages.items()))
     lines.append("")
     lines.append(f"activations per tower at micro-batch {bt['micro_batch']} ({plan.precision}; meta-device "
                  f"simulation x {CALIBRATION_LABEL} factors):")
@@ -1028,73 +1031,14 @@ def format_plan(plan: Plan) -> str:
                  f"{'off' if a.checkpointing else 'on'}: {_fmt(a.other)}")
         how = "" if a.how == "meta" else f"  [{a.how}]"
         lines.append(f"  {a.modality:<10} {a.kind:<14} peak {_fmt(a.peak):>11} (grad checkpointing {now}; {other}){how}")
-    lines.append(f"loss buffers: {_fmt(plan.loss_bytes)} per rank ({plan.loss_how if plan.loss_bytes is None else 'the objective run on the meta device, its gathers simulated'})")
-    lines.append(f"loader: {_fmt(plan.loader_host)} of host memory per rank ({plan.loader_note})")
+    how = plan.loss_how if plan.loss_bytes is None else "the objective run on the meta device, its gathers simulated"
+    lines.append(_wrap(f"loss buffers: {_fmt(plan.loss_bytes)} per rank ({how})"))
+    lines.append(_wrap(f"loader: {_fmt(plan.loader_host)} of host memory per rank ({plan.loader_note})"))
     for s, p in plan.stages.items():
         for note in p.states.notes:
-            lines.append(f"note (ZeRO-{s}): {note}")
+            lines.append(_wrap(f"note (ZeRO-{s}): {note}"))
     for note in plan.notes + c.notes:
-        lines.append(f"note: {note}")
+        lines.append(_wrap(f"note: {note}"))
     lines.append("")
-    lines.append(f"recommended: {'ZeRO-' + str(plan.choice) if plan.choice is not None else 'none'} -- {plan.reason}")
+    lines.append(_wrap(f"recommended: {plan.reason}" if plan.choice is not None else f"recommended: none -- {plan.reason}"))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, as training takes them")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="ranks per node (GPUs; on CPU, processes); default: this machine's GPUs, or 1")
-    mem = parser.add_mutually_exclusive_group()
-    mem.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU")
-    mem.add_argument("--gpu", default=None, help=f"a GPU by name ({', '.join(GPUS)})")
-    parser.add_argument("--margin", type=float, default=MARGIN, help="share of memory kept free (default 0.10)")
-    parser.add_argument("--json", action="store_true", help="the same figures as one JSON object")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from pretrain.cli import collector_paused, run_cli
-    from pretrain.config import load_config
-    from pretrain.options import ConfigError
-
-    args = parse_args(argv)
-
-    def run() -> int:
-        for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag}: must be >= 1, got {value}")
-        if not 0 <= args.margin < 1:
-            raise ConfigError(f"--margin: must be in [0, 1), got {args.margin}")
-        with collector_paused():
-            cfg = load_config(args.config, args.overrides)
-            per_node = args.gpus_per_node or (torch.cuda.device_count() or 1)
-            if args.gpu_memory is not None:
-                if args.gpu_memory <= 0:
-                    raise ConfigError(f"--gpu-memory: must be > 0 GiB, got {args.gpu_memory}")
-                capacity, device = int(args.gpu_memory * GIB), f"{args.gpu_memory:g} GiB per GPU (--gpu-memory)"
-            elif args.gpu is not None:
-                try:
-                    capacity, device = gpu_capacity(args.gpu)
-                except PlanError as err:
-                    raise ConfigError(str(err)) from None
-            else:
-                capacity, device = local_capacity(per_node)
-            if cfg.train.zero_stage == "auto":
-                pass  # the plan is what auto reads
-            plan = make_plan(cfg, args.nodes, per_node, capacity, device, config=args.config or "", margin=args.margin)
-        print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan), flush=True)
-        return 0
-
-    return run_cli(run, prog="")
-
-
-if __name__ == "__main__":
-    from pretrain.cli import exit_process
-
-    exit_process(main())
