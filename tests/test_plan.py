@@ -162,7 +162,8 @@ def test_loss_buffers_equal_a_real_distributed_loss(census):
 
         planned, how = loss_buffers(cfg, counted, build_modalities(cfg.data, train=True), recipe["loss_rows"], 2)
         measured = max(r["census"][f"{recipe['name']}/loss"] for r in census.records)
-        assert how == "meta" and planned == pytest.approx(measured, rel=0.1), recipe["name"]
+        print(f"loss buffers of {recipe['name']}: planned {planned}, measured {measured} bytes")
+        assert how == "meta" and planned == pytest.approx(measured, rel=0.02), recipe["name"]
 
 
 @pytest.mark.slow
