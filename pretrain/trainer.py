@@ -270,8 +270,14 @@ def _auto_zero_stage(cfg, info, ckpt_dir: Path) -> str:
     dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
     answer: list = [None, None]
     if info.rank == 0:
-        answer = list(choose_stage(cfg, world, local, int(smallest.item()), device))
+        try:
+            answer = list(choose_stage(cfg, world, local, int(smallest.item()), device))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait for an answer
+            answer = [None, f"{type(err).__name__}: {err}"]
     dist.broadcast_object_list(answer, src=0)
+    if answer[0] is None:
+        raise TrainingError(f"train.zero_stage auto: the plan could not choose a stage ({answer[1]}); name a stage "
+                            "(0-3) instead")
     t.zero_stage = int(answer[0])
     return str(answer[1])
 
