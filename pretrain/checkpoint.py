@@ -93,9 +93,10 @@ def latest_complete(ckpt_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def previous_global_batch(cfg: CheckpointConfig, ckpt_dir: Path) -> Optional[int]:
-    """The global batch (samples per optimizer step) of the checkpoint ``train.resume`` would pick
-    (the newest complete one under ``auto``), from its DeepSpeed config; None on a fresh start."""
+def previous_layout(cfg: CheckpointConfig, ckpt_dir: Path):
+    """(folder, ``pretrain.layout.SavedLayout``) of the checkpoint ``train.resume`` would pick (the
+    newest complete one under ``auto``): its ZeRO stage, world size, precision and global batch from
+    its DeepSpeed config; None on a fresh start or where the folder cannot be read (the resume names it)."""
     if cfg.resume == "none":
         return None
     folder = Path(cfg.resume) if cfg.resume != "auto" else latest_complete(ckpt_dir)
@@ -104,9 +105,16 @@ def previous_global_batch(cfg: CheckpointConfig, ckpt_dir: Path) -> Optional[int
     from pretrain.layout import saved_layout
 
     try:
-        return saved_layout(folder).global_batch
+        return folder, saved_layout(folder)
     except (OSError, RuntimeError, ValueError):
         return None  # a damaged folder: the resume names it
+
+
+def previous_global_batch(cfg: CheckpointConfig, ckpt_dir: Path) -> Optional[int]:
+    """The global batch (samples per optimizer step) of the checkpoint ``train.resume`` would pick
+    (the newest complete one under ``auto``), from its DeepSpeed config; None on a fresh start."""
+    found = previous_layout(cfg, ckpt_dir)
+    return found[1].global_batch if found is not None else None
 
 
 class CheckpointError(RuntimeError):

@@ -10,7 +10,7 @@ import contextlib
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import torch
 
@@ -29,7 +29,9 @@ OWNED_KEYS = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "train
 class EngineConfig:
     """The engine fields of ``train.*``."""
 
-    zero_stage: int = 2
+    # 0-3, or auto: the fastest stage that fits this world's memory, chosen when the run starts
+    # (pretrain.plan.choose_stage; the run's config.yaml records the stage chosen)
+    zero_stage: Union[int, str] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float = 1.0
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
@@ -39,13 +41,15 @@ class EngineConfig:
     overlap_grad_reduce: bool = True
 
     def check_engine(self, key: str = "train") -> None:
-        require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(self.zero_stage in (0, 1, 2, 3, "auto") and not isinstance(self.zero_stage, bool), f"{key}.zero_stage",
+                f"must be 0, 1, 2 or 3, or auto (the fastest that fits, chosen at start), got {self.zero_stage!r}")
         require(self.grad_clip >= 0, f"{key}.grad_clip", f"must be >= 0, got {self.grad_clip}")
         for k in self.deepspeed:
             require(k not in OWNED_KEYS, f"{key}.deepspeed.{k}", f"set by {OWNED_KEYS.get(k)}; give it there")
         require("stage" not in (self.deepspeed.get("zero_optimization") or {}),
                 f"{key}.deepspeed.zero_optimization.stage", f"set by {key}.zero_stage; give it there")
-        require(not self.zero3_init or self.zero_stage == 3, f"{key}.zero3_init", f"goes with {key}.zero_stage=3")
+        require(not self.zero3_init or self.zero_stage == 3, f"{key}.zero3_init",
+                f"goes with {key}.zero_stage=3" + (" (auto may choose another stage: name 3)" if self.zero_stage == "auto" else ""))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 def _out_of_memory(err: Exception) -> str:
     return (f"out of memory ({err}). Lower train.micro_batch_size (raise train.grad_accumulation_steps to keep the "
             f"global batch and its negatives), raise train.zero_stage (3 shards the parameters too), set "
-            f"model.towers.<m>.grad_checkpointing=true, use train.precision=bf16, or shrink the model.")
+            f"model.towers.<m>.grad_checkpointing=true, use train.precision=bf16, or shrink the model; "
+            f"`python -m pretrain.plan` with the same config shows what each part costs per rank.")
 
 
 def main(argv: list[str] | None = None) -> int:

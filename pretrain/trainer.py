@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch
+from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch, previous_layout
 from pretrain.data import Loader, build_modalities, make_loader
 from pretrain.distributed import (
     StopSignal,
@@ -90,7 +90,7 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
         self.check_engine(key)
         self.check_checkpoint(key)
         self.wandb.check(f"{key}.wandb")
-        require(self.optimizer != "lamb" or self.zero_stage == 0, f"{key}.optimizer",
+        require(self.optimizer != "lamb" or self.zero_stage in (0, "auto"), f"{key}.optimizer",
                 "lamb computes a trust ratio per parameter, which ZeRO stages 1-3 cut into flat partitions: "
                 f"use {key}.zero_stage=0 with lamb")
 
@@ -266,6 +266,36 @@ def _fit_global_batch(t: TrainConfig, world: int, before: Optional[int]) -> str:
             f"{t.grad_accumulation_steps} on {world} ranks")
 
 
+def _auto_zero_stage(cfg, info, ckpt_dir: Path) -> str:
+    """``train.zero_stage: auto``: sets the stage and returns the line that says which and why. A
+    resume on as many ranks keeps the stage of the checkpoint it resumes; otherwise rank 0 asks the
+    plan (``pretrain.plan.choose_stage``) for this world size and the smallest memory of any rank (a
+    GPU's, or the machine's divided among its local ranks) and every rank takes its answer."""
+    from pretrain.plan import choose_stage, local_capacity, stage_refusal
+
+    t, world = cfg.train, info.world_size
+    found = previous_layout(t, ckpt_dir)
+    if found is not None and found[1].world_size == world and not stage_refusal(t, found[1].zero_stage):
+        t.zero_stage = found[1].zero_stage
+        return f"ZeRO-{t.zero_stage}: the stage of the checkpoint it resumes ({found[0].name}, {world} ranks)"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    capacity, device = local_capacity(local, info.device)
+    smallest = torch.tensor([float(capacity)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    answer: list = [None, None]
+    if info.rank == 0:
+        try:
+            answer = list(choose_stage(cfg, world, local, int(smallest.item()), device))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait for an answer
+            answer = [None, f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0] is None:
+        raise TrainingError(f"train.zero_stage auto: the plan could not choose a stage ({answer[1]}); name a stage "
+                            "(0-3) instead")
+    t.zero_stage = int(answer[0])
+    return str(answer[1])
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.train
@@ -275,6 +305,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.batch_note = _fit_global_batch(t, self.world, previous_global_batch(t, self.out / "checkpoints"))
         self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
+        if t.zero_stage == "auto":  # before config.yaml is written: it records the stage chosen
+            why = _auto_zero_stage(cfg, info, self.out / "checkpoints")
+            if self.rank == 0:
+                print(f"[train] train.zero_stage auto -> {why}", flush=True)
         self._prepare_run_folder()
         self.stop_signal = StopSignal()
         self.stopped_by: Optional[str] = None  # set when a signal ended the run before its last step

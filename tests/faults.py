@@ -16,7 +16,17 @@ production code has no fault hooks):
   with DeepSpeed's own writer to ``DIR/resumed`` (before any step), then training goes on;
 - ``record_partitions:PATH`` (a probe): right after the model is built, each rank saves
   ``{"rows": [(name, numel, ds_numel, local numel)], "decayed": [names]}`` to ``PATH.<rank>``
-  (ZeRO-3 with ``train.zero3_init``: what each rank holds of each parameter), then trains on.
+  (ZeRO-3 with ``train.zero3_init``: what each rank holds of each parameter), then trains on;
+- ``record_memory:PATH`` (a probe): at the first step's last micro-batch, right after its backward
+  (gradients held), inside the torch optimizer's step (DeepSpeed's fp32 gradient copies) and right
+  after the update (optimizer states made), every tensor the engine holds, by owner (``param``,
+  ``grad``, ``ds_tensor``, the DeepSpeed optimizer's attributes, the torch optimizer's parameters,
+  gradients and states, the ZeRO-0 gradient buckets) with its dtype, numel and storage; after the
+  run's first step, the same for the engines of every config listed in the JSON file
+  ``PRETRAIN_CENSUS`` at every ZeRO stage (with a checkpoint each, ``PATH.ckpt/``), and, where an
+  entry names ``loss_rows``, the peak bytes of its objective's forward and backward on that many rows
+  per rank, its gathers real; each rank saves it all to ``PATH.<rank>``, then trains on
+  (``pretrain.plan``'s figures are checked against it).
 """
 from __future__ import annotations
 
@@ -119,8 +129,166 @@ def install(spec: str) -> None:
             return model
 
         trainer.build_model = build_and_record
+    elif kind == "record_memory":
+        from pretrain import engine as engine_module
+
+        records: dict = {}
+        recording = {"into": records.setdefault("run", {})}  # the run's own engine first
+        step = engine_module.Engine.step
+
+        def step_and_record(self):
+            into = recording["into"]
+            first = into is not None and "after_backward" not in into and self.last_micro_batch()
+            if first:
+                into["after_backward"] = _held_tensors(self)
+                update = self.optimizer.step
+
+                def update_and_record(*args, **kwargs):  # the torch optimizer's own step, inside DeepSpeed's
+                    into.setdefault("at_update", []).append(_held_tensors(self))  # one call per group at ZeRO 1-3
+                    return update(*args, **kwargs)
+
+                self.optimizer.step = update_and_record
+            step(self)
+            if first:
+                del self.optimizer.step
+                into["after_step"] = _held_tensors(self)
+                recording["into"] = None
+
+        engine_module.Engine.step = step_and_record
+        call = ContrastiveStep.__call__
+
+        def call_then_census(self, batches, index, **kwargs):
+            out = call(self, batches, index, **kwargs)
+            if "census" not in records:  # after the run's first step: the engines of PRETRAIN_CENSUS
+                records["census"] = {}  # (their own steps come through here too)
+                records["census"] = _census(os.environ.get("PRETRAIN_CENSUS"), recording, arg)
+                torch.save(records, f"{arg}.{dist.get_rank()}")
+            return out
+
+        ContrastiveStep.__call__ = call_then_census
     elif spec:
         raise SystemExit(f"tests.faults: unknown PRETRAIN_FAULT {spec!r}")
+
+
+def _census(spec_file, recording: dict, path: str) -> dict:
+    """For each entry of the JSON file ``spec_file`` (``[{"name", "config", "overrides", "precisions"}]``),
+    at every ZeRO stage and each precision: the model and engine built as the trainer builds them, one
+    step on a random batch (what the engine holds recorded by ``step_and_record``), then a checkpoint
+    saved with DeepSpeed's writer to ``<path>.ckpt/<name>/`` under the tag ``<stage>-<precision>``."""
+    import dataclasses
+    import gc
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.data import build_modalities
+    from pretrain.data.pipeline import collate
+    from pretrain.distributed import StopSignal
+    from pretrain.engine import build_engine
+    from pretrain.models import build_model
+    from pretrain.step import FlagChannel
+
+    out: dict = {}
+    if not spec_file:
+        return out
+    device = torch.device("cpu")
+    for entry in json.loads(open(spec_file).read()):
+        cfg = load_config(entry["config"], entry.get("overrides", []))
+        modalities = build_modalities(cfg.data, train=True)
+        gen = torch.Generator().manual_seed(dist.get_rank())
+
+        def random_input(decoder):
+            if decoder.dtype.is_floating_point:
+                return torch.randn(decoder.output_shape, generator=gen)
+            high = getattr(getattr(decoder, "tokenizer", None), "vocab_size", 2)
+            return torch.randint(0, high, decoder.output_shape, generator=gen, dtype=decoder.dtype)
+
+        t0 = cfg.train
+
+        def batch(seed):
+            gen.manual_seed(100 * seed + dist.get_rank())
+            return collate([{"__key__": f"s{i}", **{m.name: random_input(m.decoder) for m in modalities}}
+                            for i in range(t0.micro_batch_size)], [m.name for m in modalities])
+
+        if entry.get("loss_rows"):  # the objective's own forward and backward on real tensors, gathers and all
+            from pretrain.plan import LiveBytes
+
+            rows, d = entry["loss_rows"], cfg.model.embed_dim
+            loss_fn = cfg.loss.build()
+            loss_fn.check_finite = False
+            features = {m.name: torch.nn.functional.normalize(torch.randn(rows, d, generator=gen), dim=-1).requires_grad_()
+                        for m in modalities}
+            scale = torch.full((1,), 10.0, requires_grad=True)
+            tracker = LiveBytes()
+            with tracker:
+                loss_out = loss_fn(features, scale, None, step=0, sizes=(rows,) * dist.get_world_size())
+                loss_out["loss"].backward()
+                del loss_out
+            out[f"{entry['name']}/loss"] = tracker.peak
+        for precision in entry["precisions"]:
+            for stage in (0, 1, 2, 3):
+                t = dataclasses.replace(t0, zero_stage=stage, precision=precision)
+                loss_fn = cfg.loss.build()
+                model = build_model(cfg.model, modalities, objective=loss_fn)
+                engine = build_engine(model, t, dist.get_world_size())
+                into = out.setdefault(f"{entry['name']}/{stage}/{precision}", {})
+                step = ContrastiveStep(engine, loss_fn, FlagChannel(device), dtype=t.dtype,
+                                       stop_signal=StopSignal(signals=()), seed=t.seed)
+                for attempt in range(3):  # until an update happens (bf16 on random inputs may overflow)
+                    into.clear()
+                    recording["into"] = into
+                    step([batch(attempt)] * t.grad_accumulation_steps, attempt)
+                    if step.flags.receive().finite:
+                        break
+                engine.ds.save_checkpoint(f"{path}.ckpt/{entry['name']}", tag=f"{stage}-{precision}",
+                                          client_state={"step": 1}, save_latest=False)
+                del step, engine, model
+                gc.collect()
+    recording["into"] = None
+    return out
+
+
+def _held_tensors(engine) -> list[tuple]:
+    """(owner, name, dtype, numel, storage pointer, storage bytes) of every tensor the engine holds:
+    the module's parameters, their gradients and ZeRO-3 partitions, the DeepSpeed optimizer's tensor
+    attributes (lists and dicts of them one level down), the torch optimizer's parameters, their
+    gradients and its states, and the ZeRO-0 gradient buckets."""
+    rows = []
+
+    def add(owner, name, t):
+        if torch.is_tensor(t):
+            storage = t.untyped_storage()
+            rows.append((owner, name, t.dtype, t.numel(), storage.data_ptr(), storage.nbytes()))
+
+    for name, p in engine.module.named_parameters():
+        add("param", name, p.data)
+        add("grad", name, p.grad)
+        add("ds_tensor", name, getattr(p, "ds_tensor", None))
+    wrapper, inner = engine.ds.optimizer, engine.optimizer
+    def items(value):
+        if isinstance(value, dict):
+            return list(value.items())
+        if isinstance(value, (list, tuple)):
+            return list(enumerate(value))
+        return [("", value)]
+
+    if wrapper is not inner:
+        for attr, value in vars(wrapper).items():
+            for key, v in items(value):
+                if hasattr(v, "__dict__") and not torch.is_tensor(v):  # e.g. the gradient buckets: one level in
+                    v = [t for x in vars(v).values() for _, t in items(x)]
+                for sub_key, t in items(v):
+                    add("ds_optimizer", f"{attr}.{key}.{sub_key}", t)
+    for gi, group in enumerate(inner.param_groups):
+        for pi, p in enumerate(group["params"]):
+            add("optimizer_param", f"{gi}.{pi}", p)
+            add("optimizer_grad", f"{gi}.{pi}", p.grad)
+    for si, (p, state) in enumerate(inner.state.items()):  # ZeRO-3 swaps its sub-groups into param_groups for the step
+        for key, t in state.items():
+            add("optimizer_state", f"{si}.{key}", t)
+    if engine.grad_sync is not None:
+        for bi, bucket in enumerate(engine.grad_sync.buckets):
+            add("grad_bucket", str(bi), bucket.buffer)
+    return rows
 
 
 if __name__ == "__main__":

@@ -147,3 +147,16 @@ def test_a_module_in_data_imports_registers_a_loss_and_an_evaluation_task(tmp_pa
         config_from_dict({**tree, "loss": {"name": "scaled_clip", "factor": -1}})
     with pytest.raises(ConfigError, match=r"^loss\.scale: not an option of scaled_clip \(its options: factor\)"):
         config_from_dict({**tree, "loss": {"name": "scaled_clip", "scale": 1}})
+
+
+def test_zero_stage_auto_is_accepted_for_that_key_only():
+    """train.zero_stage takes 0-3 or auto (the plan's choice at start); anything else, and auto for
+    another key or beside train.zero3_init (which needs ZeRO-3 named), is refused naming the key."""
+    assert load_config(QUICKSTART, ["train.zero_stage=auto"]).train.zero_stage == "auto"
+    assert load_config(QUICKSTART, ["train.zero_stage=auto", "train.optimizer=lamb"]).train.zero_stage == "auto"
+    for override, key in [("train.zero_stage=automatic", "train.zero_stage"), ("train.zero_stage=true", "train.zero_stage"),
+                          ("train.steps=auto", "train.steps"), ("train.precision=auto", "train.precision")]:
+        with pytest.raises(ConfigError, match=rf"^{key}:"):
+            load_config(QUICKSTART, [override])
+    with pytest.raises(ConfigError, match=r"^train\.zero3_init: goes with train\.zero_stage=3 \(auto"):
+        load_config(QUICKSTART, ["train.zero_stage=auto", "train.zero3_init=true"])

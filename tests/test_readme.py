@@ -53,6 +53,8 @@ CLAIMS = [
     Claim(README, "python -m data_tools build", "test_shard_cli_commands", "as printed, on a small manifest"),
     Claim(README, "$ python -m pretrain.train", "test_config_error_example",
           "as printed: the exit code and the message shown"),
+    Claim(README, "$ python -m pretrain.plan", "test_plan_example",
+          "as printed: the output shown, line for line (the recipe's LAION shards are not here: the plan says so)"),
     Claim(README, "model:", "test_init_from_yaml_validates",
           "validated: the ViT-B-32 checkpoint at /ckpt is not here"),
     Claim(README, "# per-part optimizer groups", "test_optimizer_groups_yaml_validates",
@@ -223,6 +225,19 @@ def test_config_error_example(capsys):
     assert main(command[3:]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(shown.removesuffix("...)")), (err, shown)
+
+
+def test_plan_example(capsys):
+    """The plan shown in "Before you launch" is what the command prints (the GPU memory is given, so
+    this machine's memory plays no part; the model is built on the meta device)."""
+    from pretrain.plan.__main__ import main
+
+    block = readme_block("$ python -m pretrain.plan")
+    (command,) = block.commands()
+    shown = block.text.strip().splitlines()[1:]
+    assert command[:3] == ["python", "-m", "pretrain.plan"]
+    assert main(command[3:]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == shown
 
 
 def test_init_from_yaml_validates():

@@ -121,6 +121,11 @@ class Loss:
         """The parameters this objective needs for the model ``ctx`` describes (None: none)."""
         return None
 
+    def negatives(self, global_batch: int, modalities: list[str]) -> str:
+        """How many negatives each positive meets at this global batch, in words (``pretrain.plan``
+        prints it; "" when the objective does not say)."""
+        return ""
+
     def __call__(self, features, logit_scale, logit_bias=None, masks=None, step=None, sizes=None, params=None):
         """``features``: modality -> (B_local, d), L2-normalised; ``logit_scale`` (and ``logit_bias``)
         of shape (1,); ``masks``: modality -> bool (B_local,), False where a sample lacks it (on every

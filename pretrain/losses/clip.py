@@ -65,6 +65,10 @@ class ClipLoss(Loss):
             term = term + touch(gathered[a], gathered[b])
         return term, count
 
+    def negatives(self, global_batch, modalities):
+        pairs = len(modality_pairs(sorted(modalities), self.anchor, self.name))
+        return f"{global_batch - 1:,} per positive, in each direction of each of {pairs} modality pair(s)"
+
     def compute(self, inp, logit_scale, logit_bias=None, step=None, params=None):
         pairs = modality_pairs(inp.names, self.anchor, self.name)
         gathered = {m: inp.gather(m) for m in sorted({m for p in pairs for m in p})}

@@ -71,6 +71,10 @@ class ClipLiteLoss(Loss):
                 require(m in modalities, f"{key}.prior_on[{i}]",
                         f"no such modality in data.modalities ({', '.join(modalities)})")
 
+    def negatives(self, global_batch, modalities):
+        where = "the next sample of the global batch" if self.negative == "global" else "the next sample of its rank"
+        return f"1 per positive ({where}), whatever the batch"
+
     def parameters(self, ctx):
         """The prior discriminators (with ``prior_weight`` > 0), over the backbone features of
         ``prior_on`` (default: every modality)."""

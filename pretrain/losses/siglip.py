@@ -46,6 +46,10 @@ class SigLipLoss(Loss):
     def parameters(self, ctx):
         return self.Parameters()
 
+    def negatives(self, global_batch, modalities):
+        pairs = len(modality_pairs(sorted(modalities), self.anchor, self.name))
+        return f"{global_batch - 1:,} per row (a sigmoid term against every other column), in each of {pairs} pair(s)"
+
     def pair_bias(self, a: str, b: str, logit_bias, params: dict) -> torch.Tensor:
         """The bias of the pair (a, b): the one learnable scalar bias (a subclass may learn one per pair)."""
         if logit_bias is None:

@@ -132,6 +132,12 @@ class SymileLoss(Loss):
         super().__init__(**options)
         self._calls = 0  # the step, when the caller gives none
 
+    def negatives(self, global_batch, modalities):
+        if self.negative_sampling == "n_squared":
+            return (f"{global_batch ** (len(modalities) - 1) - 1:,} per anchor row (every combination of the other "
+                    f"{len(modalities) - 1} modalities' rows)")
+        return f"{global_batch - 1:,} per anchor row (one shared permutation per other modality)"
+
     def _permutation(self, n: int, step: int, anchor: int, k: int, device) -> torch.Tensor:
         key = ((self.seed * 1_000_003 + step) * 1_009 + anchor) * 1_013 + k
         g = torch.Generator().manual_seed(key % (1 << 63))
@@ -151,8 +157,11 @@ class SymileLoss(Loss):
         gathered = {m: inp.gather(m) for m in names}
         cand = {m: gathered[m][valid] if inp.has_masks else gathered[m] for m in names}
         local = {m: inp.features[m][local_valid] if inp.has_masks else inp.features[m] for m in names}
-        # position of each local valid row among the global valid rows
-        own = (valid.cumsum(0) - 1)[lay.offset : lay.offset + lay.local][local_valid]
+        # position of each local valid row among the global valid rows (without masks every row is valid:
+        # no boolean indexing, which reads the device on the host)
+        own = (valid.cumsum(0) - 1)[lay.offset : lay.offset + lay.local]
+        if inp.has_masks:
+            own = own[local_valid]
         mip_pos = logit_scale * torch.stack([local[m] for m in names]).prod(0).sum(1)
         out, terms = {}, []
         for ai, anchor in enumerate(names):

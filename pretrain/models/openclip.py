@@ -76,7 +76,10 @@ def create(name: str, config_file: Optional[str], key: str) -> nn.Module:
     """A randomly initialised open_clip model (nothing downloaded)."""
     open_clip = library(key)
     model_config(name, config_file, key)
-    return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False)
+    # built on the meta device (``pretrain.plan`` counts parameters without memory), open_clip's final
+    # ``model.to(device)`` must name meta too: a move from meta to the CPU has no data to copy
+    where = {"device": "meta"} if torch.get_default_device().type == "meta" else {}
+    return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False, **where)
 
 
 @dataclass
