@@ -255,12 +255,13 @@ def child_webdataset(a: argparse.Namespace) -> dict:
     out: dict[str, float] = {}
 
     def timed(name, fn):
-        gc.collect()
         t = time.perf_counter()
         value = fn()
         out[name] = time.perf_counter() - t
         return value
 
+    gc.collect()
+    gc.disable()  # no collection inside a timing
     urls = timed("braceexpand", lambda: list(braceexpand.braceexpand(pattern)))
     timed("ours_expand_urls", lambda: expand_urls(pattern))
     timed("wds_SimpleShardList_first", lambda: next(iter(wds.SimpleShardList(pattern, seed=0))))
@@ -279,6 +280,7 @@ def child_webdataset(a: argparse.Namespace) -> dict:
     ours = timed("ours_slot_plan", lambda: slot_plan(spec, 0, slot_worker, a.workers))
     spec_r = dataclasses.replace(spec, mode="resampled")
     timed("ours_slot_plan_resampled", lambda: slot_plan(spec_r, 0, slot_worker, a.workers))
+    gc.enable()
     out["urls"] = len(urls)
     out["wds_slot_urls"] = len(wds_slot)
     out["ours_slot_shards"] = len(ours)
@@ -289,6 +291,16 @@ CHILDREN = {"startup": child_startup, "assign": child_assign, "webdataset": chil
 
 
 def run_child(checkout: Path, kind: str, train: dict, args: argparse.Namespace, **extra) -> dict:
+    """One figure in a fresh process (``--quick``: in this one, which the memory figures then share)."""
+    if args.quick:
+        env = dict(os.environ)
+        try:
+            return CHILDREN[kind](argparse.Namespace(
+                train=json.dumps(train), world=extra.get("world", args.world), rank=args.rank,
+                workers=extra.get("workers", args.workers), budget=args.assign_budget))
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--train", json.dumps(train),
            "--checkout", str(checkout), "--world", str(extra.get("world", args.world)),
            "--workers", str(extra.get("workers", args.workers)), "--rank", str(args.rank),
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other", action="append", default=[], metavar="DIR",
                         help="another checkout (e.g. `git archive` of an earlier commit) measured alongside")
     parser.add_argument("--root", help="keep the generated shard folders here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 workers, a 64 x 2 assignment (the test's mode)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the test's mode: 1 round, 2 workers, a 64 x 2 assignment, every figure in this process")
     parser.add_argument("--skip", default="", help="parts to leave out: startup,assign,webdataset")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -333,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.rounds, args.workers, args.assign_world, args.assign_workers = 1, 2, 64, 2
+        if args.other:
+            parser.error("--quick measures this checkout only (in this process)")
     sizes = sorted({10, *(int(s) for s in args.shards.split(","))})
     checkouts = [ROOT] + [Path(d).resolve() for d in args.other]
     skip = set(filter(None, args.skip.split(",")))

@@ -193,7 +193,7 @@ class Loader:
         self._active: Optional[weakref.ref] = None
         self._exhausted = False
         spec = dataset.spec
-        self._fingerprint = hashlib.sha256(json.dumps(sources.fingerprint()).encode()).hexdigest()
+        self._fingerprint = sources.digest()  # sha256 of json.dumps(sources.fingerprint())
         self.epoch_samples = sources.total_samples
         self.batches_per_epoch = (
             None if sources.total_samples is None else sources.total_samples // (spec.world_size * dataset.batch_size)
