@@ -238,8 +238,8 @@ def child_assign(a: argparse.Namespace) -> dict:
             break
     elapsed = time.perf_counter() - t0
     return {"slots": slots, "done": done, "seconds": elapsed * slots / done, "extrapolated": done < slots,
-            "balance": max(per_slot) / max(1, min(per_slot)), "min": min(per_slot), "max": max(per_slot),
-            "total": sum(per_slot)}
+            "balance": max(per_slot) / min(per_slot) if min(per_slot) else float("inf"), "min": min(per_slot),
+            "max": max(per_slot), "total": sum(per_slot)}
 
 
 def child_webdataset(a: argparse.Namespace) -> dict:
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         result["assign"][f"{c}|{mode}|{n}"] = row
                         print(f"assign {c.name} {mode:9s} {n:>6}: {'~' if row['extrapolated'] else ''}"
                               f"{row['seconds']:.2f} s for {row['slots']} slots ({row['done']} done), balance "
-                              f"{row['balance']:.3f} ({row['min']}..{row['max']} samples)", flush=True)
+                              f"{row['balance']:.3f} ({row['min']}..{row['max']} samples per slot)", flush=True)
         if "webdataset" not in skip:
             for n in sizes:
                 row = run_child(ROOT, "webdataset", data[n]["epoch"], args, world=args.assign_world,
@@ -421,12 +421,13 @@ def print_tables(result: dict, sizes: list[int], checkouts: list[Path]) -> None:
                           f"{extra('rss_live'):+.1f} | {extra('anon_live'):+.1f} | {extra('pss_anon_live'):+.1f} | "
                           f"{(med('anon_built') - med('anon_start') - _med(base, 'anon_built') + _med(base, 'anon_start')) / 2**20:+.1f} |")
     if result["assign"]:
-        print("\n| checkout | mode | shards | slots | seconds | balance (max/min samples) |")
+        print("\n| checkout | mode | shards | slots | seconds | balance: max / min samples per slot (min..max) |")
         print("| --- | --- | ---: | ---: | ---: | --- |")
         for key, row in result["assign"].items():
             c, mode, n = key.split("|")
+            part = f", first {row['done']:,} slots" if row["extrapolated"] else ""
             print(f"| {Path(c).name} | {mode} | {int(n):,} | {row['slots']:,} | {'~' if row['extrapolated'] else ''}"
-                  f"{row['seconds']:.2f} | {row['balance']:.3f} ({row['min']}..{row['max']}) |")
+                  f"{row['seconds']:.2f} | {row['balance']:.3f} ({row['min']}..{row['max']}{part}) |")
     if result["webdataset"]:
         keys = ["braceexpand", "ours_expand_urls", "wds_SimpleShardList_first", "wds_ResampledShards_first",
                 "wds_split_first", "wds_split_slot", "ours_slot_plan", "ours_slot_plan_resampled"]

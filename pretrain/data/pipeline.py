@@ -56,7 +56,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import logging

@@ -154,7 +154,7 @@ class ShardList(Sequence):
     common prefix once, the rest of each URL in one string with end offsets, counts and sources in
     arrays. A list of ``ShardRef`` objects cost about 230 bytes per shard beyond its URL, in small
     objects spread over the heap that every forked loader worker then maps too (and, once it touches
-    them, copies): 41 MB per process at 100k shards (issue 28). Here 20 bytes per shard plus each
+    them, copies): 41 MB per process at 100k shards (issue 28). Here 12 to 24 bytes per shard plus each
     URL's unshared part, in a few large blocks that also pickle in milliseconds (spawn/forkserver
     workers). Items are made on access; the list is read-only."""
 
@@ -164,11 +164,11 @@ class ShardList(Sequence):
         self.prefix = os.path.commonprefix(list(urls)) if len(urls) else ""
         cut = len(self.prefix)
         self._rest = "".join(u[cut:] for u in urls)
-        self._ends = array("q", itertools.accumulate(len(u) - cut for u in urls))
-        self._sources = array("i", sources)
-        # counts in 64 bits, _NONE for "no count of its own"; any other int (never from a real index) as a list
+        self._ends = _ints(list(itertools.accumulate(len(u) - cut for u in urls)))
+        self._sources = _ints(list(sources))
+        # counts in 32 or 64 bits, _NONE for "no count of its own"; any other int (never from a real index) as a list
         self._packed = all(n is None or -2**63 < n < 2**63 for n in samples)
-        self._samples = array("q", (_NONE if n is None else n for n in samples)) if self._packed else list(samples)
+        self._samples = _ints([_NONE if n is None else n for n in samples]) if self._packed else list(samples)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -195,6 +195,12 @@ class ShardList(Sequence):
 
     def urls(self) -> list[str]:
         return [self.url(i) for i in range(len(self))]
+
+
+def _ints(values: list[int]) -> array:
+    """``values`` in an array of 32-bit ints where they fit, else 64-bit."""
+    small = all(-2**31 <= v < 2**31 for v in values)
+    return array("i" if small else "q", values)
 
 
 @dataclass
