@@ -96,8 +96,16 @@ def _check_shards(shards: list, fields: dict[str, type]) -> None:
 def shard_counts(doc: object) -> dict[str, int]:
     """name -> samples, from an index.json (names relative to its folder) or a sizes.json document."""
     if isinstance(doc, dict) and isinstance(doc.get("shards"), list):
-        _check_shards(doc["shards"], {"name": str, "samples": int})
-        return {entry["name"]: entry["samples"] for entry in doc["shards"]}
+        shards = doc["shards"]
+        # the common case checked in a few passes over the entries (the general check takes a generator
+        # per entry: 0.45 s of a 100k-shard index); anything else, and every error message, from _check_shards
+        if all(type(e) is dict for e in shards):
+            names = [e.get("name") for e in shards]
+            samples = [e.get("samples") for e in shards]
+            if all(type(x) is str for x in names) and all(type(x) is int for x in samples):
+                return dict(zip(names, samples))
+        _check_shards(shards, {"name": str, "samples": int})
+        return {entry["name"]: entry["samples"] for entry in shards}
     if isinstance(doc, dict) and all(_is(v, int) for v in doc.values()):
         return {str(k): v for k, v in doc.items()}  # OpenCLIP sizes.json
     raise ShardIndexError("neither an index.json (with 'shards') nor a sizes.json (name -> count)")

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
+import functools
 import itertools
 import json
 import logging
@@ -63,8 +63,9 @@ import math
 import random
 import time
 import weakref
+from array import array
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import numpy.random  # noqa: F401 - imported before workers fork: DataLoader workers seed it, and a
@@ -191,7 +192,7 @@ class Loader:
         self._active: Optional[weakref.ref] = None
         self._exhausted = False
         spec = dataset.spec
-        self._fingerprint = hashlib.sha256(json.dumps(sources.fingerprint()).encode()).hexdigest()
+        self._fingerprint = sources.digest()  # sha256 of json.dumps(sources.fingerprint())
         self.epoch_samples = sources.total_samples
         self.batches_per_epoch = (
             None if sources.total_samples is None else sources.total_samples // (spec.world_size * dataset.batch_size)
@@ -210,6 +211,8 @@ class Loader:
         ds = copy.copy(self.dataset)
         ds.start_states = [None if s is None else _copy_state(s) for s in self._states]
         ds.rotation = self._next
+        if self.num_workers > 0:
+            ds.warm_plans()  # before the workers fork: they share the epoch's shard order
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs["prefetch_factor"] = self.prefetch_factor
@@ -353,6 +356,20 @@ class BatchStream(IterableDataset):
         self.bad_log_per_minute = bad_log_per_minute
         self.start_states: list[Optional[dict]] = [None] * self.num_workers
         self.rotation = 0
+
+    def warm_plans(self) -> None:
+        """Computes the shard order of the epochs the streams start in (epoch mode), so that forked
+        workers inherit it instead of shuffling the whole shard list once each."""
+        spec = self.spec
+        if spec.mode != "epoch" or not spec.shuffle:
+            return
+        epochs = set()
+        for st in self.start_states:
+            epochs.add(0 if st is None else st["epoch"])
+            epochs.update(v["state"]["epoch"] for v in (st or {}).get("inherited") or [])
+        for epoch in sorted(epochs)[:2]:
+            if spec.epochs is None or epoch < spec.epochs:
+                epoch_order(spec.seed, epoch, len(spec.shards))
 
     def _worker(self) -> tuple[int, bool]:
         info = get_worker_info()
@@ -580,7 +597,7 @@ def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) 
 class StreamSpec:
     """Everything a slot needs to make its raw sample stream (picklable, sent to workers)."""
 
-    shards: list[ShardRef]
+    shards: Sequence[ShardRef]  # a ShardList (compact) from make_loader
     sources: list[SourceInfo]
     mode: str = "epoch"  # epoch | resampled
     shuffle: bool = True
@@ -669,13 +686,21 @@ def slot_plan(spec: StreamSpec, epoch: int, worker: int, num_workers: int) -> li
             src = spec.sources[min(len(cum) - 1, _bisect(cum, rng.random() * cum[-1]))]
             plan.append((src.first + rng.randrange(src.count), 1, 0))
         return plan
-    order = list(range(n))
-    if spec.shuffle:
-        random.Random(f"{spec.seed}-shards-{epoch}").shuffle(order)
+    order = epoch_order(spec.seed, epoch, n) if spec.shuffle else range(n)
     if n >= slots:
         return [(order[i], 1, 0) for i in range(slot, n, slots)]
     i = slot % n  # fewer shards than slots: split inside the shard
     return [(order[i], len(range(i, slots, n)), slot // n)]
+
+
+@functools.lru_cache(maxsize=4, typed=True)
+def epoch_order(seed: int, epoch: int, n: int) -> array:
+    """Epoch mode's shard order: ``range(n)`` shuffled by (seed, epoch), the same on every rank and
+    worker; computed once per process and epoch and kept for the last few asked (read-only). Once
+    per slot, the 1,024 x 8 slots of a 100k-shard epoch took ~9 minutes in one process (issue 28)."""
+    order = array("i" if n < 2**31 else "q", range(n))
+    random.Random(f"{seed}-shards-{epoch}").shuffle(order)
+    return order
 
 
 def _bisect(cum: list[float], x: float) -> int:
