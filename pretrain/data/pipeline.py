@@ -108,13 +108,24 @@ def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
     ``__label__``/``label``) -> ``Batch``."""
     if names is None:
         names = [k for k in samples[0] if not k.startswith("__") and k != "label"]
-    mods = {m: torch.stack([s[m] for s in samples]) for m in names}
+    mods = {m: _stack([s[m] for s in samples]) for m in names}
     masks = {m: torch.tensor([s.get("__masks__", {}).get(m, True) for s in samples], dtype=torch.bool) for m in names}
     labels = None
     if any("__label__" in s or "label" in s for s in samples):
         labels = torch.tensor([s.get("__label__", s.get("label", -1)) for s in samples], dtype=torch.long)
     epochs = [s["__epoch__"] for s in samples] if all("__epoch__" in s for s in samples) else None
     return Batch(mods, masks, [s["__key__"] for s in samples], labels, epochs)
+
+
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a loader worker straight into shared memory, as torch's default_collate
+    does: the DataLoader would otherwise copy the batch there once more to send it."""
+    out = None
+    if get_worker_info() is not None:
+        first = rows[0]
+        storage = first._typed_storage()._new_shared(sum(x.numel() for x in rows), device=first.device)
+        out = first.new(storage).resize_(len(rows), *first.shape)
+    return torch.stack(rows, out=out)
 
 
 # ----------------------------------------------------------------------------------- the loader
@@ -431,7 +442,7 @@ class SampleDecoding:
                                             f"members listed in data.modalities.{m.name}.members)")
             return None, False
         try:
-            x = m.decoder.decode(raw.members[ext], ext, rng)
+            x = m.decoder.host_decode(raw.members[ext], ext, rng)  # the worker's part (device_transform: the rest)
             want = self.shapes[m.name]
             if want is None:
                 self.shapes[m.name] = want = tuple(x.shape)
