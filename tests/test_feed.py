@@ -231,3 +231,110 @@ def test_evaluation_and_export_never_draft():
     ref = create_transform(input_size=(3, 32, 32), is_training=False, crop_pct=1.0, crop_mode="center",
                            interpolation="bicubic", mean=OPENAI["mean"], std=OPENAI["std"])
     assert torch.equal(ev.decode(data, "jpg", random.Random(0)), ref(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+# --------------------------------------------------------------------------- JPEG decode on the device
+
+
+def _shards_of(tmp_path, files: list[bytes]) -> str:
+    from tests.helpers import write_index, write_shard
+
+    folder = tmp_path / "shards"
+    write_shard(folder / "s-000000.tar", [(f"k{i:03d}", {"jpg": f, "txt": f"caption {i}".encode()})
+                                          for i, f in enumerate(files)])
+    write_index(folder, {"s-000000.tar": len(files)})
+    return str(folder / "s-000000.tar")
+
+
+def _device_decode_batches(tmp_path, device: str, switch: bool):
+    """Batches of the same seeded stream: the CPU path, and JPEGs decoded on ``device``."""
+    import torch
+
+    from pretrain.data import build_modalities, make_loader
+    from pretrain.data.decoders import to_device
+    from tests.helpers import data_config
+
+    files = [_photo(300 + 37 * i, 200 + 23 * i, i) for i in range(9)] + [_photo(64, 80, 9, "PNG")]
+    url = _shards_of(tmp_path, files)
+    aug = {"scale": [0.3, 1.0], "hflip": 0.5, "vflip": 0.5, "color_jitter": None}
+    out = {}
+    for name in ("cpu", "device"):
+        opts = {"size": 32, "interpolation": "bicubic", "augment": aug, "draft": False,
+                "gpu_decode": name == "device" and not switch}
+        d = data_config(train={"urls": url, "shuffle_buffer": 0, "workers": 1},
+                        modalities={"image": {"decoder": "image", "options": opts}, "text": {"decoder": "text"}})
+        mods = build_modalities(d, train=True)
+        dec = mods["image"].decoder
+        if name == "device" and switch:
+            dec.use_device_decode()  # the GPU path's code, with the batch's device: here the CPU
+        loader = make_loader(d.train, mods, d, 5, 0, 1, 0, train=True, epochs=1)
+        out[name] = [(b, to_device(b.modalities["image"], torch.device(device), torch.float32,
+                                   mods.device_transforms()["image"], b.masks["image"])) for b in loader]
+        out[name + "_decoder"] = dec
+    return out
+
+
+def _compare_device_decode(out) -> None:
+    import torch
+
+    assert out["device_decoder"].ragged and out["device_decoder"].device_decode is not None
+    std = torch.tensor(out["cpu_decoder"].settings.std).view(1, 3, 1, 1)
+    for (a, xa), (b, xb) in zip(out["cpu"], out["device"]):
+        assert a.keys == b.keys and b.modalities["image"].dim() == 1  # JPEG records, packed
+        assert xa.shape == xb.shape == (5, 3, 32, 32)
+        levels = (xa - xb.to(xa.device)).abs() * std * 255  # the same crops and flips; resampling differs a little
+        assert float(levels.mean()) < 1.5 and float(levels.max()) <= 40, (float(levels.mean()), float(levels.max()))
+
+
+def test_device_jpeg_decode_path_on_the_cpu(tmp_path):
+    """The GPU path's code (records, packing in shared memory, batch decode, crop, resize, flips)
+    run with the CPU as the device: the same samples, crops and flips as the CPU path."""
+    out = _device_decode_batches(tmp_path, "cpu", switch=True)
+    _compare_device_decode(out)
+
+
+def test_gpu_decode_option_falls_back_to_the_cpu_and_says_so(caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the fallback is for machines without one")
+    with caplog.at_level("WARNING", logger="pretrain.data"):
+        dec = _image(True, gpu_decode=True, **TRAIN_AUG)
+    assert dec.device_decode is None and not dec.ragged and dec.dtype == torch.uint8
+    assert "gpu_decode is set but no CUDA device" in caplog.text
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"options\.gpu_decode: needs augment with a random resized crop"):
+        _image(True, gpu_decode=True, augment={"scale": [0.5, 1.0]})  # timm's default colour jitter
+    assert _image(False, gpu_decode=True, **TRAIN_AUG).device_decode is None  # evaluation: never
+
+
+def test_gpu_decode_on_cuda(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: JPEG decode on the GPU (nvJPEG) needs CUDA")
+    out = _device_decode_batches(tmp_path, "cuda", switch=False)
+    _compare_device_decode(out)
+
+
+# ------------------------------------------------------------------------------------- the benchmark
+
+
+def test_pipeline_benchmark_runs_in_its_tiny_mode(tmp_path):
+    """benchmarks/bench_pipeline.py --web224 --tiny: OpenCLIP's pipeline and ours on web-like shards,
+    one round, the figures written (so the benchmark never rots)."""
+    import sys
+
+    from tests.helpers import ROOT, ok, run_cmd
+
+    out = tmp_path / "web224.json"
+    ok(run_cmd([sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--web224", "--tiny", "--shards",
+                str(tmp_path / "shards"), "--json", str(out)], timeout=300))
+    result = json.loads(out.read_text())
+    rows = {(r["variant"], r["transform"]): r for r in result["rows"]}
+    assert set(rows) == {("openclip", "train"), ("ours", "train")}
+    assert all(r["samples_per_s"] > 0 and r["per_cpu_s"] > 0 for r in rows.values())
+    assert rows[("ours", "train")]["image_dtype"] == "torch.uint8" and rows[("openclip", "train")]["image_dtype"] == \
+        "torch.float32"
+    assert all(r["samples"] == 32 and r["worker_processes"] == 1 for r in result["runs"])
