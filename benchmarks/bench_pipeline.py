@@ -412,7 +412,7 @@ def _group(key: tuple) -> str:
     return "other (Python glue, shuffle, state)"
 
 
-def profile_ours(pattern: str, n: int, batch: int, size: int, variant: str) -> dict:
+def profile_ours(pattern: str, n: int, batch: int, size: int, variants: str) -> dict:
     """cProfile of our loader's work in this process (workers: 0), grouped; and the cost of handing a
     batch from a worker to the main process."""
     import cProfile
@@ -423,13 +423,16 @@ def profile_ours(pattern: str, n: int, batch: int, size: int, variant: str) -> d
     result = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker (torch sets 1 there)
-    for transform in ("train", "eval"):
+    for variant, transform in [(v, t) for v in variants.split(",") for t in ("train", "eval")]:
         # the same work without the profiler first: its CPU time per sample (cProfile's own cost falls on
         # the Python-level calls, so their share below is an upper bound)
         loader = _our_loader(pattern, n, batch, 0, transform == "train", size, OURS[variant])
         c0, plain = time.process_time(), 0
         for b in loader:
             plain += len(b)
+            if plain >= n:
+                break
+        loader.close()
         plain_ms = 1e3 * (time.process_time() - c0) / plain
         loader = _our_loader(pattern, n, batch, 0, transform == "train", size, OURS[variant])
         prof = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
@@ -439,7 +442,10 @@ def profile_ours(pattern: str, n: int, batch: int, size: int, variant: str) -> d
         for b in loader:
             got += len(b)
             last = b
+            if got >= n:
+                break
         prof.disable()
+        loader.close()
         wall = time.process_time() - start
         stats = pstats.Stats(prof)
         groups: dict[str, float] = {}
@@ -447,43 +453,43 @@ def profile_ours(pattern: str, n: int, batch: int, size: int, variant: str) -> d
             g = _group(key)
             groups[g] = groups.get(g, 0.0) + tt
         total = sum(groups.values())
-        # worker -> main: the worker moves the batch into shared memory (a copy), the main process
-        # maps it (DataLoader's pickling of tensors); measured apart on the last batch
-        mods = last.modalities
-        t0 = time.process_time()
-        reps = 5
-        for _ in range(reps):
-            for x in mods.values():
-                x.clone().share_memory_()
-        share = (time.process_time() - t0) / reps
-        t0 = time.process_time()
-        for _ in range(reps):
-            for x in mods.values():
-                x.clone()
-        clone = (time.process_time() - t0) / reps
+        # worker -> main: the batch must end up in shared memory. Stacked, then copied there as the
+        # DataLoader does for a plain tensor (before issue 29; webdataset's batched, OpenCLIP's, too), or
+        # stacked straight into shared memory (ours since: as torch's default_collate); then pickled as a
+        # handle and mapped by the main process. Measured on the last batch's rows.
         from multiprocessing.reduction import ForkingPickler
 
-        shared = {k: v.clone().share_memory_() for k, v in mods.items()}
-        t0 = time.process_time()
+        reps = 5
+        times = {"stack, then copy into shared memory": 0.0, "stack into shared memory": 0.0,
+                 "pickle + map (both sides)": 0.0}
         for _ in range(reps):
-            for x in shared.values():
-                ForkingPickler.loads(bytes(ForkingPickler.dumps(x)))
-        pickle_s = (time.process_time() - t0) / reps
+            for x in last.modalities.values():
+                rows = list(x)
+                t0 = time.process_time()
+                torch.stack(rows).share_memory_()
+                t1 = time.process_time()
+                out = x.new(x._typed_storage()._new_shared(x.numel(), device=x.device)).resize_(x.shape)
+                torch.stack(rows, out=out)
+                t2 = time.process_time()
+                ForkingPickler.loads(bytes(ForkingPickler.dumps(out)))
+                t3 = time.process_time()
+                for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[k] += v
+        mods = last.modalities
         per = 1e3 / got
-        result[transform] = {
+        result[f"{variant} {transform}"] = {
             "samples": got, "cpu_ms_per_sample": wall * per, "cpu_ms_per_sample_unprofiled": plain_ms,
             "ms_per_sample": {g: v * per for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "profiled_ms_per_sample": total * per,
-            "transfer_ms_per_sample": {"copy into shared memory (worker)": max(share - clone, 0.0) * 1e3 / len(last),
-                                       "pickle + map (both sides)": pickle_s * 1e3 / len(last)},
+            "transfer_ms_per_sample": {k: v * 1e3 / reps / len(last) for k, v in times.items()},
             "image_bytes_per_sample": mods["image"][0].numel() * mods["image"].element_size(),
         }
         print(f"\nwhere our worker's time goes ({variant}, {transform}, {got} samples, cProfile's own time per "
               f"function, CPU time; {wall * per:.2f} ms/sample in all under the profiler, {plain_ms:.2f} without it):")
-        for g, v in result[transform]["ms_per_sample"].items():
+        for g, v in result[f"{variant} {transform}"]["ms_per_sample"].items():
             print(f"  {g:<36} {v:6.3f} ms/sample ({100 * v / (total * per):4.1f}%)")
-        for g, v in result[transform]["transfer_ms_per_sample"].items():
-            print(f"  worker -> main: {g:<36} {v:6.3f} ms/sample")
+        for g, v in result[f"{variant} {transform}"]["transfer_ms_per_sample"].items():
+            print(f"  worker -> main: {g:<38} {v:6.3f} ms/sample")
     torch.set_num_threads(threads)
     return result
 
@@ -506,7 +512,7 @@ def main() -> None:
     web.add_argument("--shards", default=str(ROOT / "runs" / "bench_web"), help="folder the shards are written to once")
     web.add_argument("--profile", action="store_true", help="also profile our worker (where the time goes)")
     web.add_argument("--profile-samples", type=int, default=1024)
-    web.add_argument("--profile-variant", default="ours")
+    web.add_argument("--profile-variant", default="ours-float,ours", help="our configurations to profile")
     web.add_argument("--tiny", action="store_true", help="a few small batches, one round (the test suite)")
     web.add_argument("--one", help=argparse.SUPPRESS)
     web.add_argument("--transform", help=argparse.SUPPRESS)

@@ -166,7 +166,9 @@ class ContrastiveStep:
         batch ``micro`` of ``micros`` of the step."""
         masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
         # floating inputs follow the parameters; token ids stay integers
-        inputs = {m: to_device(x, self.device, self.dtype, self.device_transforms.get(m), masks.get(m))
+        # (the presence mask only where a sample may lack the modality: its placeholder rows become 0)
+        inputs = {m: to_device(x, self.device, self.dtype, self.device_transforms.get(m),
+                               masks.get(m) if m in self.masked else None)
                   for m, x in batch.modalities.items()}
         rows = len(batch)  # training batches are full: every rank holds as many
         # rank-major over the step's global batch, as one micro-batch of micros x rows per rank would be

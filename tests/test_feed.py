@@ -205,6 +205,14 @@ def test_draft_follows_the_sampled_crop_and_never_decodes_below_the_output():
             if scale == 1:
                 assert torch.equal(a, b)  # no reduction: timm's own path, exactly
     assert {1, 2, 4, 8} <= scales  # small crops are decoded in full, large ones reduced by each step
+    # bad files still fail as undecodable (the decode is deferred to the draft-aware crop)
+    from pretrain.data import DecodeError
+
+    big = _photo(1024, 700, 3)
+    for bad in (big[: len(big) // 2], b"not an image"):
+        with pytest.raises(DecodeError) as err:
+            _seeded(drafted, bad, 0, host=True)
+        assert err.value.reason == "undecodable_image"
     # a PNG (no DCT scaling): timm's path, exactly
     png = _photo(600, 400, 9, "PNG")
     assert torch.equal(_seeded(drafted, png, 1, "png", host=True), _seeded(full, png, 1, "png", host=True))
