@@ -341,7 +341,8 @@ def web224(args) -> dict:
                 for variant in order:
                     if transform == "eval" and variant in TRAIN_ONLY:
                         continue
-                    r = _spawn_one(variant, transform, workers, pattern, n, batch, size)
+                    r = (one_run(variant, transform == "train", workers, pattern, n, batch, size) if args.tiny
+                         else _spawn_one(variant, transform, workers, pattern, n, batch, size))  # tiny: in-process
                     r["round"] = rnd
                     r["load1"] = os.getloadavg()[0]
                     runs.append(r)
