@@ -288,6 +288,7 @@ def one_run(variant: str, train: bool, workers: int, pattern: str, n: int, batch
     loader = (_openclip_loader(pattern, n, batch, workers, train, size) if variant == "openclip"
               else _our_loader(pattern, n, batch, workers, train, size, OURS[variant]))
     me = os.getpid()
+    before = set(_children(me))  # (in-process runs: an earlier run's persistent workers are not this one's)
     worker_cpu: dict[int, float] = {}
     dtypes = set()
     nbytes = 0
@@ -301,12 +302,15 @@ def one_run(variant: str, train: bool, workers: int, pattern: str, n: int, batch
         got += images.shape[0]
         nbytes += images.numel() * images.element_size()
         dtypes.add(str(images.dtype))
-        for c in _children(me):  # a worker's CPU so far (read at every batch: it exits at the end)
+        for c in set(_children(me)) - before:  # a worker's CPU so far (read at every batch: it exits at the end)
             worker_cpu[c] = max(worker_cpu.get(c, 0.0), _cpu_s(c))
     wall = time.perf_counter() - start
-    for c in _children(me):
+    for c in set(_children(me)) - before:
         worker_cpu[c] = max(worker_cpu.get(c, 0.0), _cpu_s(c))
     main_cpu = time.process_time() - cpu0
+    shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if shutdown is not None:  # OpenCLIP's WebLoader keeps its workers (persistent_workers)
+        shutdown()
     return {"variant": variant, "transform": "train" if train else "eval", "workers": workers, "samples": got,
             "wall_s": wall, "main_cpu_s": main_cpu, "worker_cpu_s": sum(worker_cpu.values()),
             "worker_processes": len(worker_cpu), "image_dtypes": sorted(dtypes), "image_bytes_per_sample": nbytes / max(got, 1)}

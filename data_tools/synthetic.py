@@ -207,7 +207,7 @@ def pink_noise(rng: np.random.Generator, side: int, alpha: float) -> np.ndarray:
     return np.clip(base + rng.uniform(30, 55) * x, 0, 255).astype(np.uint8)
 
 
-def texture_bank(seed: int, count: int = 6, side: int = 768) -> list[np.ndarray]:
+def texture_bank(seed: int, count: int = 6, side: int = 1024) -> list[np.ndarray]:
     rng = np.random.default_rng([seed, 0xBA2C])
     return [pink_noise(rng, side, a) for a in np.linspace(1.0, 1.45, count)]
 
