@@ -161,7 +161,8 @@ def data_only(args, urls: str, gpu_decode: bool, size: int, model_config: str | 
     t0 = None
     for batch in loader:
         inputs = {m: to_device(x, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                               transforms.get(m), batch.masks.get(m)) for m, x in batch.modalities.items()}
+                               transforms.get(m), None if cfg.data.modalities[m].required else batch.masks.get(m))
+                  for m, x in batch.modalities.items()}
         batches += 1
         if batches == args.warmup:
             if device.type == "cuda":
