@@ -9,10 +9,18 @@ Runs ``torch.distributed.run`` with one process per visible GPU (one on CPU). Ou
 ``open_clip_text`` of ``--model`` with ``head: none``, OpenCLIP's tokenizer and preprocessing,
 bf16, micro-batch ``--micro-batch`` per GPU, two data sources in turn:
 
-- ``synthetic``: in-memory batches of random pixels and token ids handed straight to the loop (the
-  model, loss, optimizer and engine alone);
-- ``shards``: real webdataset shards on local disk (written here once: random JPEGs with captions),
-  read and decoded by our pipeline with ``--workers`` loader processes per GPU.
+- ``synthetic``: in-memory batches of random pixels (uint8, as the loader gives them: normalised on
+  the device by the image decoder's device transform) and token ids handed straight to the loop
+  (the model, loss, optimizer and engine alone);
+- ``shards``: web-like JPEG shards as img2dataset writes them at 512 px (``python -m
+  data_tools.synthetic webimages``, written here on the machine: the carried tree is capped), read
+  and decoded by our pipeline with ``--workers`` loader processes per GPU (default: cores - 2 over
+  the GPUs) and OpenCLIP's training augmentation (random resized crop, scale 0.9-1, bicubic).
+
+Then a data-only run per decode path (``data``: JPEGs decoded on the CPU by the loader workers;
+``data_gpu_decode``: the image decoder's ``gpu_decode``, JPEGs decoded on the GPU, where CUDA is):
+the same loader and shards, every batch taken to the device as the step takes it (uint8 pixels
+normalised there), no model: the samples/s the input pipeline alone sustains, and per loader worker.
 
 For each: samples/s and step time over the steps after ``--warmup``, MFU and TFLOP/s per device (the
 first step's FLOPs counted by PyTorch's FLOP counter, over the device's datasheet peak), the share
@@ -52,7 +60,10 @@ def _synthetic_batches(modalities, micro_batch: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     image, text = modalities["image"].decoder, modalities["text"].decoder
-    pixels = torch.randn(micro_batch, *image.output_shape, generator=g)
+    if image.dtype == torch.uint8:  # what the loader gives: the step normalises on the device
+        pixels = torch.randint(0, 256, (micro_batch, *image.output_shape), generator=g, dtype=torch.uint8)
+    else:
+        pixels = torch.randn(micro_batch, *image.output_shape, generator=g)
     ids = torch.randint(3, 5000, (micro_batch, *text.output_shape), generator=g)
     ids[:, -1] = text.tokenizer.pad_id
     masks = {"image": torch.ones(micro_batch, dtype=torch.bool), "text": torch.ones(micro_batch, dtype=torch.bool)}
@@ -103,8 +114,8 @@ def _recipe(args, out: Path, urls: str, model_config: str | None) -> list[str]:
         f"output_dir={out}", f"data.train.urls={urls}", "data.val.urls=", "data.labels=null",
         "data.train.shuffle_buffer=256", f"data.train.workers={args.workers}",
         f"data.context_length={oc['text_cfg']['context_length']}",
-        "data.modalities={image: {decoder: image, options: {size: %d, interpolation: bicubic}}, "
-        "text: {decoder: text, options: {tokenizer: open_clip}}}" % oc["vision_cfg"]["image_size"],
+        "data.modalities={image: {decoder: image, options: {size: %d, interpolation: bicubic, augment: %s}}, "
+        "text: {decoder: text, options: {tokenizer: open_clip}}}" % (oc["vision_cfg"]["image_size"], AUGMENT),
         f"model.towers={json.dumps(towers)}", f"model.embed_dim={oc['embed_dim']}",
         f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", "train.warmup_steps=2",
         f"train.log_every={args.warmup}", f"train.precision={'fp32' if tiny else 'bf16'}",
@@ -113,34 +124,63 @@ def _recipe(args, out: Path, urls: str, model_config: str | None) -> list[str]:
     ] + ([f"train.peak_tflops={args.peak_tflops}"] if args.peak_tflops else [])
 
 
-def _shards(folder: Path, n: int, size: int) -> str:
-    """``n`` random JPEGs with captions as webdataset shards (written once)."""
-    import io
+AUGMENT = "{scale: [0.9, 1.0], hflip: 0.0, color_jitter: null}"  # OpenCLIP's image_train (bicubic)
 
-    import numpy as np
-    from PIL import Image
 
-    from pretrain.shard_index import FORMAT
+def _shards(folder: Path, n: int, tiny: bool) -> tuple[str, dict]:
+    """``n`` web-like JPEGs with captions (``data_tools.synthetic webimages``: img2dataset's output at
+    512 px; in the tiny mode 48-64 px), written once with every core; (brace pattern, summary)."""
+    from data_tools.synthetic import write_webimages
 
-    per = 256
-    count = (n + per - 1) // per
-    if not (folder / "index.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        from tests.helpers import write_shard
+    if not (folder / "synthetic.json").is_file():
+        size, low = (64, 48) if tiny else (512, 256)
+        write_webimages(folder, n, shard_size=64 if tiny else 256, workers=os.cpu_count() or 1, size=size,
+                        min_side=low, measure=not tiny)
+    summary = json.loads((folder / "synthetic.json").read_text())
+    return summary["pattern"], summary
 
-        shards = []
-        for s in range(count):
-            samples = []
-            for i in range(per):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-                samples.append((f"{s:04d}{i:04d}", {"jpg": buf.getvalue(), "txt": f"a photo of thing {i % 97}".encode()}))
-            write_shard(folder / f"b-{s:06d}.tar", samples)
-            shards.append({"name": f"b-{s:06d}.tar", "samples": per})
-        (folder / "index.json").write_text(json.dumps({"format": FORMAT, "total_samples": per * count,
-                                                       "shards": shards}))
-    return str(folder / f"b-{{000000..{count - 1:06d}}}.tar")
+
+def data_only(args, urls: str, gpu_decode: bool, size: int, model_config: str | None) -> dict:
+    """The training loader alone: every batch taken to the device as the step takes it (each
+    modality finished by its decoder's device transform), no model; samples/s after ``--warmup``
+    batches, for at most ``--data-seconds``."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.data import build_modalities, make_loader
+    from pretrain.data.decoders import to_device
+
+    recipe = _recipe(args, Path("unused"), urls, model_config) + [
+        f"data.modalities.image.options.gpu_decode={str(gpu_decode).lower()}", f"data.image_size={size}"]
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [r for r in recipe if not r.startswith("model.")])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mods = build_modalities(cfg.data, train=True)
+    transforms = mods.device_transforms()
+    loader = make_loader(cfg.data.train, mods, cfg.data, args.micro_batch, 0, 1, 0, train=True)
+    start, n, batches = time.perf_counter(), 0, 0
+    t0 = None
+    for batch in loader:
+        inputs = {m: to_device(x, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                               transforms.get(m), None if cfg.data.modalities[m].required else batch.masks.get(m))
+                  for m, x in batch.modalities.items()}
+        batches += 1
+        if batches == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 0
+        elif t0 is not None:
+            n += len(batch)
+        if t0 is not None and (time.perf_counter() - t0 > args.data_seconds or batches >= args.warmup + args.steps):
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - (t0 if t0 is not None else start)
+    loader.close()
+    dec = mods["image"].decoder
+    rate = n / wall if n else None
+    return {"samples_per_s": rate, "per_worker": rate / max(1, args.workers) if rate else None,
+            "workers": args.workers, "batches": batches, "image_dtype": str(inputs["image"].dtype),
+            "decode": "gpu" if dec.device_decode is not None else "cpu"}
 
 
 def _figures(run: Path, warmup: int) -> dict:
@@ -211,10 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the figures (and the log interval)")
     parser.add_argument("--micro-batch", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=8, help="loader processes per GPU (shards)")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes per GPU (default: cores - 2 over the GPUs)")
+    parser.add_argument("--data-seconds", type=float, default=45.0, help="at most this long per data-only run")
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (0: its datasheet's)")
-    parser.add_argument("--sources", default="synthetic,shards")
+    parser.add_argument("--sources", default="synthetic,shards,data,data_gpu_decode")
     parser.add_argument("--no-openclip", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="CPU, a tiny config, a few steps (the test suite)")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "runs" / "bench_gpu")))
@@ -231,11 +272,13 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    nproc = max(1, torch.cuda.device_count()) if not args.tiny else 1
     if args.tiny:
         args.steps, args.warmup, args.micro_batch, args.workers = 6, 2, 4, 0
+    elif args.workers <= 0:
+        args.workers = max(1, ((os.cpu_count() or 1) - 2) // nproc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    nproc = max(1, torch.cuda.device_count()) if not args.tiny else 1
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:  # shards and runs; the figures go to --out
         return _measure(args, out, nproc, Path(tmp))
 
@@ -251,9 +294,24 @@ def _measure(args, out: Path, nproc: int, work: Path) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": nproc,
                "model": "tiny" if args.tiny else args.model, "micro_batch": args.micro_batch, "steps": args.steps,
-               "warmup": args.warmup, "date": time.strftime("%Y-%m-%d"), "runs": {}}
-    urls = _shards(work / "shards", max(args.steps * args.micro_batch * nproc, 256), size)
+               "warmup": args.warmup, "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+               "workers": args.workers, "runs": {}}
+    t0 = time.perf_counter()
+    # enough for the steps, up to 8192 (the loader goes on into further epochs)
+    urls, summary = _shards(work / "shards", min(max(args.steps * args.micro_batch * nproc, 256), 8192), args.tiny)
+    results["shards"] = {k: summary.get(k) for k in ("samples", "shards", "mean_megapixels", "bytes_per_pixel",
+                                                     "decode_ms_per_mpix", "short_side")}
+    results["shards"]["written_s"] = time.perf_counter() - t0
+    print(f"shards: {summary['samples']} web-like JPEGs written in {results['shards']['written_s']:.0f} s "
+          f"({summary['bytes_per_pixel']:.3f} bytes/pixel)", flush=True)
     for source in args.sources.split(","):
+        if source.startswith("data"):
+            try:
+                results["runs"][source] = data_only(args, urls, source == "data_gpu_decode", size, model_config)
+            except Exception as err:  # noqa: BLE001 - the call goes on to the next run
+                results["runs"][source] = {"failed": f"{type(err).__name__}: {err}"}
+            (out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+            continue
         run = work / f"ours_{source}"
         result = work / f"ours_{source}.json"
         recipe = _recipe(args, run, urls, model_config)
@@ -280,7 +338,8 @@ def _measure(args, out: Path, nproc: int, work: Path) -> int:
     if ours.get("samples_per_s") and theirs.get("samples_per_s"):
         results["ratio_vs_openclip"] = ours["samples_per_s"] / theirs["samples_per_s"]
     (out / "bench_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'run':<22} {'samples/s':>10} {'step s':>8} {'MFU':>6} {'TFLOP/s':>8} {'data wait':>9} {'peak GiB':>8}")
+    print(f"{'run':<22} {'samples/s':>10} {'step s':>8} {'MFU':>6} {'TFLOP/s':>8} {'data wait':>9} {'peak GiB':>8}"
+          f"   (loader workers per GPU: {args.workers})")
     for name, r in results["runs"].items():
         if "samples_per_s" not in r:
             print(f"{name:<22} {str(r)[:100]}")

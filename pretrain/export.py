@@ -34,6 +34,7 @@ from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint
 from pretrain.cli import USAGE, exit_process, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
+from pretrain.data.decoders import to_device
 from pretrain.models import FORMATS, ContrastiveModel, build_model
 from pretrain.models.interop import refusal
 
@@ -165,8 +166,9 @@ class Embedder:
         rows = []
         for item in items:
             kind = ext or (Path(item).suffix.lstrip(".") if isinstance(item, (str, Path)) else mod.members[0].lstrip("."))
-            rows.append(mod.decoder.decode(self._bytes(item), kind, rng))
-        x = torch.stack(rows).to(self.device)
+            rows.append(mod.decoder.host_decode(self._bytes(item), kind, rng))
+        # the decoder's device half (uint8 pixels normalised there) on the model's device, as in training
+        x = to_device(torch.stack(rows), self.device, torch.float32, mod.decoder.device_transform)
         return self.model.encode(modality, x)
 
     @torch.no_grad()

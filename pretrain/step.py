@@ -3,8 +3,9 @@
 The contract: ``step(batches, step_index) -> StepOutput`` takes the step's micro-batches (one per
 ``train.grad_accumulation_steps``, each a ``pretrain.data.Batch`` of this rank) and
 
-1. moves each batch to the device (``non_blocking``: the loader pins it), casts floating inputs to
-   the engine's precision (token ids stay integers) and encodes it: L2-normalised features per
+1. moves each batch to the device (``non_blocking``: the loader pins it), finishes each modality
+   its decoder leaves to the device (``device_transforms``: uint8 pixels scaled and normalised
+   there), casts floating inputs to the engine's precision (token ids stay integers) and encodes it: L2-normalised features per
    modality, the logit scale and bias, and what the objective's own parameters give its loss
    (``params``: the model's forward gets a ``BatchContext`` saying where the micro-batch sits in the
    step's global batch, e.g. for CLIP-Lite's prior samples);
@@ -46,6 +47,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
+from pretrain.data.decoders import to_device
 from pretrain.losses import BatchContext, accumulate_step
 from pretrain.optim import group_lrs
 
@@ -110,10 +112,12 @@ class StepOutput:
 
 class ContrastiveStep:
     """``engine``: a ``pretrain.engine.Engine``; ``flags``: the trainer's ``FlagChannel``; ``masked``:
-    the modalities a sample may lack; ``seed``: ``train.seed``."""
+    the modalities a sample may lack; ``seed``: ``train.seed``; ``device_transforms``: modality ->
+    its decoder's ``device_transform`` (``Modalities.device_transforms()``)."""
 
     def __init__(self, engine, loss_fn, flags: FlagChannel, *, dtype: torch.dtype, stop_signal,
-                 masked: frozenset[str] = frozenset(), seed: int = 0):
+                 masked: frozenset[str] = frozenset(), seed: int = 0, device_transforms: Optional[dict] = None):
+        self.device_transforms = dict(device_transforms or {})
         self._norm_wanted, self._norm = False, None  # this step measures the gradient norm (ZeRO-0 log steps)
         self.engine, self.loss_fn, self.flags = engine, loss_fn, flags
         self.model = engine.module
@@ -163,10 +167,12 @@ class ContrastiveStep:
     def forward(self, batch, step: int, micro: int = 0, micros: int = 1):
         """(features as float32, logit scale, logit bias or None, the objective's ``params``) of micro-
         batch ``micro`` of ``micros`` of the step."""
-        inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.modalities.items()}
-        if self.dtype != torch.float32:  # floating inputs follow the parameters; token ids stay integers
-            inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
+        # floating inputs follow the parameters; token ids stay integers
+        # (the presence mask only where a sample may lack the modality: its placeholder rows become 0)
+        inputs = {m: to_device(x, self.device, self.dtype, self.device_transforms.get(m),
+                               masks.get(m) if m in self.masked else None)
+                  for m, x in batch.modalities.items()}
         rows = len(batch)  # training batches are full: every rank holds as many
         # rank-major over the step's global batch, as one micro-batch of micros x rows per rank would be
         where = BatchContext(step, self.seed, (dist.get_rank() * micros + micro) * rows, rows, self.world * micros * rows)

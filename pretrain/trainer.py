@@ -333,7 +333,7 @@ class Trainer:
         masked = frozenset(m for m, mc in cfg.data.modalities.items() if not mc.required)  # may be absent
         self.flags = FlagChannel(info.device)  # each step's outcome on its way to the host (pretrain.step)
         self.step = ContrastiveStep(self.engine, loss_fn, self.flags, dtype=t.dtype, stop_signal=self.stop_signal,
-                                    masked=masked, seed=t.seed)
+                                    masked=masked, seed=t.seed, device_transforms=modalities.device_transforms())
         self.writer = MetricsWriter(self.out, enabled=self.rank == 0, wandb=t.wandb, run_config=to_dict(cfg))
         self.meter = StepMeter(t.peak_tflops, t.precision, info.device)
         self.logger = StepLogger(t, self.writer, self.meter, engine=self.engine, loader=self.loader,

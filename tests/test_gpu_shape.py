@@ -98,6 +98,12 @@ def test_the_gpu_benchmark_runs_in_its_tiny_mode(tmp_path):
     assert runs["ours_synthetic"]["samples_per_s"] > 0 and runs["ours_synthetic"]["data_wait_fraction"] < 0.5
     assert runs["ours_shards"]["samples_per_s"] > 0 and "data_wait_fraction" in runs["ours_shards"]
     assert runs["openclip_synthetic"]["samples_per_s"] > 0 and result["ratio_vs_openclip"] > 0
+    # the data-only runs (issue 29): the loader alone, batches taken to the device as the step takes them
+    import torch
+
+    assert runs["data"]["samples_per_s"] > 0 and runs["data"]["decode"] == "cpu"
+    assert runs["data_gpu_decode"]["decode"] == ("gpu" if torch.cuda.is_available() else "cpu")
+    assert result["shards"]["samples"] >= 256 and result["shards"]["bytes_per_pixel"] > 0
 
 
 def test_what_travels_to_the_gpu_machine_with_its_image_covers_every_need():

@@ -73,7 +73,7 @@ import torch  # first import inside a forked child can trip over an import lock 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.config import DataConfig, SplitConfig
-from pretrain.data.decoders import DecodeError, Modalities, Modality
+from pretrain.data.decoders import DecodeError, Modalities, Modality, pack_ragged, packed_size
 from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, resolve_split
 from pretrain.data.tarstream import RawSample, count_samples, iter_shard
 from pretrain.member_names import WantedMembers
@@ -104,18 +104,39 @@ class Batch:
                      None if self.labels is None else self.labels.pin_memory(), self.epochs)
 
 
-def collate(samples: list[dict], names: Optional[list[str]] = None) -> Batch:
+def collate(samples: list[dict], names: Optional[list[str]] = None, ragged: frozenset[str] = frozenset()) -> Batch:
     """Decoded sample dicts (``__key__``, one tensor per modality, optional ``__masks__`` and
-    ``__label__``/``label``) -> ``Batch``."""
+    ``__label__``/``label``) -> ``Batch``. ``ragged``: modalities whose rows differ in length (packed
+    into one tensor by ``decoders.pack_ragged``)."""
     if names is None:
         names = [k for k in samples[0] if not k.startswith("__") and k != "label"]
-    mods = {m: torch.stack([s[m] for s in samples]) for m in names}
+    mods = {m: (_pack if m in ragged else _stack)([s[m] for s in samples]) for m in names}
     masks = {m: torch.tensor([s.get("__masks__", {}).get(m, True) for s in samples], dtype=torch.bool) for m in names}
     labels = None
     if any("__label__" in s or "label" in s for s in samples):
         labels = torch.tensor([s.get("__label__", s.get("label", -1)) for s in samples], dtype=torch.long)
     epochs = [s["__epoch__"] for s in samples] if all("__epoch__" in s for s in samples) else None
     return Batch(mods, masks, [s["__key__"] for s in samples], labels, epochs)
+
+
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a loader worker straight into shared memory, as torch's default_collate
+    does: the DataLoader would otherwise copy the batch there once more to send it."""
+    out = None
+    if get_worker_info() is not None:
+        first = rows[0]
+        storage = first._typed_storage()._new_shared(sum(x.numel() for x in rows), device=first.device)
+        out = first.new(storage).resize_(len(rows), *first.shape)
+    return torch.stack(rows, out=out)
+
+
+def _pack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``pack_ragged``; in a loader worker straight into shared memory (as ``_stack``)."""
+    out = None
+    if get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8)
+        out.set_(torch.UntypedStorage._new_shared(packed_size(rows)), 0, (packed_size(rows),), (1,))
+    return pack_ragged(rows, out=out)
 
 
 # ----------------------------------------------------------------------------------- the loader
@@ -411,11 +432,11 @@ class BatchStream(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 st["batches"] += 1
-                yield collate(batch, self.decoding.names), worker, _copy_state(st)
+                yield collate(batch, self.decoding.names, self.decoding.ragged), worker, _copy_state(st)
                 batch, rng = [], None
         if batch:
             st["batches"] += 1
-            yield collate(batch, self.decoding.names), worker, _copy_state(st)
+            yield collate(batch, self.decoding.names, self.decoding.ragged), worker, _copy_state(st)
         yield None, worker, _copy_state(st)  # the end: counts of what came after the last batch
 
 
@@ -433,6 +454,7 @@ class SampleDecoding:
         self.uses_global_rng = any(m.decoder.uses_global_rng for m in every)
         self.placeholders = {m.name: (m.decoder.placeholder() if not m.required else None) for m in every}
         self.shapes = {m.name: m.decoder.output_shape for m in every}
+        self.ragged = frozenset(m.name for m in every if m.decoder.ragged)  # rows of varying length
 
     def _one(self, m: Modality, raw: RawSample, rng: random.Random, events: _Events):
         """(tensor or None, present)."""
@@ -448,7 +470,9 @@ class SampleDecoding:
                                             f"members listed in data.modalities.{m.name}.members)")
             return None, False
         try:
-            x = m.decoder.decode(raw.members[ext], ext, rng)
+            x = m.decoder.host_decode(raw.members[ext], ext, rng)  # the worker's part (device_transform: the rest)
+            if m.name in self.ragged:
+                return x, True
             want = self.shapes[m.name]
             if want is None:
                 self.shapes[m.name] = want = tuple(x.shape)

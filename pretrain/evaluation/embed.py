@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.data import Batch, make_loader
+from pretrain.data.decoders import to_device
 from pretrain.distributed import all_gather_nograd, batch_layout, is_distributed, rank, world_size
 
 
@@ -71,10 +72,11 @@ def parameter_dtype(model) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Floating inputs follow the parameters' dtype; token ids stay integers."""
-    x = x.to(device, non_blocking=True)
-    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+def to_model(x: torch.Tensor, device: torch.device, dtype: torch.dtype, transform=None,
+             present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """On the device, finished by the decoder's ``device_transform`` (``transform``) where it has one;
+    floating inputs follow the parameters' dtype; token ids stay integers (``decoders.to_device``)."""
+    return to_device(x, device, dtype, transform, present)
 
 
 def content_ids(x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +215,7 @@ def _forward(model, batch: Batch, multi: list[str], modalities, device: torch.de
     """(per-sample features, masks, {modality: (every caption's features, its sample in the batch)}).
     A multi-caption modality gives the model its first caption per sample, and all its non-empty
     caption rows are encoded on their own (not for ``features="backbone"``: the first caption only)."""
-    inputs, masks = _inputs(batch, device, dtype)
+    inputs, masks = _inputs(batch, device, dtype, modalities)
     captions = {}
     for m in multi:
         x = inputs[m]  # (B, K, context)
@@ -230,8 +232,10 @@ def _forward(model, batch: Batch, multi: list[str], modalities, device: torch.de
     return model_features(model, inputs, masks, features), masks, captions
 
 
-def _inputs(batch: Batch, device: torch.device, dtype: torch.dtype):
-    inputs = {m: to_model(x, device, dtype) for m, x in batch.modalities.items()}
+def _inputs(batch: Batch, device: torch.device, dtype: torch.dtype, modalities=None):
+    """The batch as the model takes it (each modality finished by its decoder's device transform)."""
     masks = {m: batch.masks[m].to(device) if m in batch.masks else torch.ones(len(batch), dtype=torch.bool, device=device)
              for m in batch.modalities}
+    transforms = modalities.device_transforms() if modalities is not None else {}
+    inputs = {m: to_model(x, device, dtype, transforms.get(m), masks[m]) for m, x in batch.modalities.items()}
     return inputs, masks
