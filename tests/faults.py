@@ -199,6 +199,8 @@ def _census(spec_file, recording: dict, path: str) -> dict:
         def random_input(decoder):
             if decoder.dtype.is_floating_point:
                 return torch.randn(decoder.output_shape, generator=gen)
+            if getattr(decoder, "device_transform", None) is not None:  # uint8 pixels, normalised on the device
+                return torch.randint(0, 256, decoder.output_shape, generator=gen, dtype=decoder.dtype)
             high = getattr(getattr(decoder, "tokenizer", None), "vocab_size", 2)
             return torch.randint(0, high, decoder.output_shape, generator=gen, dtype=decoder.dtype)
 
@@ -232,7 +234,8 @@ def _census(spec_file, recording: dict, path: str) -> dict:
                 engine = build_engine(model, t, dist.get_world_size())
                 into = out.setdefault(f"{entry['name']}/{stage}/{precision}", {})
                 step = ContrastiveStep(engine, loss_fn, FlagChannel(device), dtype=t.dtype,
-                                       stop_signal=StopSignal(signals=()), seed=t.seed)
+                                       stop_signal=StopSignal(signals=()), seed=t.seed,
+                                       device_transforms=modalities.device_transforms())
                 for attempt in range(3):  # until an update happens (bf16 on random inputs may overflow)
                     into.clear()
                     recording["into"] = into

@@ -487,7 +487,9 @@ def _kind(module: torch.nn.Module) -> str:
 def _meta_input(decoder, rows: int, dtype: torch.dtype, device) -> torch.Tensor:
     shape = tuple(getattr(decoder, "output_shape", None) or ())
     in_dtype = getattr(decoder, "dtype", torch.float32)
-    if in_dtype.is_floating_point:
+    # a decoder that leaves its last step to the device (uint8 pixels normalised there) hands the
+    # model floating values
+    if in_dtype.is_floating_point or getattr(decoder, "device_transform", None) is not None:
         return torch.zeros((rows, *shape), dtype=dtype, device=device)
     return torch.zeros((rows, *shape), dtype=in_dtype, device=device)
 
@@ -851,7 +853,9 @@ def make_plan(cfg, nodes: int, per_node: int, capacity: int, device: str, *, con
     acts = tower_activations(counted, modalities, cfg, micro)
     loss_bytes, loss_how = loss_buffers(cfg, counted, modalities, micro * accum, world)
     b = {"fp32": 4, "bf16": 2, "fp16": 2}[t.precision]
-    per_sample = sum(_sample_bytes(m.decoder, b) + 1 for m in modalities)  # + the mask
+    # on the device: the model's inputs, floating in the run's precision (uint8 pixels become that
+    # there: the uint8 batch itself is freed once normalised) + the mask
+    per_sample = sum(_sample_bytes(m.decoder, b, device=True) + 1 for m in modalities)
     inputs = micro * per_sample
     workers = max(1, cfg.data.train.workers)
     in_flight = (2 * workers + 1) if cfg.data.train.workers else 1  # DataLoader's prefetch_factor 2 per worker
@@ -891,10 +895,12 @@ def make_plan(cfg, nodes: int, per_node: int, capacity: int, device: str, *, con
                 reason, notes)
 
 
-def _sample_bytes(decoder, float_bytes: int) -> int:
+def _sample_bytes(decoder, float_bytes: int, device: bool = False) -> int:
+    """One sample's bytes as the loader hands it over, or (``device``) as the model takes it."""
     shape = getattr(decoder, "output_shape", None) or ()
     dtype = getattr(decoder, "dtype", torch.float32)
-    size = float_bytes if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size()
+    floating = dtype.is_floating_point or (device and getattr(decoder, "device_transform", None) is not None)
+    size = float_bytes if floating else torch.empty((), dtype=dtype).element_size()
     return math.prod(shape) * size
 
 
