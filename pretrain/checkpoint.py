@@ -320,7 +320,8 @@ class Checkpointer:
 
         old, world, stage = saved_layout(folder), world_size(), self.engine.zero_optimization_stage()
         groups = self.bundle.optimizer.group_names
-        regrouped = (old.optimizer_groups or self._default_groups()) != groups
+        saved_groups = old.optimizer_groups or self._default_groups()
+        regrouped = saved_groups != groups
         if (old.world_size, old.zero_stage) == (world, stage) and not regrouped:
             # our own file, written by this code: not a stranger's shard, so a full unpickle is fine
             mine = torch.load(folder / f"rank{self.rank:05d}.pt", weights_only=False)
@@ -331,12 +332,12 @@ class Checkpointer:
                 return folder
             self.engine.load_checkpoint(str(folder.parent), tag=folder.name)  # the data's layout alone changed
         else:
-            self._load_other_layout(folder, [n for g in (old.optimizer_groups or self._default_groups()) for n in g])
+            self._load_other_layout(folder, [n for g in saved_groups for n in g])
             self.changed_layout = (f"ZeRO-{old.zero_stage} x {old.world_size} ranks -> ZeRO-{stage} x {world} ranks"
                                    if (old.world_size, old.zero_stage) != (world, stage) else "")
             if regrouped:
                 self.changed_layout += ("; " if self.changed_layout else "") + (
-                    f"optimizer groups {len(old.optimizer_groups or self._default_groups())} -> {len(groups)}")
+                    f"optimizer groups {len(saved_groups)} -> {len(groups)}")
         step = checkpoint_step(folder)
         saved = [torch.load(folder / f"rank{r:05d}.pt", weights_only=False) for r in range(old.world_size)]
         state.load_layout(saved, step)

@@ -200,15 +200,18 @@ def optimized_names(model: torch.nn.Module, cfg: "OptimConfig | float" = 0.0, se
 def optimizer_groups(model: torch.nn.Module, cfg: "OptimConfig | float" = 0.0,
                      settings: Optional[dict] = None) -> list[list[str]]:
     """The parameter names of each (non-empty) optimizer group, in order."""
+    return _names_of(model, [g for g in param_groups(model, cfg, settings) if g["params"]])
+
+
+def _names_of(model: torch.nn.Module, groups: list[dict]) -> list[list[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg, settings) if g["params"]]
+    return [[names[id(p)] for p in g["params"]] for g in groups]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer over ``param_groups``; its ``group_names`` lists each (non-empty) group's
     parameter names, which checkpoints record (``pretrain.checkpoint``)."""
     groups = [g for g in param_groups(model, cfg) if g["params"]]  # (DeepSpeed drops empty groups too)
-    names = {id(p): n for n, p in model.named_parameters()}
     if cfg.optimizer == "lamb":
         from timm.optim import Lamb
 
@@ -223,7 +226,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         optimizer.register_load_state_dict_post_hook(_stay_fused)
     if cfg.lookahead is not None:
         optimizer = Lookahead(optimizer, k=cfg.lookahead.k, alpha=cfg.lookahead.alpha)
-    optimizer.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+    optimizer.group_names = _names_of(model, groups)
     return optimizer
 
 
