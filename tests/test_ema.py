@@ -77,3 +77,17 @@ def test_ema_sharded_under_zero3_equals_one_process_and_survives_resume(tmp_path
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/ema/samples" in r]
     assert evals and any(k.startswith("eval/ema/") and k.replace("ema/", "") in evals[-1] for k in evals[-1])
+
+
+def test_a_step_skipped_on_the_device_leaves_the_average_alone():
+    from pretrain.ema import EmaConfig, WeightEma
+
+    layer = torch.nn.Linear(3, 2)
+    ema = WeightEma(layer, EmaConfig(decay=0.5), rank=0, world=1, zero3=False)
+    before = {n: a.clone() for n, a in ema.avg.items()}
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update(1, torch.tensor(1.0))  # skipped: no change
+    assert all(torch.equal(ema.avg[n], before[n]) for n in before)
+    ema.update(2, torch.tensor(0.0))  # taken: half way to the weights
+    torch.testing.assert_close(ema.avg["weight"], before["weight"] + 0.5)
