@@ -294,6 +294,33 @@ def _held_tensors(engine) -> list[tuple]:
     return rows
 
 
+# DeepSpeed optimizer attributes holding gradients and fp32 master weights (ZeRO-1/2 and ZeRO-3 names)
+GRAD_ATTRS = ("averaged_gradients", "grad_partitions_flat_buffer", "grads_in_partition")
+MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups")
+
+
+def _storages(rows, pick) -> set:
+    return {(r[4], r[5]) for r in rows if pick(r) and r[5] > 0}
+
+
+def measured_parts(rec: dict) -> dict:
+    """What one rank's engine held (a ``record_memory`` record: ``records["run"]`` or a census entry), by
+    ``pretrain.plan``'s parts: unique storages (views and flat buffers once), bytes."""
+    after, back = rec["after_step"], rec["after_backward"]
+    weights = _storages(after, lambda r: r[0] in ("param", "ds_tensor"))
+    masters = _storages(after, lambda r: r[0] == "optimizer_param"
+                        or r[0] == "ds_optimizer" and r[1].split(".")[0] in MASTER_ATTRS) - weights
+    held = _storages(back, lambda r: r[0] in ("grad", "grad_bucket")
+                     or r[0] == "ds_optimizer" and r[1].split(".")[0].endswith(GRAD_ATTRS))
+    # DeepSpeed's fp32 gradient copies, one optimizer group (ZeRO 1-3) or every parameter (ZeRO-0) at a time
+    update = max((sum(b for _, b in _storages(call, lambda r: r[0] == "optimizer_grad") - held)
+                  for call in rec.get("at_update", [])), default=0)
+    total = lambda s: sum(b for _, b in s)  # noqa: E731
+    return {"weights": total(weights), "masters": total(masters), "grads_held": total(held), "grads_update": update,
+            "optimizer": total(_storages(after, lambda r: r[0] == "optimizer_state")),
+            "bucket": total(_storages(after, lambda r: r[0] == "ds_optimizer" and r[1].startswith("ipg_buckets")))}
+
+
 if __name__ == "__main__":
     install(os.environ.get("PRETRAIN_FAULT", ""))
     sys.exit(train.main())

@@ -25,6 +25,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.plan import (
     GIB, STAGES, ZeroSettings, choose, count_model, loss_buffers, make_plan, model_states, stage_refusal,
 )
+from tests.faults import measured_parts
 from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, TINY_MODEL, ok, tiny_overrides, torchrun
 
 # test_interop_openclip's tiny architecture, the OpenCLIP recipes' towers at test size
@@ -33,8 +34,6 @@ TINY_OC = {"embed_dim": 16,
            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 SMALL_BUCKET = "train.deepspeed={zero_optimization: {reduce_bucket_size: 200000}}"  # less than the model: several fills
 QUICKSTART_TINY = ["data.train.urls=x.tar", *TINY_MODEL, "train.micro_batch_size=5", SMALL_BUCKET]
-GRAD_ATTRS = ("averaged_gradients", "grad_partitions_flat_buffer", "grads_in_partition")
-MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups")
 
 
 def _recipes(tmp: Path) -> list[dict]:
@@ -82,27 +81,6 @@ def _counted(config: str, overrides: tuple[str, ...]):
     return cfg, count_model(cfg)
 
 
-def _storages(rows, pick) -> set:
-    return {(r[4], r[5]) for r in rows if pick(r) and r[5] > 0}
-
-
-def _measured(rec: dict) -> dict:
-    """What one rank's engine held, by the plan's parts: unique storages (views and flat buffers once)."""
-    after, back = rec["after_step"], rec["after_backward"]
-    weights = _storages(after, lambda r: r[0] in ("param", "ds_tensor"))
-    masters = _storages(after, lambda r: r[0] == "optimizer_param"
-                        or r[0] == "ds_optimizer" and r[1].split(".")[0] in MASTER_ATTRS) - weights
-    held = _storages(back, lambda r: r[0] in ("grad", "grad_bucket")
-                     or r[0] == "ds_optimizer" and r[1].split(".")[0].endswith(GRAD_ATTRS))
-    # DeepSpeed's fp32 gradient copies, one optimizer group (ZeRO 1-3) or every parameter (ZeRO-0) at a time
-    update = max((sum(b for _, b in _storages(call, lambda r: r[0] == "optimizer_grad") - held)
-                  for call in rec.get("at_update", [])), default=0)
-    total = lambda s: sum(b for _, b in s)  # noqa: E731
-    return {"weights": total(weights), "masters": total(masters), "grads_held": total(held), "grads_update": update,
-            "optimizer": total(_storages(after, lambda r: r[0] == "optimizer_state")),
-            "bucket": total(_storages(after, lambda r: r[0] == "ds_optimizer" and r[1].startswith("ipg_buckets")))}
-
-
 def _planned(cfg, counted, stage: int, precision: str, world: int = 2):
     return model_states(counted.rows, stage, world, precision, cfg.train.optimizer, cfg.train.grad_accumulation_steps,
                         ZeroSettings.from_train(cfg.train, stage), counted.buffers)
@@ -121,7 +99,7 @@ def test_model_states_per_stage_equal_the_engines_buffers(census):
         for precision in recipe["precisions"]:
             for stage in STAGES:
                 key = f"{recipe['name']}/{stage}/{precision}"
-                ranks = [_measured(r["census"][key]) for r in census.records]
+                ranks = [measured_parts(r["census"][key]) for r in census.records]
                 measured = {part: max(m[part] for m in ranks) for part in ranks[0]}
                 s = _planned(cfg, counted, stage, precision)
                 planned = {"weights": s.weights, "masters": s.masters, "grads_held": s.grads_held,
@@ -134,7 +112,7 @@ def test_model_states_per_stage_equal_the_engines_buffers(census):
     # the run's own engine (train.zero_stage auto chose ZeRO-0 in fp32: pretrain.gradsync's buckets)
     cfg, counted = _counted(str(QUICKSTART), tuple(QUICKSTART_TINY))
     s = _planned(cfg, counted, 0, "fp32")
-    run = _measured(census.records[0]["run"])
+    run = measured_parts(census.records[0]["run"])
     assert (run["weights"], run["grads_held"], run["optimizer"]) == (s.weights, s.grads_held, s.optimizer)
 
 
