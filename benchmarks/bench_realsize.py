@@ -296,7 +296,8 @@ def run_case(name: str, work: Path, shards: str, cap: int) -> dict:
         time.sleep(10)
     else:
         return {"case": name, "skipped": f"{_available() / GIB:.1f} GiB of memory available, {want / GIB:.1f} GiB wanted"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),  # DeepSpeed's CPU op built once, as make does
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
     out: dict = {"case": name, "arch": arch, "zero_stage": stage, "zero3_init": init, "load_before": _load()}
     port = 29500 + (os.getpid() % 500)
     for phase, steps in (("train", 2), ("resume", 3)):

@@ -178,6 +178,18 @@ def partitioned_build(init_context):
     know (``building_partitioned()``): code that initialises weights after construction must then
     gather them first."""
     _PARTITIONED_BUILD["on"] = True
+    post_init = getattr(init_context, "_post_init_method", None)
+    if post_init is not None:
+        def partition(module: torch.nn.Module):
+            # DeepSpeed cannot partition a 0-dim parameter (e.g. open_clip's CLIP.logit_scale, made
+            # while a tower builds the whole CLIP and keeps a part): give it shape (1,), which
+            # broadcasts the same; the project's own scalars have that shape already
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.dim() == 0:
+                    setattr(module, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+            return post_init(module)
+
+        init_context._post_init_method = partition
     try:
         with init_context:
             yield

@@ -171,7 +171,8 @@ def install(spec: str) -> None:
 
 
 def _census(spec_file, recording: dict, path: str) -> dict:
-    """For each entry of the JSON file ``spec_file`` (``[{"name", "config", "overrides", "precisions"}]``),
+    """For each entry of the JSON file ``spec_file`` (``[{"name", "config", "overrides", "precisions"}]``,
+    optionally ``"zero3_init": true``: also ZeRO-3 built partitioned, under the stage name ``3i``),
     at every ZeRO stage and each precision: the model and engine built as the trainer builds them, one
     step on a random batch (what the engine holds recorded by ``step_and_record``), then a checkpoint
     saved with DeepSpeed's writer to ``<path>.ckpt/<name>/`` under the tag ``<stage>-<precision>``."""
@@ -183,7 +184,7 @@ def _census(spec_file, recording: dict, path: str) -> dict:
     from pretrain.data import build_modalities
     from pretrain.data.pipeline import collate
     from pretrain.distributed import StopSignal
-    from pretrain.engine import build_engine
+    from pretrain.engine import build_engine, construction
     from pretrain.models import build_model
     from pretrain.step import FlagChannel
 
@@ -227,10 +228,13 @@ def _census(spec_file, recording: dict, path: str) -> dict:
                 del loss_out
             out[f"{entry['name']}/loss"] = tracker.peak
         for precision in entry["precisions"]:
-            for stage in (0, 1, 2, 3):
-                t = dataclasses.replace(t0, zero_stage=stage, precision=precision)
+            # ZeRO 0-3, and "3i": ZeRO-3 built partitioned (train.zero3_init) where the entry asks
+            for stage in (0, 1, 2, 3, *(["3i"] if entry.get("zero3_init") else [])):
+                t = dataclasses.replace(t0, zero_stage=3 if stage == "3i" else stage, precision=precision,
+                                        zero3_init=stage == "3i")
                 loss_fn = cfg.loss.build()
-                model = build_model(cfg.model, modalities, objective=loss_fn)
+                with construction(t, dist.get_world_size()):
+                    model = build_model(cfg.model, modalities, objective=loss_fn)
                 engine = build_engine(model, t, dist.get_world_size())
                 into = out.setdefault(f"{entry['name']}/{stage}/{precision}", {})
                 step = ContrastiveStep(engine, loss_fn, FlagChannel(device), dtype=t.dtype,

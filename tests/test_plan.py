@@ -47,7 +47,7 @@ def _recipes(tmp: Path) -> list[dict]:
          "overrides": [f"model.towers.image.options={tower}", f"model.towers.text.options={tower}",
                        "data.modalities.image.options.size=16", "data.context_length=12", "model.embed_dim=16",
                        "train.micro_batch_size=4", SMALL_BUCKET],
-         "precisions": ["bf16"], "loss_rows": 256},
+         "precisions": ["bf16"], "loss_rows": 256, "zero3_init": True},
         {"name": "symile", "config": str(ROOT / "configs" / "xor_symile.yaml"),
          "overrides": ["train.micro_batch_size=16", SMALL_BUCKET], "precisions": ["fp32"], "loss_rows": 256},
     ]
@@ -91,16 +91,18 @@ def test_model_states_per_stage_equal_the_engines_buffers(census):
     """Quickstart (fp32), an OpenCLIP recipe (bf16) and the Symile recipe (fp32) at every ZeRO
     stage on 2 ranks: the plan's weights, fp32 masters, gradients held after backward and copied to
     fp32 at the update, optimizer states and (ZeRO-3) reduction bucket equal, byte for byte, the
-    storages the engines held (the larger rank where they differ: ZeRO-1/2's gradient buffer holds
+    storages the engines held, and the OpenCLIP recipe also built partitioned (``train.zero3_init``: open_clip
+    makes a 0-dim temperature, which DeepSpeed cannot partition alone) (the larger rank where they differ: ZeRO-1/2's gradient buffer holds
     the whole parameters that touch each rank's partition)."""
     compared = 0
     for recipe in census.recipes:
         cfg, counted = _counted(recipe["config"], tuple(recipe["overrides"]))
         for precision in recipe["precisions"]:
-            for stage in STAGES:
+            for stage in [*STAGES, *(["3i"] if recipe.get("zero3_init") else [])]:
                 key = f"{recipe['name']}/{stage}/{precision}"
                 ranks = [measured_parts(r["census"][key]) for r in census.records]
                 measured = {part: max(m[part] for m in ranks) for part in ranks[0]}
+                stage = 3 if stage == "3i" else stage  # built partitioned: the same states as ZeRO-3
                 s = _planned(cfg, counted, stage, precision)
                 planned = {"weights": s.weights, "masters": s.masters, "grads_held": s.grads_held,
                            "grads_update": s.grads_update, "optimizer": s.optimizer,
@@ -108,7 +110,7 @@ def test_model_states_per_stage_equal_the_engines_buffers(census):
                 assert planned == measured, key
                 assert measured["weights"] > 0 and measured["optimizer"] > 0, key
                 compared += 1
-    assert compared == 12
+    assert compared == 13
     # the run's own engine (train.zero_stage auto chose ZeRO-0 in fp32: pretrain.gradsync's buckets)
     cfg, counted = _counted(str(QUICKSTART), tuple(QUICKSTART_TINY))
     s = _planned(cfg, counted, 0, "fp32")
