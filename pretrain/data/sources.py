@@ -166,9 +166,29 @@ def _open_http(url: str, start: int):
 
             return io.BytesIO(b"")
         raise
+    length = resp.headers.get("Content-Length")
+    body = _Whole(resp, int(length)) if length and length.isdigit() else resp
     if start and resp.status != 206:  # the server ignored the range: drop the bytes before it
-        return _dropped(resp, start)
-    return resp
+        return _dropped(body, start)
+    return body
+
+
+class _Whole:
+    """An HTTP body that raises ``ShortRead`` when the connection ends before its Content-Length
+    (``http.client``'s ``read(n)`` just returns less: a cut at a tar header would look like the end)."""
+
+    def __init__(self, resp, length: int):
+        self.resp, self.left = resp, length
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.resp.read(n) if n is not None and n >= 0 else self.resp.read()
+        self.left -= len(data)
+        if not data and n != 0 and self.left > 0:
+            raise ShortRead(f"the connection ended {self.left} bytes before the end of the body")
+        return data
+
+    def close(self) -> None:
+        self.resp.close()
 
 
 # never retried: the shard is not there, not allowed, or not readable by this opener at all
