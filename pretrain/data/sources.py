@@ -190,6 +190,12 @@ class _Whole:
     def close(self) -> None:
         self.resp.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # never retried: the shard is not there, not allowed, or not readable by this opener at all
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ImportError, ValueError,
