@@ -8,6 +8,7 @@ existing reasons. A ``pipe:`` command that dies mid-shard is run again.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,25 @@ def test_a_pipe_command_that_dies_mid_shard_is_run_again(tmp_path):
         got = flat(b.keys for b in l)
     assert got == want and sorted(got) == sorted(_shard_keys())
     assert l.metrics() == {"data/dropped_samples": 0.0, "data/retries": 8.0}
+
+
+def test_a_saved_byte_offset_continues_the_shard_and_one_that_is_no_header_reads_it_from_the_start(caplog):
+    """The position a retry and a resume use: (byte offset of a sample's header, its index) starts
+    the read there; an offset where no tar header is (the shard was rewritten since) falls back to
+    reading from the start and skipping by index, with a warning, nothing counted."""
+    from pretrain.data.tarstream import iter_shard
+
+    shard, events = str(TRAIN / "shard-000000.tar"), []
+
+    def keys(start):
+        return [s.key for s in iter_shard(shard, None, lambda i: True, lambda *a: events.append(a), 2**20,
+                                          start=start)]
+
+    whole = list(iter_shard(shard, None, lambda i: True, lambda *a: events.append(a), 2**20))
+    assert [s.index for s in whole] == list(range(6)) and all(s.next_at % 512 == 0 for s in whole)
+    at = whole[2].next_at
+    assert keys((at, 3)) == [s.key for s in whole[3:]]
+    assert Path(shard).read_bytes()[at + 512:at + 1024] != bytes(512)  # member data, not a header
+    with caplog.at_level("WARNING", logger="pretrain.data"):
+        assert keys((at + 512, 3)) == [s.key for s in whole[3:]]
+    assert events == [] and "no tar header at byte" in caplog.text
