@@ -28,9 +28,8 @@ window starts in the plan, how many of its samples were passed on, batches made,
 the window starts is a shard of the plan, the samples of it already passed on, and the byte offset
 of the tar header where the next of them begins (``tar_byte``, with that sample's index in the
 shard, ``tar_sample``; 0, 0 where unknown: a compressed tar, or a state saved before byte offsets).
-The
-``Loader`` keeps the state of the last batch it handed out per slot and which worker comes next
-(the DataLoader takes batches from its workers in turn). ``Loader.state_dict()`` returns that as
+The ``Loader`` keeps the state of the last batch it handed out per slot and which worker comes
+next (the DataLoader takes batches from its workers in turn). ``Loader.state_dict()`` returns that as
 plain JSON-compatible data; ``load_state_dict()`` on a loader built with the same config, rank,
 world size and workers makes the next ``iter()`` continue exactly where the saved one stopped:
 each worker re-reads at most its current window from the shard where it starts (from that byte
