@@ -263,7 +263,8 @@ def count_samples(url: str) -> int:
 
 
 log = logging.getLogger("pretrain.data")
-_JITTER = random.Random()  # backoff jitter only: never the global generators (decoders seed those)
+_JITTER = random.SystemRandom()  # backoff jitter: not the global generators (decoders seed those), and no
+# state a forked loader worker would share with its siblings
 
 
 @dataclass
