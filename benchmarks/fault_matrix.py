@@ -13,6 +13,19 @@ After each kill the same command runs again; it resumes from the newest complete
 its losses must equal an uninterrupted run's at every step it runs (fp32, CPU, 1e-5). Prints
 "N of N exact" and writes every kill (step, delay, where the next run resumed) with ``--json``.
 tests/test_train_robust.py runs it with one kill after the first checkpoint; this script runs many.
+
+    python benchmarks/fault_matrix.py flaky --trials 20            # reads through a flaky store
+
+``flaky``: the train shards of tests/assets/shards (8 x 6 samples) read for one epoch over HTTP
+(a Range-honouring server) or S3 (moto; s3fs's and botocore's own retries off, 8 KiB blocks), through
+tests/flaky.py's proxy with a seeded random fault schedule per trial (HTTP: a cut every 2-4 responses
+after 4,000-18,000 body bytes, a 503/500 every 3-6; S3: a cut every 3-5 responses after 1,500-7,500
+bytes, a 503/500 every 4-7), with 0 or 2 loader workers and ``data.retries`` = ``--retries``
+(default 3, the default). Every fault the proxy injects must be either one retry (``data/retries``)
+or, where a stream took more than ``data.retries`` faults in a row without passing on a sample, the
+one skipped shard that ends them (``data/skipped/...``), no key may come twice, and the keys lost
+must be of skipped shards; a trial with nothing skipped must give the local read's keys in order
+("exact"). ``--spent K`` more trials with ``data.retries=0``: each fault is then a skipped shard.
 """
 from __future__ import annotations
 
@@ -172,6 +185,73 @@ def kill9(args) -> dict:
             "total": len(kills), "complete": complete}
 
 
+def flaky(args) -> dict:
+    import fsspec.config
+
+    from tests.flaky import AWS_ENV, FlakyProxy, moto_s3, serve_folder
+    from tests.helpers import data_config, flat, loader
+
+    train = ASSET_SHARDS / "train"
+    pattern = "shard-{000000..000007}.tar"
+
+    def read(urls, workers, **extra):
+        d = data_config({"urls": urls, "index": str(train / "index.json"), "shuffle_buffer": 4, "workers": workers},
+                        retry_backoff=0.001, **extra)
+        l = loader(d, batch=5, epochs=1)
+        keys = flat(b.keys for b in l)
+        return keys, l.metrics()
+
+    os.environ.update({**AWS_ENV, "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"})
+    import s3fs
+
+    s3fs.S3FileSystem.retries = 1  # each fault reaches the loader (s3fs's own retries would absorb some)
+    want = {w: read(str(train / pattern), w)[0] for w in (0, 2)}
+    rng = random.Random(args.seed)
+    rows = []
+    with serve_folder(train) as http_base, moto_s3("flaky", {"train": train}) as s3_base:
+        for i in range(args.trials + args.spent):
+            spent = i >= args.trials
+            store = ("http", "s3")[i % 2]
+            workers = (0, 2)[(i // 2) % 2]
+            if store == "http":  # a request per shard read: cut often, anywhere in the 20 KiB
+                sched = {"cut_every": rng.randint(2, 4), "cut_after": rng.randint(4000, 18000),
+                         "error_every": rng.randint(3, 6)}
+            else:  # a HEAD and a GET per 8 KiB block: cut inside a block
+                sched = {"cut_every": rng.randint(3, 5), "cut_after": rng.randint(1500, 7500),
+                         "error_every": rng.randint(4, 7)}
+            proxy = FlakyProxy(http_base if store == "http" else s3_base, **sched)
+            fsspec.config.conf["s3"] = {"endpoint_url": proxy.url, "default_block_size": 8192}
+            urls = f"{proxy.url}/{pattern}" if store == "http" else f"s3://flaky/train/{pattern}"
+            t0 = time.monotonic()
+            try:
+                keys, metrics = read(urls, workers, retries=0 if spent else args.retries)
+            finally:
+                proxy.close()
+            faults = len(proxy.faults())
+            skipped = sum(v for k, v in metrics.items() if k.startswith("data/skipped/"))
+            lost = {k for k in set(want[workers]) - set(keys)}
+            exact = keys == want[workers] and skipped == 0
+            ok_ = (metrics["data/retries"] + skipped == faults and len(keys) == len(set(keys))
+                   and set(keys) <= set(want[workers]) and (exact or skipped > 0)
+                   and len(lost) <= 6 * skipped)  # at most a shard's samples per skip
+            row = {"store": store, "workers": workers, "retries": 0 if spent else args.retries, **sched,
+                   "requests": len(proxy.log), "exact": exact,
+                   "faults": faults, "cuts": len(proxy.faults("cut")), "data/retries": metrics["data/retries"],
+                   "skipped": skipped, "samples": len(keys), "seconds": round(time.monotonic() - t0, 2), "ok": ok_}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    main_rows, spent_rows = rows[:args.trials], rows[args.trials:]
+    good = sum(r["ok"] for r in main_rows)
+    exact = sum(r["exact"] for r in main_rows)
+    print(f"flaky store, data.retries={args.retries}: {good} of {args.trials} trials with every fault accounted "
+          f"({sum(r['faults'] for r in main_rows)} faults = {sum(r['data/retries'] for r in main_rows):.0f} retries + "
+          f"{sum(r['skipped'] for r in main_rows):.0f} skipped shards); {exact} of {args.trials} exact (every sample "
+          f"once, in order, nothing skipped); data.retries=0: {sum(r['ok'] for r in spent_rows)} of {args.spent} "
+          f"with each fault a skipped shard", flush=True)
+    return {"seed": args.seed, "retries": args.retries, "trials": rows, "ok": good, "exact": exact,
+            "total": args.trials, "spent_ok": sum(r["ok"] for r in spent_rows), "spent": args.spent}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="trial", required=True)
@@ -187,7 +267,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="the first kill no earlier than after step K (default 0: anywhere in the first --every steps)")
     k.add_argument("--out", default="runs/fault_matrix")
     k.add_argument("--json", metavar="FILE")
+    f = sub.add_parser("flaky", help="one epoch read through a flaky HTTP / S3 store, N fault schedules")
+    f.add_argument("--trials", type=int, default=20)
+    f.add_argument("--spent", type=int, default=4, help="more trials with data.retries=0 (default 4)")
+    f.add_argument("--retries", type=int, default=3, help="data.retries of the main trials (default 3)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
+    if args.trial == "flaky":
+        result = flaky(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return 0 if result["ok"] == result["total"] and result["spent_ok"] == result["spent"] else 1
     if args.steps < 2 * args.every + 4:
         p.error("--steps must be at least 2 x --every + 4")
     result = kill9(args)

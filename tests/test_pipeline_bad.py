@@ -59,6 +59,7 @@ COUNTS = {"undecodable_image": 2, "bad_utf8": 1, "missing_text": 1, "missing_ima
 def _metrics(counts: dict[str, int], dropped: int) -> dict[str, float]:
     out = {f"data/skipped/{k}": float(v) for k, v in sorted(counts.items())}
     out["data/dropped_samples"] = float(dropped)
+    out["data/retries"] = 0.0  # local shards: never retried
     return out
 
 

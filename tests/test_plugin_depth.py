@@ -44,7 +44,7 @@ def test_a_default_build_of_npy_files_is_read_by_the_plugin_decoder(tmp_path):
     l = loader(d, batch=3, epochs=1, train=False, split=d.train)
     batches = list(l)
     assert [k for b in batches for k in b.keys] == [r["key"] for r in rows]
-    assert l.metrics() == {"data/dropped_samples": 0.0}  # nothing skipped, nothing dropped
+    assert l.metrics() == {"data/dropped_samples": 0.0, "data/retries": 0.0}  # nothing skipped, nothing dropped
     depth = batches[1].modalities["depth"]  # samples 3, 4, 5
     assert depth.shape == (3, 1, 16, 16) and batches[1].masks["depth"].all()
     for j, i in enumerate((3, 4, 5)):  # normalised log-depth, away from the hole's blur
@@ -78,9 +78,9 @@ def test_two_npy_members_are_ambiguous_until_one_is_named(tmp_path):
         return list(l), l.metrics()
 
     batches, metrics = read(None)
-    assert batches == [] and metrics == {"data/skipped/ambiguous_depth": 2.0, "data/dropped_samples": 2.0}
+    assert batches == [] and metrics == {"data/skipped/ambiguous_depth": 2.0, "data/dropped_samples": 2.0, "data/retries": 0.0}
     batches, metrics = read(["far.npy"])
-    assert metrics == {"data/dropped_samples": 0.0} and (batches[0].modalities["depth"] > 0.5).all()
+    assert metrics == {"data/dropped_samples": 0.0, "data/retries": 0.0} and (batches[0].modalities["depth"] > 0.5).all()
 
 
 @pytest.mark.slow

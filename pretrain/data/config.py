@@ -8,6 +8,7 @@ an image transform) run.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -106,6 +107,8 @@ class DataConfig:
     max_member_bytes: int = 256 * 2**20  # larger tar members are skipped and counted
     max_consecutive_bad: int = 1000  # stop with an error after this many dropped samples in a row (0: never)
     bad_log_per_minute: int = 10  # log lines about bad samples, per process (the rest are only counted)
+    retries: int = 3  # a remote shard read that fails or is cut is continued where it stopped up to this often (0: never)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one (at most 30 s)
 
     def import_plugins(self, key: str = "data") -> None:
         """Imports ``data.imports`` (modules that register decoders or towers)."""
@@ -130,6 +133,9 @@ class DataConfig:
                 f"must be >= 0, got {self.max_consecutive_bad}")
         require(self.bad_log_per_minute >= 0, f"{key}.bad_log_per_minute",
                 f"must be >= 0, got {self.bad_log_per_minute}")
+        require(self.retries >= 0, f"{key}.retries", f"must be >= 0, got {self.retries}")
+        require(math.isfinite(self.retry_backoff) and self.retry_backoff >= 0, f"{key}.retry_backoff",
+                f"must be a number of seconds >= 0, got {self.retry_backoff}")
         self.import_plugins(key)
         for name, modality in self.modalities.items():
             require(name.isidentifier() and not name.startswith("_"), f"{key}.modalities.{name}",

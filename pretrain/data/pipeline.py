@@ -24,13 +24,25 @@ Each rank runs ``W = max(1, data.<split>.workers)`` streams (DataLoader worker p
 The loader's position
 ---------------------
 Every batch travels with the state of its slot *after* that batch: (epoch, window, where the
-window starts in the plan, how many of its samples were passed on, batches made, counters). The
-``Loader`` keeps the state of the last batch it handed out per slot and which worker comes next
-(the DataLoader takes batches from its workers in turn). ``Loader.state_dict()`` returns that as
+window starts in the plan, how many of its samples were passed on, batches made, counters). Where
+the window starts is a shard of the plan, the samples of it already passed on, and the byte offset
+of the tar header where the next of them begins (``tar_byte``, with that sample's index in the
+shard, ``tar_sample``; 0, 0 where unknown: a compressed tar, or a state saved before byte offsets).
+The ``Loader`` keeps the state of the last batch it handed out per slot and which worker comes
+next (the DataLoader takes batches from its workers in turn). ``Loader.state_dict()`` returns that as
 plain JSON-compatible data; ``load_state_dict()`` on a loader built with the same config, rank,
 world size and workers makes the next ``iter()`` continue exactly where the saved one stopped:
-each worker re-reads at most its current window from the shard where it starts (without
-decoding what was already passed on), and worker roles are rotated so the batch order continues.
+each worker re-reads at most its current window from the shard where it starts (from that byte
+offset: a seek, or a Range request for a remote shard; without decoding what was already passed
+on), and worker roles are rotated so the batch order continues.
+
+Retried reads
+-------------
+A remote shard read that fails or is cut mid-stream (``data.retries``, ``data.retry_backoff``) is
+continued from the same kind of position the resume uses: the byte offset and index of the first
+sample not yet passed on (``tarstream.iter_shard``); so nothing is read twice or lost, and only a
+read whose retries are spent counts as ``data/skipped/corrupt_tar`` or ``unreadable_shard``. Each
+retry adds one to the slot state's ``retries`` (``data/retries``).
 
 On another layout
 -----------------
@@ -75,7 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.config import DataConfig, SplitConfig
 from pretrain.data.decoders import DecodeError, Modalities, Modality, pack_ragged, packed_size
 from pretrain.data.sources import ShardRef, SourceInfo, SplitSources, resolve_split
-from pretrain.data.tarstream import RawSample, count_samples, iter_shard
+from pretrain.data.tarstream import RawSample, Retry, count_samples, iter_shard
 from pretrain.member_names import WantedMembers
 
 log = logging.getLogger("pretrain.data")
@@ -171,6 +183,8 @@ def make_loader(
         world_size=world_size,
         epochs=epochs if epochs is not None else (None if train else 1),
         max_member_bytes=data.max_member_bytes,
+        retries=data.retries,
+        retry_backoff=data.retry_backoff,
     )
     stream = BatchStream(spec, SampleDecoding(modalities.items, modalities.label), batch_size, split.workers,
                          data.max_consecutive_bad, data.bad_log_per_minute)
@@ -194,8 +208,8 @@ class Loader:
       size, worker count, batch size, seed, mode, shuffle window and shard list, and raises
       ``ValueError`` naming the difference otherwise.
     - ``metrics(all_ranks=False)``: bad-data counts (``data/skipped/<reason>``,
-      ``data/dropped_samples``); with ``all_ranks=True`` summed over the process group (a
-      collective: call it on every rank).
+      ``data/dropped_samples``) and retried reads (``data/retries``); with ``all_ranks=True`` summed
+      over the process group (a collective: call it on every rank).
     """
 
     def __init__(self, dataset: BatchStream, num_workers: int, sources: SplitSources, key: str,
@@ -336,6 +350,7 @@ class Loader:
             for k, v in s["counters"].items():
                 total[k] = total.get(k, 0) + v
             total["dropped_samples"] = total.get("dropped_samples", 0) + s["dropped"]
+            total["retries"] = total.get("retries", 0) + s.get("retries", 0)
         return total
 
     def metrics(self, all_ranks: bool = False) -> dict[str, float]:
@@ -350,8 +365,9 @@ class Loader:
                 for c in gathered:
                     for k, v in c.items():
                         counts[k] = counts.get(k, 0) + v
-        out = {f"data/skipped/{k}": float(v) for k, v in sorted(counts.items()) if k != "dropped_samples"}
+        out = {f"data/skipped/{k}": float(v) for k, v in sorted(counts.items()) if k not in _NOT_SKIPPED}
         out["data/dropped_samples"] = float(counts.get("dropped_samples", 0))
+        out["data/retries"] = float(counts.get("retries", 0))
         return out
 
     def describe(self) -> str:
@@ -403,7 +419,7 @@ class BatchStream(IterableDataset):
         worker, in_worker = self._worker()
         start = self.start_states[worker]
         st = _copy_state(start) if start is not None else new_slot_state()
-        events = _Events(st["counters"], BadDataLog(self.bad_log_per_minute))
+        events = _Events(st, BadDataLog(self.bad_log_per_minute))
         grng = _GlobalRng(in_worker) if self.decoding.uses_global_rng else None
         batch: list[dict] = []
         rng: Optional[random.Random] = None
@@ -569,7 +585,7 @@ def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, want
     empty_epochs = 0
     while spec.epochs is None or st["epoch"] < spec.epochs:
         plan = slot_plan(spec, st["epoch"], worker, num_workers)
-        pos = [st["shard"], st["offset"]]
+        pos = [st["shard"], st["offset"], st.get("tar_byte", 0), st.get("tar_sample", 0)]
         reader = _read_plan(spec, plan, pos, wanted, events)
         got = 0
         while True:
@@ -589,11 +605,11 @@ def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, want
                 raw.epoch = st["epoch"]
                 yield raw
             st["window"] += 1
-            st["shard"], st["offset"] = pos
+            st["shard"], st["offset"], st["tar_byte"], st["tar_sample"] = pos
             st["emitted"] = 0
         reader.close()
         st["epoch"] += 1
-        st["window"] = st["shard"] = st["offset"] = st["emitted"] = 0
+        st["window"] = st["shard"] = st["offset"] = st["emitted"] = st["tar_byte"] = st["tar_sample"] = 0
         empty_epochs = empty_epochs + 1 if got == 0 else 0
         if spec.epochs is None and empty_epochs >= 3:
             raise RuntimeError(
@@ -603,6 +619,10 @@ def slot_samples(spec: StreamSpec, st: dict, worker: int, num_workers: int, want
 
 
 def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) -> Iterator[RawSample]:
+    """Raw samples of ``plan`` from ``pos`` on: [plan entry, samples of its shard already passed on
+    (of this slot's share), byte offset and index of the sample where its tar is read from]; ``pos``
+    follows each sample passed on."""
+    retry = Retry(spec.retries, spec.retry_backoff, events.retried) if spec.retries else None
     while pos[0] < len(plan):
         shard, k, j = plan[pos[0]]
         start = pos[1]
@@ -610,11 +630,13 @@ def _read_plan(spec: StreamSpec, plan, pos: list[int], wanted, events: _Events) 
         def select(i: int, k=k, j=j, start=start) -> bool:
             return i % k == j and i // k >= start
 
-        for raw in iter_shard(spec.shards[shard].url, wanted, select, events, spec.max_member_bytes):
+        for raw in iter_shard(spec.shards[shard].url, wanted, select, events, spec.max_member_bytes,
+                              start=(pos[2], pos[3]), retry=retry):
             pos[1] = raw.index // k + 1
+            pos[2], pos[3] = (raw.next_at, raw.index + 1) if raw.next_at is not None else (0, 0)
             yield raw
         pos[0] += 1
-        pos[1] = 0
+        pos[1] = pos[2] = pos[3] = 0
 
 
 @dataclass
@@ -631,10 +653,16 @@ class StreamSpec:
     world_size: int = 1
     epochs: Optional[int] = None  # None: forever
     max_member_bytes: int = 256 * 2**20
+    retries: int = 0  # a failed remote read is continued this many times (data.retries; 0: never)
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
 
 
 def new_slot_state() -> dict:
-    return {"epoch": 0, "window": 0, "shard": 0, "offset": 0, "emitted": 0, "batches": 0, "dropped": 0, "counters": {}}
+    return {"epoch": 0, "window": 0, "shard": 0, "offset": 0, "tar_byte": 0, "tar_sample": 0, "emitted": 0,
+            "batches": 0, "dropped": 0, "retries": 0, "counters": {}}
+
+
+_NOT_SKIPPED = ("dropped_samples", "retries")  # Loader.counters() entries that are not data/skipped/<reason>
 
 
 def _copy_state(st: dict) -> dict:
@@ -672,7 +700,7 @@ def relayout(old: list[dict], rank: int, world_size: int, num_workers: int) -> l
         for s, w, st in own:
             streams += [{**v, "state": _copy_state(v["state"])} for v in st.get("inherited") or []]
             mine_part = {k: v for k, v in _copy_state(st).items() if k != "inherited"}
-            mine_part.update(counters={}, dropped=0, batches=0)
+            mine_part.update(counters={}, dropped=0, batches=0, retries=0)
             streams.append({"rank": s["rank"], "worker": w, "world_size": s["world_size"],
                             "num_workers": s["num_workers"], "until": last + 1, "state": mine_part})
         live = [v for v in streams if v["state"]["epoch"] < v["until"]]  # those with something left to read
@@ -682,10 +710,12 @@ def relayout(old: list[dict], rank: int, world_size: int, num_workers: int) -> l
     if rank == 0:  # the run's bad-data totals stay whole
         for _, _, st in own:
             states[0]["dropped"] += st["dropped"]
+            states[0]["retries"] += st.get("retries", 0)
             for k, v in st["counters"].items():
                 states[0]["counters"][k] = states[0]["counters"].get(k, 0) + v
             for v in st.get("inherited") or []:
                 states[0]["dropped"] += v["state"]["dropped"]
+                states[0]["retries"] += v["state"].get("retries", 0)
                 for k, n in v["state"]["counters"].items():
                     states[0]["counters"][k] = states[0]["counters"].get(k, 0) + n
     return states
@@ -751,7 +781,7 @@ class BadDataLog:
         self.in_window = 0
         self.suppressed = 0
 
-    def __call__(self, reason: str, detail: str) -> None:
+    def __call__(self, reason: str, detail: str, what: str = "skipped") -> None:
         now = time.monotonic()
         if now - self.window_start >= 60.0:
             if self.suppressed:
@@ -759,17 +789,22 @@ class BadDataLog:
             self.window_start, self.in_window, self.suppressed = now, 0, 0
         if self.in_window < self.per_minute:
             self.in_window += 1
-            log.warning("[data] skipped (%s): %s", reason, detail)
+            log.warning("[data] %s (%s): %s", what, reason, detail)
         else:
             self.suppressed += 1
 
 
 class _Events:
     """Counts events into a slot's counters; silent while a window is being re-read on resume
-    (its events are already in the restored counters)."""
+    (its events are already in the restored counters). Retries are counted always (each is a read
+    made now)."""
 
-    def __init__(self, counters: dict[str, int], logger: BadDataLog):
-        self.counters, self.logger, self.replay = counters, logger, False
+    def __init__(self, state: dict, logger: BadDataLog):
+        self.state, self.counters, self.logger, self.replay = state, state["counters"], logger, False
+
+    def retried(self, detail: str) -> None:
+        self.state["retries"] = self.state.get("retries", 0) + 1
+        self.logger("retry", detail, what="retrying")
 
     def __call__(self, reason: str, detail: str, index: int = 0) -> None:
         if self.replay:

@@ -2,9 +2,11 @@
 
 - ``expand_urls``: brace patterns (``shard-{000000..000099}.tar``), a list of patterns, or patterns
   joined by ``::`` (OpenCLIP's spelling) -> one flat list of URLs.
-- ``open_url``: a local path or ``file:`` URL -> ``open()``; ``pipe:CMD``, ``http(s)://``, ``gs://``,
-  ``ais://``, ``sftp://``, ``hf://`` ... -> webdataset's ``gopen`` (curl, gsutil, a shell pipe);
-  any other scheme (``s3://``, ``memory://``, ``az://``, ...) -> ``fsspec``.
+- ``open_url``: a local path or ``file:`` URL -> ``open()``; ``http(s)://`` -> Python's HTTP client
+  (a Range request where a read continues mid-shard); ``pipe:CMD``, ``gs://``, ``ais://``,
+  ``sftp://``, ``hf://`` ... -> webdataset's ``gopen`` (gsutil, curl, a shell pipe); any other
+  scheme (``s3://``, ``memory://``, ``az://``, ...) -> ``fsspec``. ``transient(err)``: whether a
+  failed read of a remote shard is worth another try.
 - ``resolve_split``: the sources of a split with their weights and per-shard sample counts, from
   an explicit number, an ``index.json`` written by ``python -m data_tools build`` (``shards[]`` with
   ``name`` and ``samples``, names relative to the index's folder), or OpenCLIP's ``sizes.json``
@@ -101,20 +103,113 @@ def _wds_gopen(url: str):
     return module if scheme in module.gopen_schemes and scheme != "__default__" else None
 
 
-def open_url(url: str):
-    """A binary file object reading the shard at ``url`` (see the module docstring for schemes)."""
+def open_url(url: str, start: int = 0):
+    """A binary file object reading the shard at ``url`` (see the module docstring for schemes) from
+    byte ``start`` on: a local file and an fsspec file seek (a ranged GET for ``s3://``), http(s)
+    sends a Range request, and a pipe or webdataset's other openers read the first ``start`` bytes
+    and drop them (a command is simply run again)."""
     path = local_path(url)
     if path is not None:
-        return open(path, "rb")
+        f = open(path, "rb")
+        if start:
+            f.seek(start)
+        return f
+    if _scheme(url) in ("http", "https"):
+        return _open_http(url, start)
     gopen = _wds_gopen(url)
     if gopen is not None:
-        return gopen.gopen(url, "rb")
+        return _dropped(gopen.gopen(url, "rb"), start)
     problem = missing_filesystem(url)
     if problem is not None:
         raise ImportError(problem)
     import fsspec
 
-    return fsspec.open(url, "rb").open()
+    f = fsspec.open(url, "rb").open()
+    if start:
+        f.seek(start)
+    return f
+
+
+HTTP_TIMEOUT = 60.0  # seconds without a byte before an http(s) read counts as failed (and is retried)
+
+
+class ShortRead(OSError):
+    """A stream ended before the byte a resumed read was to start at."""
+
+
+def _dropped(f, n: int):
+    """``f`` after its first ``n`` bytes were read and dropped."""
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            f.close()
+            raise ShortRead(f"the stream ended {n} bytes before the position to continue at")
+        n -= len(chunk)
+    return f
+
+
+def _open_http(url: str, start: int):
+    """An http(s) URL by ``urllib``, with ``Range: bytes=start-`` where ``start`` > 0. (webdataset
+    opens these with ``curl --retry 30``: its retries could not continue a body cut mid-stream, were
+    not counted, and told a 404 from a 503 only by exit status; here every failure comes back as an
+    exception with its status, and ``iter_shard`` retries what is transient.)"""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code == 416 and start:  # nothing at or after `start`: the end of the shard
+            import io
+
+            return io.BytesIO(b"")
+        raise
+    length = resp.headers.get("Content-Length")
+    body = _Whole(resp, int(length)) if length and length.isdigit() else resp
+    if start and resp.status != 206:  # the server ignored the range: drop the bytes before it
+        return _dropped(body, start)
+    return body
+
+
+class _Whole:
+    """An HTTP body that raises ``ShortRead`` when the connection ends before its Content-Length
+    (``http.client``'s ``read(n)`` just returns less: a cut at a tar header would look like the end)."""
+
+    def __init__(self, resp, length: int):
+        self.resp, self.left = resp, length
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.resp.read(n) if n is not None and n >= 0 else self.resp.read()
+        self.left -= len(data)
+        if not data and n != 0 and self.left > 0:
+            raise ShortRead(f"the connection ended {self.left} bytes before the end of the body")
+        return data
+
+    def close(self) -> None:
+        self.resp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# never retried: the shard is not there, not allowed, or not readable by this opener at all
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ImportError, ValueError,
+              TypeError)
+
+
+def transient(err: BaseException) -> bool:
+    """Whether a failed read of a remote shard may succeed if tried again: connection errors, cut
+    streams, timeouts, HTTP 5xx, 408 and 429; not a missing object, a refused one (HTTP 4xx), or a
+    URL no opener can read."""
+    status = getattr(err, "code", None) if type(err).__name__ == "HTTPError" else getattr(err, "status", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        return status >= 500 or status in (408, 425, 429)
+    return not isinstance(err, _PERMANENT)
 
 
 # this project's extras that install an fsspec filesystem, by URL scheme

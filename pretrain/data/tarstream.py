@@ -14,13 +14,22 @@ reach the filesystem. Refused, counted and skipped:
 - ``corrupt_tar``: a broken or truncated archive (the rest of the shard is skipped; the sample
   being read when it broke is dropped); ``unreadable_shard``: the shard cannot be opened or is
   empty (a missing file, a failed ``pipe:`` command or download).
+
+A remote read (http(s), fsspec URLs such as ``s3://``, ``pipe:`` and webdataset's other openers) that
+fails or is cut mid-stream is opened again (``Retry``: ``data.retries`` times after a failure that
+made no progress, with exponential backoff) at the tar header of the first sample not yet passed on
+(``RawSample.next_at``: a Range request, a seek, or a command run again whose first bytes are
+dropped); only when the retries are spent does it count as above. A local file is never retried.
 """
 from __future__ import annotations
 
+import logging
+import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Container, Iterator, Optional
 
-from pretrain.data.sources import open_url
+from pretrain.data.sources import local_path, open_url, transient
 from pretrain.member_names import is_refused, split_name
 
 
@@ -42,6 +51,9 @@ class RawSample:
     index: int  # position of the sample in its shard
     seen: tuple[str, ...] = ()  # every member of the sample (for messages)
     epoch: int = -1  # the epoch of the stream that read it (set by the loader)
+    # the byte offset in the tar of the header where sample index + 1 begins (where a read continues
+    # after this sample); None in a compressed tar (a read there starts over and skips samples)
+    next_at: Optional[int] = None
 
 
 Report = Callable[[str, str, int], None]  # (reason, detail, sample index it belongs to)
@@ -49,6 +61,10 @@ Report = Callable[[str, str, int], None]  # (reason, detail, sample index it bel
 
 class TarFormatError(Exception):
     """A broken archive: bad header checksum, truncated data, an unparseable extended header."""
+
+
+class TarTruncated(TarFormatError):
+    """The stream ended inside the archive (a truncated file, or a cut download or pipe)."""
 
 
 _BLOCK = 512
@@ -126,13 +142,20 @@ def _pax(data: bytes) -> dict[str, str]:
 class TarMembers:
     """The members of a tar stream, strictly parsed (ustar, GNU long names, pax headers; gzip,
     bz2 or xz compressed). Iterate for (name, kind, size, linkname); ``data()`` reads the current
-    member's bytes, otherwise they are skipped. Nothing touches the filesystem."""
+    member's bytes, otherwise they are skipped. Nothing touches the filesystem.
 
-    def __init__(self, raw):
+    ``offset``: where in the archive ``raw`` begins (a read resumed at a header); ``header_at`` is the
+    offset of the first header block (extended headers included) of the member last yielded, and
+    ``offset`` the bytes of the archive consumed so far (in a compressed one: of the tar inside)."""
+
+    def __init__(self, raw, offset: int = 0):
         head = raw.read(_BLOCK)
         self.empty = not head
+        self.compressed = False
+        self.offset = self.header_at = offset
         for magic, kind in _COMPRESSED:
-            if head.startswith(magic):
+            if offset == 0 and head.startswith(magic):  # a resumed read starts at a tar header
+                self.compressed = True
                 import bz2
                 import gzip
                 import lzma
@@ -151,18 +174,21 @@ class TarMembers:
         while len(data) < n:
             more = self.f.read(n - len(data))
             if not more:
-                raise TarFormatError(f"truncated: {len(data)} of {n} bytes")
+                raise TarTruncated(f"truncated: {len(data)} of {n} bytes")
             data += more
+        self.offset += n
         return data
 
     def _skip(self, n: int) -> None:
         if isinstance(self.f, _Prefixed) and self.f.skip(n):
+            self.offset += n
             return
         while n > 0:
             chunk = self.f.read(min(n, 1 << 20))
             if not chunk:
-                raise TarFormatError("truncated inside a member")
+                raise TarTruncated("truncated inside a member")
             n -= len(chunk)
+            self.offset += len(chunk)
 
     def data(self) -> bytes:
         out = self._read(self.size)
@@ -172,20 +198,24 @@ class TarMembers:
     def __iter__(self) -> Iterator[tuple[str, int, int, str]]:
         long_name: Optional[str] = None
         pax: dict[str, str] = {}
+        first: Optional[int] = None  # where the current member's headers began
         while True:
             if self.pending:
                 self._skip(self.pending)
                 self.pending = 0
+            if first is None:
+                first = self.offset
             hdr = self.f.read(_BLOCK)
             while 0 < len(hdr) < _BLOCK:
                 more = self.f.read(_BLOCK - len(hdr))
                 if not more:
-                    raise TarFormatError("truncated header")
+                    raise TarTruncated("truncated header")
                 hdr += more
             if not hdr or hdr == _ZERO_BLOCK:
                 return  # end of archive (a missing end block is tolerated, like tarfile does)
             if not _checksum_ok(hdr):
                 raise TarFormatError("bad header checksum")
+            self.offset += _BLOCK
             size = _number(hdr[124:136])
             flag = hdr[156:157]
             padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
@@ -216,6 +246,7 @@ class TarMembers:
             # links and devices carry no data in the archive (a hard link's size is its target's)
             self.size = size if kind == FILE else 0
             self.pending = padded if kind != OTHER or flag == b"S" else 0
+            self.header_at, first = first, None
             yield name, kind, self.size, link
 
 
@@ -231,84 +262,212 @@ def count_samples(url: str) -> int:
     return count
 
 
+log = logging.getLogger("pretrain.data")
+_JITTER = random.SystemRandom()  # backoff jitter: not the global generators (decoders seed those), and no
+# state a forked loader worker would share with its siblings
+
+
+@dataclass
+class Retry:
+    """How a failed remote read is retried (``data.retries``, ``data.retry_backoff``): up to
+    ``attempts`` times after a failure that delivered nothing new since the last one (a read that
+    passes on samples before it breaks again starts a fresh count), waiting ``backoff * 2**(n-1)``
+    seconds before the n-th (at most ``cap``; times 0.5 to 1, at random, so that streams retrying
+    together spread out). ``told(detail)`` hears of each retry before its wait."""
+
+    attempts: int
+    backoff: float = 1.0
+    told: Callable[[str], None] = lambda detail: None
+    cap: float = 30.0
+
+    def delay(self, n: int) -> float:
+        return min(self.cap, self.backoff * 2 ** (n - 1)) * (0.5 + 0.5 * _JITTER.random())
+
+
+class _Empty(Exception):
+    """The stream gave no bytes at all (a failed download or command)."""
+
+
+class _CloseError(Exception):
+    """Closing the stream failed (a pipe's exit status) after everything was read."""
+
+    def __init__(self, err: Exception):
+        super().__init__(str(err))
+        self.err = err
+
+
 def iter_shard(
     url: str,
     wanted: Optional[Container[str]],
     select: Callable[[int], bool],
     report: Report,
     max_member_bytes: int,
+    start: tuple[int, int] = (0, 0),
+    retry: Optional[Retry] = None,
 ) -> Iterator[RawSample]:
     """Samples of one shard in order. ``select(i)`` says whether sample ``i`` is wanted (the
     others are skipped without reading their members); of a wanted sample, only the members ``in
-    wanted`` are read (None: all); ``report`` receives every problem."""
-    try:
-        stream = open_url(url)
-    except Exception as err:  # noqa: BLE001 - any opener's error
-        if select(0):
-            report("unreadable_shard", f"{url}: {err}", 0)
+    wanted`` are read (None: all); ``report`` receives every problem. ``start``: (byte offset,
+    sample index), a position where sample ``index`` begins (a ``RawSample.next_at`` and its index
+    + 1; (0, 0): the start); ``retry``: how a remote read that fails is continued (None: never)."""
+    at: tuple[Optional[int], int] = start  # where the next attempt begins: (byte offset or None, sample index)
+    remote = local_path(url) is None
+    tries = 0  # failed attempts since the last one that made progress
+    told: set = set()  # problems reported by failed attempts (not again when their sample is re-read)
+    restarted = False
+    while True:
+        cursor = list(at)
+        said: list = []
+        where = {"index": at[1] - 1, "opened": False, "headers": 0}
+
+        def tell(reason: str, detail: str, i: int, said=said) -> None:
+            if (reason, detail, i) not in told:
+                said.append((reason, detail, i))
+                report(reason, detail, i)
+
+        err = yield from _attempt(url, wanted, select, tell, max_member_bytes, cursor, where)
+        if err is None:
+            return
+        told.update(said)
+        resumed_at = at[0] is not None and at[0] > 0
+        if (resumed_at and not restarted and where["headers"] == 0 and isinstance(err, TarFormatError)
+                and not isinstance(err, TarTruncated)):
+            # no tar header where a saved position says a sample begins: the shard is not the one the
+            # position was taken in; read it from the start (skipping by sample index, as before byte offsets)
+            log.warning("[data] %s: no tar header at byte %d (the shard changed?): reading it from the start",
+                        url, at[0])
+            at, restarted = (None, at[1]), True
+            continue
+        progressed = (cursor[1], cursor[0]) != (at[1], at[0])
+        tries = 0 if progressed else tries
+        cause = err.err if isinstance(err, _CloseError) else err
+        if retry is not None and remote and tries < retry.attempts and _retryable(cause):
+            tries += 1
+            retry.told(f"{url}: {type(cause).__name__}: {cause} (at sample {cursor[1]}; retry {tries} of "
+                       f"{retry.attempts})")
+            time.sleep(retry.delay(tries))
+            at = (cursor[0], cursor[1])
+            continue
+        _report_failure(url, err, where, select, report, tries)
         return
-    index = -1
+
+
+def _retryable(err: Exception) -> bool:
+    """A cut stream (truncated, empty) or a transient error of the opener; not a broken archive."""
+    if isinstance(err, (TarTruncated, _Empty)):
+        return True
+    return not isinstance(err, TarFormatError) and transient(err)
+
+
+def _report_failure(url: str, err: Exception, where: dict, select, report: Report, tries: int) -> None:
+    """The reason a read that failed for good counts under (as before retries existed)."""
+    index = where["index"]
+    at = max(index, 0)
+    if not select(at):
+        return
+    after = f"; {tries} retries" if tries else ""
+    if not where["opened"]:
+        report("unreadable_shard", f"{url}: {err}{after}", at)
+    elif isinstance(err, _Empty):
+        report("unreadable_shard", f"{url}: empty (a failed download or command?){after}", at)
+    elif isinstance(err, _CloseError):
+        report("unreadable_shard" if index < 0 else "corrupt_tar", f"{url}: {err.err}{after}", at)
+    else:
+        # nothing came (a failed download or pipe command): unreadable; otherwise corrupt
+        unread = index < 0 and not isinstance(err, (TarFormatError, EOFError, OSError))
+        unread = unread or (index < 0 and isinstance(err, OSError) and not isinstance(err, EOFError)
+                            and "exit" in str(err))
+        reason = "unreadable_shard" if unread else "corrupt_tar"
+        report(reason, f"{url}: {type(err).__name__}: {err} (after {at} samples; rest of shard skipped{after})", at)
+
+
+def _attempt(url, wanted, select, report: Report, max_member_bytes: int, cursor: list, where: dict):
+    """One read of the shard from ``cursor`` (byte offset, or None: from the start skipping the samples
+    before its index; the sample index there). Yields the samples, moving ``cursor`` past each one
+    (and past skipped ones) as it is passed on; returns None, or the exception that ended the read."""
+    byte, first = cursor
+    try:
+        stream = open_url(url, start=byte or 0)
+    except Exception as err:  # noqa: BLE001 - any opener's error
+        return err
+    where["opened"] = True
+    skip_below = first  # samples before it were passed on by an earlier attempt
+    index = (first if byte else 0) - 1
     key: Optional[str] = None
     members: dict[str, bytes] = {}
     seen: list[str] = []
     selected = False
-    failed = False
+    err: Optional[Exception] = None
+
+    def move(tar: TarMembers, to: int) -> None:  # the sample `to` begins at the current member's header
+        if to >= skip_below and not tar.compressed:
+            cursor[:] = [tar.header_at, to]
+        elif to >= skip_below:
+            cursor[:] = [None, to]
+
     try:
-        tar = TarMembers(stream)
+        tar = TarMembers(stream, offset=byte or 0)
         if tar.empty:
-            failed = True
-            if select(0):
-                report("unreadable_shard", f"{url}: empty (a failed download or command?)", 0)
-            return
-        for name, kind, size, _link in tar:
-            if kind == DIR:
-                continue
-            if is_unsafe_name(name):
-                if selected or (key is None and select(index + 1)):
-                    report("unsafe_member_name", f"{url}: member {name!r}", max(index, 0))
-                continue
-            parsed = split_member_name(name)
-            if parsed is None:
-                continue
-            mkey, ext = parsed
-            if mkey != key:
-                if key is not None and selected:
-                    yield RawSample(key, members, url, index, tuple(seen))
-                index += 1
-                key, members, selected, seen = mkey, {}, select(index), []
-            if not selected:
-                continue
-            seen.append(ext)
-            if kind != FILE:
-                report("non_file_member", f"{url}: {name!r} is a link or special file", index)
-                continue
-            if is_refused(ext):
-                report("refused_member", f"{url}: {name!r} (pickle/torch members are never loaded)", index)
-                continue
-            if wanted is not None and ext not in wanted:
-                continue
-            if size > max_member_bytes:
-                report("oversize_member", f"{url}: {name!r} has {size} bytes (limit {max_member_bytes})", index)
-                continue
-            if ext in members:
-                report("duplicate_member", f"{url}: {name!r} appears twice in sample {mkey!r}", index)
-                continue
-            members[ext] = tar.data()
-        if key is not None and selected:
-            yield RawSample(key, members, url, index, tuple(seen))
-    except Exception as err:  # noqa: BLE001 - format, decompression, OS and pipe errors alike
-        failed = True
-        at = max(index, 0)
-        if select(at):
-            # nothing came (a failed download or pipe command): unreadable; otherwise corrupt
-            unread = index < 0 and not isinstance(err, (TarFormatError, EOFError, OSError))
-            unread = unread or (index < 0 and isinstance(err, OSError) and not isinstance(err, EOFError)
-                                and "exit" in str(err))
-            reason = "unreadable_shard" if unread else "corrupt_tar"
-            report(reason, f"{url}: {type(err).__name__}: {err} (after {max(index, 0)} samples; rest of shard skipped)", at)
-    finally:
+            if not byte:
+                err = _Empty()
+            # a resumed read at the very end: nothing left
+        else:
+            for name, kind, size, _link in tar:
+                where["headers"] += 1
+                if kind == DIR:
+                    continue
+                if is_unsafe_name(name):
+                    if index + 1 >= skip_below and (selected or (key is None and select(index + 1))):
+                        report("unsafe_member_name", f"{url}: member {name!r}", max(index, 0))
+                    continue
+                parsed = split_member_name(name)
+                if parsed is None:
+                    continue
+                mkey, ext = parsed
+                if mkey != key:
+                    done = key is not None and selected
+                    index += 1
+                    where["index"] = index
+                    if done:
+                        move(tar, index)
+                        yield RawSample(key, members, url, index - 1, tuple(seen), next_at=cursor[0])
+                    elif key is not None:
+                        move(tar, index)
+                    key, members, selected, seen = mkey, {}, index >= skip_below and select(index), []
+                if not selected:
+                    continue
+                seen.append(ext)
+                if kind != FILE:
+                    report("non_file_member", f"{url}: {name!r} is a link or special file", index)
+                    continue
+                if is_refused(ext):
+                    report("refused_member", f"{url}: {name!r} (pickle/torch members are never loaded)", index)
+                    continue
+                if wanted is not None and ext not in wanted:
+                    continue
+                if size > max_member_bytes:
+                    report("oversize_member", f"{url}: {name!r} has {size} bytes (limit {max_member_bytes})", index)
+                    continue
+                if ext in members:
+                    report("duplicate_member", f"{url}: {name!r} appears twice in sample {mkey!r}", index)
+                    continue
+                members[ext] = tar.data()
+            if key is not None:
+                tar.header_at = tar.offset  # the end of the members: where a further read would begin
+                move(tar, index + 1)
+                if selected:
+                    yield RawSample(key, members, url, index, tuple(seen), next_at=cursor[0])
+    except GeneratorExit:  # the reader was closed (the epoch moved on): nothing to report
         try:
             stream.close()
-        except Exception as err:  # noqa: BLE001 - a pipe's exit status, reported once
-            if not failed and select(max(index, 0)):
-                report("unreadable_shard" if index < 0 else "corrupt_tar", f"{url}: {err}", max(index, 0))
+        except Exception:  # noqa: BLE001, S110 - a pipe killed by the close
+            pass
+        raise
+    except Exception as e:  # noqa: BLE001 - format, decompression, OS, HTTP and pipe errors alike
+        err = e
+    try:
+        stream.close()
+    except Exception as e:  # noqa: BLE001 - a pipe's exit status
+        if err is None:
+            err = _CloseError(e)
+    return err
