@@ -346,39 +346,36 @@ class Trainer:
         self.keys = KeyLog(t.log_keys, self.out, self.rank, append=self.resumed_from is not None)
 
     def train(self) -> dict[str, float]:
-        """The loop (``_loop``); a collective past the process group's timeout raises ``HangError``
-        after every live rank has written where it stood (``pretrain.watchdog``)."""
-        with self.heartbeat.timeouts():
-            return self._loop()
-
-    def _loop(self) -> dict[str, float]:
-        """Next batch, step, maybe log, maybe evaluate, maybe save, stop?"""
+        """The loop: next batch, step, maybe log, maybe evaluate, maybe save, stop? A collective past the
+        process group's timeout raises ``HangError`` once every live rank has written where it stood."""
         state, end = self.state, self.cfg.train.end_step
         self._announce()
         self.progress = self._progress_bar(end)
-        while state.step < end:
-            COLLECTIVES.step = state.step + 1  # the step the collectives of this round belong to
-            with self.meter.waiting():
-                batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
-            earlier = self.flags.receive()  # the step before's outcome: its copy is long done, nothing waits
-            with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
-                out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
-            state.step += 1
-            if self.ema is not None:  # (masked on the device where the update was skipped there)
-                self.ema.update(state.step, self.engine.optimizer.found_inf if self.engine.skips_on_device else None)
-            self._after_step(batches)
-            stop = self._settle(earlier)
-            if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
-                stop = self._settle(self.flags.receive()) or stop
-            if self.logger.should_log(state.step):
-                self.logger.log(state, out)
-            if stop:
-                return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
-            if self.evaluation.should_run(state.step, end):
-                self.writer.log(state.step, self.evaluation.run(state.step))
-                self.meter.reset()  # evaluation time is not step time
-            self.checkpointer.save(state)
-        return self._finish()
+        with self.heartbeat.timeouts():  # (pretrain.watchdog)
+            while state.step < end:
+                COLLECTIVES.step = state.step + 1  # the step the collectives of this round belong to
+                with self.meter.waiting():
+                    batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
+                earlier = self.flags.receive()  # the step before's outcome: its copy is long done, nothing waits
+                with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
+                    out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
+                state.step += 1
+                if self.ema is not None:  # (masked on the device where the update was skipped there)
+                    found_inf = self.engine.optimizer.found_inf if self.engine.skips_on_device else None
+                    self.ema.update(state.step, found_inf)
+                self._after_step(batches)
+                stop = self._settle(earlier)
+                if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
+                    stop = self._settle(self.flags.receive()) or stop
+                if self.logger.should_log(state.step):
+                    self.logger.log(state, out)
+                if stop:
+                    return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
+                if self.evaluation.should_run(state.step, end):
+                    self.writer.log(state.step, self.evaluation.run(state.step))
+                    self.meter.reset()  # evaluation time is not step time
+                self.checkpointer.save(state)
+            return self._finish()
 
     # -- the parts of the loop
 

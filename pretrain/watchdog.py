@@ -269,8 +269,8 @@ class Heartbeat:
         with contextlib.suppress(Exception):
             if mine:
                 store.set(f"{self.hang_key}/file/{self.rank}", mine)
-        print(f"[train] rank {self.rank}: ending the job: {why}. Where this rank stood: {_names([mine] if mine else [])}",
-              file=sys.stderr, flush=True)
+        print(f"[train] rank {self.rank}: ending the job: {why}. Where this rank stood: "
+              f"{_names([mine] if mine else [])}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
 
@@ -285,8 +285,8 @@ class Heartbeat:
             return [name, now]  # entered a collective since: judged a beat from now
         if not self._reported.acquire(blocking=False):
             return None
-        mine = self._write(f"{name} arrived while this rank waited in a collective (still there a beat, {self.period:g} s, "
-                           "later; the stop waits for it to return)")
+        mine = self._write(f"{name} arrived while this rank waited in a collective (still there a beat, "
+                           f"{self.period:g} s, later; the stop waits for it to return)")
         self._reported.release()  # a later hang or timeout may still write its own report
         print(f"[train] rank {self.rank}: {name} arrived while it waits in a collective; where it stands: "
               f"{_names([mine] if mine else [])}", file=sys.stderr, flush=True)
@@ -370,13 +370,15 @@ def _flight_recorder(hang_dir: Path, rank: int) -> list[str]:
     path.write_text(json.dumps(record, indent=1) + "\n")
     lines = []
     for pg, status in (record.get("pg_status") or {}).items():
-        lines.append(f"process group {pg}: last enqueued #{status.get('last_enqueued_collective')}, last started "
-                     f"#{status.get('last_started_collective')}, last completed #{status.get('last_completed_collective')}")
+        lines.append(f"process group {pg}: last enqueued #{status.get('last_enqueued_collective')}, "
+                     f"last started #{status.get('last_started_collective')}, "
+                     f"last completed #{status.get('last_completed_collective')}")
     for e in entries[-FLIGHT_ENTRIES_SHOWN:]:
         pg, name = (list(e.get("process_group") or []) + ["?", "?"])[:2]
         group = pg if name in ("undefined", "", "?") else f"{pg} ({name})"
-        lines.append(f"#{e.get('collective_seq_id')} {e.get('profiling_name')} process group {group} sizes {e.get('input_sizes')} "
-                     f"state {e.get('state')} created {_clock(e.get('time_created_ns', 0) / 1e9)}")
+        lines.append(f"#{e.get('collective_seq_id')} {e.get('profiling_name')} process group {group} "
+                     f"sizes {e.get('input_sizes')} state {e.get('state')} created "
+                     f"{_clock(e.get('time_created_ns', 0) / 1e9)}")
     lines.append(f"(all {len(entries)} entries: {path})")
     return lines
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pretrain.distributed import BatchLayout, all_gather_nograd, batch_layout, collective, is_distributed, reduce_scatter_flat
+from pretrain.distributed import (
+    BatchLayout,
+    all_gather_nograd,
+    batch_layout,
+    collective,
+    is_distributed,
+    reduce_scatter_flat,
+)
 
 
 class _GatherWithGrad(torch.autograd.Function):
