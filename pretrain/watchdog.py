@@ -276,12 +276,12 @@ class Heartbeat:
 
     def _judge_signal(self, name: str, before: Optional[tuple]) -> Optional[list]:
         """Beats after a stop signal: the training thread found in the same collective call a beat
-        apart (the same frame at the same line) cannot stop at a step boundary: its report now.
-        Returns what to judge at the next beat (None: judged)."""
+        apart (the same frame object at the same instruction) cannot stop at a step boundary: its
+        report now. Returns what to judge at the next beat (None: judged)."""
         now = _main_position()
         if not _in_collective(_main_frames()) or self.hang_dir is None:
             return None  # the stop goes its usual way
-        if now != before:
+        if now is None or before is None or now[0] is not before[0] or now[1] != before[1]:
             return [name, now]  # entered a collective since: judged a beat from now
         if not self._reported.acquire(blocking=False):
             return None
@@ -311,8 +311,10 @@ def _main_frames() -> list:
 
 
 def _main_position() -> Optional[tuple]:
+    """The training thread's innermost frame and instruction. The frame itself, not its id: held
+    for a beat, its address cannot be reused by a later call's frame, so ``is`` means not moved."""
     frames = _main_frames()
-    return (id(frames[0]), frames[0].f_lineno) if frames else None
+    return (frames[0], frames[0].f_lasti) if frames else None
 
 
 def _short(filename: str) -> str:
@@ -324,7 +326,11 @@ def _short(filename: str) -> str:
 
 
 def _in_collective(frames: list) -> bool:
-    return any(_kind(f) in ("torch.distributed", "DeepSpeed comm") for f in frames[:6])
+    """In torch.distributed or DeepSpeed's comm (the innermost frames), or inside one of our
+    recorded collectives (``work.wait()`` of an asynchronous one shows only our frame)."""
+    entries = COLLECTIVES.entries
+    inside_ours = bool(entries) and entries[-1][3] is None
+    return inside_ours or any(_kind(f) in ("torch.distributed", "DeepSpeed comm") for f in frames[:6])
 
 
 def _kind(frame) -> str:
