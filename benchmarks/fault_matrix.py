@@ -182,7 +182,11 @@ def hang_trial(out: Path, ranks: int, timeout: float, stop_after: int, delay: fl
                     "waiting_in": waiting.splitlines(), "last_of_ours": last}
     ok = (named_after is not None and named_files and not (out / "hang" / f"rank{victim}.txt").exists()
           and all(w["file"] and w["in_collective"] for w in where.values()))
+    # which live ranks named the stopped one themselves, and which left on another's flag in the store
+    named_it = sorted(r for r in live if f"[train] rank {r}: rank {victim} (last heard" in output)
+    followed = sorted(r for r in live if f"[train] rank {r}: ending the job: " in output)
     return {"victim": victim, "stopped_after_step": stop_after, "delay_s": delay, "named_after_s": named_after,
+            "named_by": named_it, "left_on_the_flag": followed,
             "ended_after_s": ended_after, "reports_named": named_files, "where": where, "ok": ok,
             "tail": None if ok else output[-3000:]}
 
@@ -197,7 +201,8 @@ def hang(args) -> dict:
                           for r, w in trial["where"].items())
         named, ended = (trial[k] or float("nan") for k in ("named_after_s", "ended_after_s"))
         print(f"trial {i + 1}: rank {victim} stopped {delay:.2f} s after step {step}; named after {named:.1f} s, "
-              f"job over after {ended:.1f} s; {'ok' if trial['ok'] else 'FAILED'}; {waits}", flush=True)
+              f"job over after {ended:.1f} s; {'ok' if trial['ok'] else 'FAILED'}; named by ranks {trial['named_by']}, "
+              f"left on the flag: {trial['left_on_the_flag']}; {waits}", flush=True)
         if trial["tail"]:
             print(trial["tail"])
     good = sum(t["ok"] for t in trials)
