@@ -210,15 +210,15 @@ class Heartbeat:
         counts = [None] * self.world
         self.heard = [start] * self.world
         store_heard = start
-        signalled = None  # [signal name, where the training thread stood a beat ago] of a stop signal not judged yet
+        signalled = None  # [signal name, where the training thread stood, when] of a stop signal not judged yet
         while True:
             arrived = self._wait(self.period)
             if self._stop.is_set():
                 return
             now = time.monotonic()
             if arrived and signalled is None:
-                signalled = [signal.Signals(arrived[0]).name, _main_position()]
-            elif signalled is not None:
+                signalled = [signal.Signals(arrived[0]).name, _main_position(), now]
+            elif signalled is not None and now - signalled[2] >= self.period:  # (other signals wake it early)
                 signalled = self._judge_signal(*signalled)
             try:
                 store = store or self._connect()
@@ -274,7 +274,7 @@ class Heartbeat:
         sys.stdout.flush()
         os._exit(1)
 
-    def _judge_signal(self, name: str, before: Optional[tuple]) -> Optional[list]:
+    def _judge_signal(self, name: str, before: Optional[tuple], _: float) -> Optional[list]:
         """Beats after a stop signal: the training thread found in the same collective call a beat
         apart (the same frame object at the same instruction) cannot stop at a step boundary: its
         report now. Returns what to judge at the next beat (None: judged)."""
@@ -282,7 +282,7 @@ class Heartbeat:
         if not _in_collective(_main_frames()) or self.hang_dir is None:
             return None  # the stop goes its usual way
         if now is None or before is None or now[0] is not before[0] or now[1] != before[1]:
-            return [name, now]  # entered a collective since: judged a beat from now
+            return [name, now, time.monotonic()]  # entered a collective since: judged a beat from now
         if not self._reported.acquire(blocking=False):
             return None
         mine = self._write(f"{name} arrived while this rank waited in a collective (still there a beat, "
