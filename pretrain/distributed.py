@@ -6,6 +6,10 @@ Every launcher (``python``, ``torchrun``, ``accelerate launch``, ``srun`` throug
 MASTER_ADDR, MASTER_PORT; a lone process gets a one-rank group on loopback) and rank and world size
 are read back from torch.distributed, never from a launcher's own state. Training, evaluation,
 tests and benchmarks all use it. The collectives *with* gradient live in ``pretrain.losses.gather``.
+
+Every collective of ours runs inside ``with collective(name):`` (``COLLECTIVES``: the last ones this
+process entered, with step and times), which ``pretrain.watchdog`` reports when a rank hangs;
+``flight_recorder_env`` switches torch's own record of collectives on (DeepSpeed's included).
 """
 from __future__ import annotations
 
