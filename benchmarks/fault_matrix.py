@@ -1,6 +1,7 @@
 """Fault trials that take too long for every CI run, with a figure per row (benchmarks/RESULTS.md).
 
     python benchmarks/fault_matrix.py kill9 --kills 10            # N kill -9 of a whole 2-rank job
+    python benchmarks/fault_matrix.py hang --trials 5 --ranks 3   # N SIGSTOPs of one rank, stacks of the rest
 
 ``kill9``: a 2-rank run (the test-size towers on tests/assets/shards, checkpoints every
 ``--every`` steps) is killed with SIGKILL, every process of the job at once (the launcher's whole
@@ -26,6 +27,15 @@ or, where a stream took more than ``data.retries`` faults in a row without passi
 one skipped shard that ends them (``data/skipped/...``), no key may come twice, and the keys lost
 must be of skipped shards; a trial with nothing skipped must give the local read's keys in order
 ("exact"). ``--spent K`` more trials with ``data.retries=0``: each fault is then a skipped shard.
+
+``hang``: a ``--ranks``-rank run (the same test-size recipe, no checkpoints, ``train.collective_timeout``
+``--timeout``) in which one rank, drawn at random (seeded), is stopped with SIGSTOP a random
+fraction of a second after a random step's log line. Each trial passes when the job ends naming
+that rank, the message names a report (``output_dir/hang/rank<k>.txt``) of every other rank and
+those files exist, each showing the collective its rank waits in (by its training thread's stack
+or our open record), while the stopped rank wrote none. As a scheduler would, the script kills
+the job once the rank is named (torchrun itself waits 30 s on a stopped worker). Prints "N of N"
+and, per trial, where each live rank waited; ``--json`` writes them all.
 """
 from __future__ import annotations
 
@@ -141,6 +151,78 @@ def run_until(out: Path, steps: int, every: int, after: int | None, delay: float
     if after is not None and not any(line.startswith(f"[train] step {kill_at}/") for line in lines):
         raise SystemExit(f"the run ended before step {kill_at}:\n{''.join(lines[-40:])}")
     return {"resumed_at": resumed, "exit": proc.returncode, "killed_after": kill_at, "processes_killed": killed}
+
+
+def hang_trial(out: Path, ranks: int, timeout: float, stop_after: int, delay: float, victim: int) -> dict:
+    """One launch; SIGSTOP of rank ``victim`` ``delay`` s after step ``stop_after``'s log line."""
+    if out.exists():
+        shutil.rmtree(out)
+    args = ["eval.enabled=false", "train.checkpoint=false", f"train.collective_timeout={timeout:g}"]
+    cmd = torchrun_cmd(tiny_overrides(ASSET_SHARDS, out, 10_000) + args, nproc=ranks)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines, stopped_at, named_after, ended_after = [], None, None, None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if stopped_at is None and line.startswith(f"[train] step {stop_after}/"):
+                time.sleep(delay)
+                pid = json.loads((out / "ranks" / f"rank{victim}.json").read_text())["pid"]
+                os.kill(pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+            if stopped_at is not None and named_after is None and f"rank {victim} (last heard" in line:
+                named_after = time.monotonic() - stopped_at
+            if stopped_at is not None and "ending the job" in line:
+                # every live rank says so once it has written its report: then the job is over
+                if sum("ending the job" in x for x in lines) >= ranks - 1:
+                    ended_after = time.monotonic() - stopped_at
+                    break
+            if stopped_at is not None and time.monotonic() - stopped_at > 4 * timeout + 60:
+                break
+    finally:
+        kill_job(proc.pid)
+    output = "".join(lines)
+    live = [r for r in range(ranks) if r != victim]
+    reports = {r: out / "hang" / f"rank{r}.txt" for r in live}
+    named_files = all(str(p) in output for p in reports.values())
+    where = {}
+    for r, path in reports.items():
+        text = path.read_text() if path.is_file() else ""
+        waiting = text.split("the training thread waits in:\n")[1].split("\n\n")[0].strip() if \
+            "the training thread waits in:\n" in text else ""
+        last = text.split("last collective of ours: ")[1].splitlines()[0] if "last collective of ours: " in text else ""
+        where[r] = {"file": path.is_file(), "in_collective": bool(waiting),
+                    "waiting_in": waiting.splitlines(), "last_of_ours": last}
+    ok = (named_after is not None and named_files and not (out / "hang" / f"rank{victim}.txt").exists()
+          and all(w["file"] and w["in_collective"] for w in where.values()))
+    # which live ranks named the stopped one themselves, and which left on another's flag in the store
+    named_it = sorted(r for r in live if f"[train] rank {r}: rank {victim} (last heard" in output)
+    followed = sorted(r for r in live if f"[train] rank {r}: ending the job: " in output)
+    return {"victim": victim, "stopped_after_step": stop_after, "delay_s": delay, "named_after_s": named_after,
+            "named_by": named_it, "left_on_the_flag": followed,
+            "ended_after_s": ended_after, "reports_named": named_files, "where": where, "ok": ok,
+            "tail": None if ok else output[-3000:]}
+
+
+def hang(args) -> dict:
+    rng, trials = random.Random(args.seed), []
+    for i in range(args.trials):
+        victim, step, delay = rng.randrange(args.ranks), rng.randint(2, 5), round(rng.uniform(0.0, 0.5), 3)
+        trial = hang_trial(Path(args.out) / f"trial{i}", args.ranks, args.timeout, step, delay, victim)
+        trials.append(trial)
+        waits = "; ".join(f"rank {r}: {w['waiting_in'][0] if w['waiting_in'] else '-'} [ours: {w['last_of_ours']}]"
+                          for r, w in trial["where"].items())
+        named, ended = (trial[k] or float("nan") for k in ("named_after_s", "ended_after_s"))
+        print(f"trial {i + 1}: rank {victim} stopped {delay:.2f} s after step {step}; named after {named:.1f} s, "
+              f"job over after {ended:.1f} s; {'ok' if trial['ok'] else 'FAILED'}; named by ranks {trial['named_by']}, "
+              f"left on the flag: {trial['left_on_the_flag']}; {waits}", flush=True)
+        if trial["tail"]:
+            print(trial["tail"])
+    good = sum(t["ok"] for t in trials)
+    print(f"hang with stacks: {good} of {len(trials)} (the stopped rank named, every live rank's report written, "
+          f"named and showing the collective it waits in)")
+    return {"ranks": args.ranks, "timeout": args.timeout, "seed": args.seed, "trials": trials, "ok": good,
+            "total": len(trials)}
 
 
 def kill9(args) -> dict:
@@ -273,18 +355,28 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--retries", type=int, default=3, help="data.retries of the main trials (default 3)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--json", metavar="FILE")
+    h = sub.add_parser("hang", help="N SIGSTOPs of one rank: the rank named, every other rank's stacks written")
+    h.add_argument("--trials", type=int, default=5)
+    h.add_argument("--ranks", type=int, default=3)
+    h.add_argument("--timeout", type=float, default=6.0, help="train.collective_timeout (default 6 s)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", default="runs/fault_matrix_hang")
+    h.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if args.trial == "flaky":
         result = flaky(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        return 0 if result["ok"] == result["total"] and result["spent_ok"] == result["spent"] else 1
-    if args.steps < 2 * args.every + 4:
-        p.error("--steps must be at least 2 x --every + 4")
-    result = kill9(args)
+        good = result["ok"] == result["total"] and result["spent_ok"] == result["spent"]
+    elif args.trial == "hang":
+        result = hang(args)
+        good = result["ok"] == result["total"]
+    else:
+        if args.steps < 2 * args.every + 4:
+            p.error("--steps must be at least 2 x --every + 4")
+        result = kill9(args)
+        good = result["exact"] == result["total"] and result["complete"]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if result["exact"] == result["total"] and result["complete"] else 1
+    return 0 if good else 1
 
 
 if __name__ == "__main__":

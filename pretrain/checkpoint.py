@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.distributed import gather_objects, world_size
+from pretrain.distributed import collective, gather_objects, world_size
 from pretrain.distributed import rank as this_rank
 from pretrain.options import ConfigError, require
 
@@ -204,7 +204,8 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict]
     folder = ckpt_dir / tag
     if rank == 0 and folder.exists():  # a leftover from an interrupted save of the same step
         shutil.rmtree(folder)
-    dist.barrier()
+    with collective("checkpoint save: start"):
+        dist.barrier()
     try:
         groups = getattr(getattr(engine, "basic_optimizer", None), "group_names", None)
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "optimizer_groups": groups},
@@ -230,7 +231,8 @@ class CheckpointSaveError(RuntimeError):
 
 def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> None:
     """Once every rank has written its files: their checksums, the COMPLETE marker, ``latest``, pruning."""
-    dist.barrier()
+    with collective("checkpoint save: every rank's files written"):
+        dist.barrier()
     files = file_manifest(folder)
     if rank == 0:  # the marker itself appears whole or not at all
         (folder / f"{COMPLETE}.tmp").write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
@@ -239,7 +241,8 @@ def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> No
         tmp.write_text(folder.name + "\n")
         os.replace(tmp, ckpt_dir / "latest")
         prune(ckpt_dir, keep)
-    dist.barrier()
+    with collective("checkpoint save: committed"):
+        dist.barrier()
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -301,7 +304,8 @@ class Checkpointer:
             problems = damaged_files(folder)
             if not problems:
                 return folder
-            dist.barrier()  # every rank has read the marker before rank 0 renames it
+            with collective("checkpoint resume: marker read"):
+                dist.barrier()  # every rank has read the marker before rank 0 renames it
             if self.rank == 0:
                 print(f"[train] checkpoint {folder} is damaged: {'; '.join(problems)}; falling back to the "
                       "previous complete checkpoint", flush=True)

@@ -6,6 +6,10 @@ Every launcher (``python``, ``torchrun``, ``accelerate launch``, ``srun`` throug
 MASTER_ADDR, MASTER_PORT; a lone process gets a one-rank group on loopback) and rank and world size
 are read back from torch.distributed, never from a launcher's own state. Training, evaluation,
 tests and benchmarks all use it. The collectives *with* gradient live in ``pretrain.losses.gather``.
+
+Every collective of ours runs inside ``with collective(name):`` (``COLLECTIVES``: the last ones this
+process entered, with step and times), which ``pretrain.watchdog`` reports when a rank hangs;
+``flight_recorder_env`` switches torch's own record of collectives on (DeepSpeed's included).
 """
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ import os
 import random
 import signal
 import socket
+import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -41,11 +48,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = None, port: Optional[int] = None,
-                     cpu: bool = False, timeout: Optional[float] = None) -> DistInfo:
+                     cpu: bool = False, timeout: Optional[float] = None, hang_dir: Optional[Path] = None) -> DistInfo:
     """Joins (or makes) the default process group: NCCL on a GPU (``cuda:LOCAL_RANK``), gloo on CPU
     (or with ``cpu``). Launchers give the rendezvous in the environment; a process started by hand
     (``torch.multiprocessing.spawn`` in tests and benchmarks) passes ``rank``, ``world_size`` and
-    ``port`` (loopback) instead. ``timeout``: seconds before a collective gives up (None: torch's default)."""
+    ``port`` (loopback) instead. ``timeout``: seconds before a collective gives up (None: torch's default).
+    ``hang_dir``: torch's flight recorder is switched on (``flight_recorder_env``) and NCCL's own
+    dump on a timeout goes there."""
     if rank is not None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,15 +68,85 @@ def init_distributed(rank: Optional[int] = None, world_size: Optional[int] = Non
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if hang_dir is not None:
+        flight_recorder_env(Path(hang_dir), nccl=backend == "nccl")
     if not dist.is_initialized():
         extra = {"timeout": timedelta(seconds=timeout)} if timeout else {}
         dist.init_process_group(backend=backend, **extra)  # env:// (DeepSpeed adopts this group)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+# entries each process keeps of the collectives torch saw (its own and DeepSpeed's): ~0.5 KB each
+FLIGHT_RECORDER_ENTRIES = 2000
+NCCL_DUMP_PREFIX = "nccl_trace_rank"
+
+
+def flight_recorder_env(hang_dir: Path, nccl: bool) -> None:
+    """Switches torch's flight recorder on, before the process group exists (torch reads the
+    environment when it makes the recorder): a ring of the last collectives this process issued
+    through torch.distributed, DeepSpeed's included, with their sequence numbers and states, which
+    ``pretrain.watchdog`` writes beside the stacks on a hang. (torch 2.14 records gloo's collectives
+    too.) On NCCL, torch's own watchdog also writes the recorder to ``hang_dir/nccl_trace_rank<k>``
+    when a collective times out (TORCH_NCCL_DUMP_ON_TIMEOUT). Values already in the environment win."""
+    if not any(os.environ.get(k) for k in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")):
+        # the recorder's own name where torch has it (it warns on the old one), NCCL's older name before
+        renamed = hasattr(torch._C._distributed_c10d, "_dump_fr_trace")
+        os.environ["TORCH_FR_BUFFER_SIZE" if renamed else "TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(FLIGHT_RECORDER_ENTRIES)
+    if nccl:
+        hang_dir.mkdir(parents=True, exist_ok=True)  # NCCL's watchdog writes there, it does not make folders
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        prefix = str(hang_dir / NCCL_DUMP_PREFIX)  # torch appends the rank
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", prefix)
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", prefix)
+
+
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------- the record of our collectives
+
+
+class CollectiveLog:
+    """The last collectives this process entered through our wrappers (``collective(name)``): name,
+    training step, time entered and left (None while inside), the error that ended it. Written by
+    the training thread, read by the watchdog's thread when a rank hangs (``pretrain.watchdog``):
+    what the stack alone does not say (which step, since when). Costs two clock reads a collective."""
+
+    def __init__(self, keep: int = 16):
+        self.entries: deque = deque(maxlen=keep)  # [name, step, entered, left, error]
+        self.step: Optional[int] = None  # the training step under way (the trainer sets it)
+
+    def __call__(self, name: str) -> "_Inside":
+        return _Inside(self, name)
+
+    def snapshot(self) -> list[dict]:
+        """The entries, oldest first, as plain dicts (safe to call from another thread)."""
+        return [dict(zip(("name", "step", "entered", "left", "error"), e)) for e in list(self.entries)]
+
+
+class _Inside:
+    """``with COLLECTIVES(name):`` (a class, not a generator: a third of the cost per collective)."""
+
+    __slots__ = ("log", "entry")
+
+    def __init__(self, log: CollectiveLog, name: str):
+        self.log, self.entry = log, [name, None, 0.0, None, None]
+
+    def __enter__(self) -> None:
+        self.entry[1], self.entry[2] = self.log.step, time.time()
+        self.log.entries.append(self.entry)
+
+    def __exit__(self, kind, err, tb) -> bool:
+        self.entry[3] = time.time()
+        if err is not None:
+            self.entry[4] = f"{kind.__name__}: {err}"
+        return False
+
+
+COLLECTIVES = CollectiveLog()
+collective = COLLECTIVES  # ``with collective("name"): dist.barrier()``
 
 
 def is_distributed() -> bool:
@@ -83,17 +162,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def barrier() -> None:
+def barrier(name: str = "barrier") -> None:
     if is_distributed():
-        dist.barrier()
+        with collective(name):
+            dist.barrier()
 
 
-def gather_objects(value) -> list:
+def gather_objects(value, name: str = "gather_objects") -> list:
     """Every rank's picklable ``value``, in rank order (collective in a group of several ranks)."""
     if not is_distributed():
         return [value]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    with collective(name):
+        dist.all_gather_object(out, value)
     return out
 
 
@@ -130,7 +211,8 @@ def batch_layout(n: int, device: torch.device) -> BatchLayout:
         return BatchLayout(0, (n,))
     local = torch.tensor([n], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, local)
+    with collective("batch_layout"):
+        dist.all_gather(sizes, local)
     return BatchLayout(dist.get_rank(), tuple(int(s.item()) for s in sizes))
 
 
@@ -153,7 +235,8 @@ def all_gather_nograd(x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
     padded = x.new_zeros((longest, *x.shape[1:]))
     padded[: x.shape[0]] = x
     flat = x.new_empty((layout.world * longest, *x.shape[1:]))
-    all_gather_flat(flat, padded)
+    with collective("all_gather_nograd"):
+        all_gather_flat(flat, padded)
     if len(set(layout.sizes)) == 1:
         return flat
     return torch.cat([flat[r * longest : r * longest + n] for r, n in enumerate(layout.sizes)])
@@ -164,7 +247,8 @@ def mean_over_ranks(values: dict[str, float], device: Optional[torch.device] = N
     names = sorted(values)
     t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
     if is_distributed():
-        dist.all_reduce(t)
+        with collective("mean_over_ranks"):
+            dist.all_reduce(t)
         t /= dist.get_world_size()
     return dict(zip(names, t.tolist()))
 

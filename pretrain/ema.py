@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.distributed import collective
 from pretrain.options import require
 
 FORMAT = 1
@@ -88,7 +89,8 @@ class WeightEma:
         part = self.avg[name]
         if self.world > 1:
             parts = [torch.empty_like(part) for _ in range(self.world)]
-            dist.all_gather(parts, part)
+            with collective("ema: gather the average (all_gather)"):
+                dist.all_gather(parts, part)
             part = torch.cat(parts)
         n = math.prod(self.shapes[name])
         return part[:n].reshape(self.shapes[name])

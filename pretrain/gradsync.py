@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.distributed import collective
+
 BUCKET_MB = 25.0  # DDP's default bucket size
 
 
@@ -106,9 +108,10 @@ class OverlappedGradSync:
         if not self.armed:
             return
         self._send_ready(all_left=True)
-        for bucket in self.buckets:
-            bucket.work.wait()
-            bucket.buffer.mul_(1.0 / self.world)
+        with collective(f"gradsync.finish ({len(self.buckets)} bucket all_reduce)"):
+            for bucket in self.buckets:
+                bucket.work.wait()
+                bucket.buffer.mul_(1.0 / self.world)
         self.armed = False
 
     # -- between steps

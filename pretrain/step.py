@@ -48,6 +48,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils._pytree import tree_map
 
 from pretrain.data.decoders import to_device
+from pretrain.distributed import collective
 from pretrain.losses import BatchContext, accumulate_step
 from pretrain.optim import group_lrs
 
@@ -190,7 +191,8 @@ class ContrastiveStep:
         finite = torch.stack([torch.isfinite(x).all() for x in (*features.values(), scale)]).all()
         stopping = torch.full((), float(self.stop_signal.received is not None), device=self.device)
         flags = torch.stack([(~finite).float(), stopping])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # both flags in one collective
+        with collective("step flags: finite features, stop signal (all_reduce)"):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # both flags in one collective
         ok = flags[0] == 0
         features = {m: torch.where(ok, f, torch.zeros_like(f)) for m, f in features.items()}
         scale = torch.where(ok, scale, torch.ones_like(scale))
@@ -199,7 +201,8 @@ class ContrastiveStep:
         out = self.loss_fn(features, scale, bias, masks=masks or None, step=step, sizes=(rows,) * self.world,
                            params=params or None)
         bad = torch.stack([flags[0], (~torch.isfinite(out["loss"].detach())).float()]).max().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
+        with collective("step flags: finite loss (all_reduce)"):
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # is the loss finite on every rank?
         self._flags = torch.stack([bad[0], flags[1]])
         if self.engine.skips_on_device:
             self.engine.optimizer.found_inf = bad[0]  # the fused update is skipped on the device where 1
@@ -216,7 +219,8 @@ class ContrastiveStep:
         """Rank 0's buffers on every rank (DDP's ``broadcast_buffers``), one broadcast per dtype, on the device."""
         for group in self.buffer_groups:
             flat = _flatten_dense_tensors(group)
-            dist.broadcast(flat, src=0)
+            with collective("step: rank 0's buffers (broadcast)"):
+                dist.broadcast(flat, src=0)
             for buf, value in zip(group, _unflatten_dense_tensors(flat, group)):
                 buf.copy_(value)
 

@@ -25,8 +25,10 @@ import yaml
 from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch, previous_layout
 from pretrain.data import Loader, build_modalities, make_loader
 from pretrain.distributed import (
+    COLLECTIVES,
     StopSignal,
     barrier,
+    collective,
     init_distributed,
     mean_over_ranks,
     rng_state,
@@ -176,7 +178,8 @@ class StepLogger:
             values["grad_norm"] = float(grad_norm)
         if out.logit_bias is not None:
             values["logit_bias"] = float(out.logit_bias)
-        values.update(self.loader.metrics(all_ranks=True))  # bad-data counts by reason, summed over ranks
+        with collective("bad-data counts (all_gather_object)"):
+            values.update(self.loader.metrics(all_ranks=True))  # bad-data counts by reason, summed over ranks
         self.writer.log(state.step, values)
         self.meter.reset()
         if self.rank == 0:
@@ -299,10 +302,11 @@ def _auto_zero_stage(cfg, info, ckpt_dir: Path) -> str:
 class Trainer:
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.train
-        self.info = info = init_distributed(timeout=2 * t.collective_timeout or None)
-        self.rank, self.world = info.rank, info.world_size
-        self.heartbeat = Heartbeat(self.rank, self.world, t.collective_timeout).start()  # a hung rank ends the job
         self.out = Path(cfg.output_dir)
+        # a hung rank ends the job; every live rank writes where it stood to output_dir/hang (pretrain.watchdog)
+        self.info = info = init_distributed(timeout=2 * t.collective_timeout or None, hang_dir=self.out / "hang")
+        self.rank, self.world = info.rank, info.world_size
+        self.heartbeat = Heartbeat(self.rank, self.world, t.collective_timeout, hang_dir=self.out / "hang").start()
         self.batch_note = _fit_global_batch(t, self.world, previous_global_batch(t, self.out / "checkpoints"))
         self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
         if t.zero_stage == "auto":  # before config.yaml is written: it records the stage chosen
@@ -342,32 +346,36 @@ class Trainer:
         self.keys = KeyLog(t.log_keys, self.out, self.rank, append=self.resumed_from is not None)
 
     def train(self) -> dict[str, float]:
-        """The loop: next batch, step, maybe log, maybe evaluate, maybe save, stop?"""
+        """The loop: next batch, step, maybe log, maybe evaluate, maybe save, stop? A collective past the
+        process group's timeout raises ``HangError`` once every live rank has written where it stood."""
         state, end = self.state, self.cfg.train.end_step
         self._announce()
         self.progress = self._progress_bar(end)
-        while state.step < end:
-            with self.meter.waiting():
-                batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
-            earlier = self.flags.receive()  # the step before's outcome: its copy is long done, nothing waits
-            with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
-                out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
-            state.step += 1
-            if self.ema is not None:  # (masked on the device where the update was skipped there)
-                self.ema.update(state.step, self.engine.optimizer.found_inf if self.engine.skips_on_device else None)
-            self._after_step(batches)
-            stop = self._settle(earlier)
-            if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
-                stop = self._settle(self.flags.receive()) or stop
-            if self.logger.should_log(state.step):
-                self.logger.log(state, out)
-            if stop:
-                return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
-            if self.evaluation.should_run(state.step, end):
-                self.writer.log(state.step, self.evaluation.run(state.step))
-                self.meter.reset()  # evaluation time is not step time
-            self.checkpointer.save(state)
-        return self._finish()
+        with self.heartbeat.timeouts():  # (pretrain.watchdog)
+            while state.step < end:
+                COLLECTIVES.step = state.step + 1  # the step the collectives of this round belong to
+                with self.meter.waiting():
+                    batches = [next(self.batches) for _ in range(self.cfg.train.grad_accumulation_steps)]
+                earlier = self.flags.receive()  # the step before's outcome: its copy is long done, nothing waits
+                with self.meter.stepping(samples=sum(len(b) for b in batches) * self.world):
+                    out = self.step(batches, state.step, grad_norm=self.logger.should_log(state.step + 1))
+                state.step += 1
+                if self.ema is not None:  # (masked on the device where the update was skipped there)
+                    found_inf = self.engine.optimizer.found_inf if self.engine.skips_on_device else None
+                    self.ema.update(state.step, found_inf)
+                self._after_step(batches)
+                stop = self._settle(earlier)
+                if self._needs_flags(state.step, end):  # log, evaluation, checkpoint, end: this step's, now
+                    stop = self._settle(self.flags.receive()) or stop
+                if self.logger.should_log(state.step):
+                    self.logger.log(state, out)
+                if stop:
+                    return self._finish(stopped_by=self.stop_signal.received or "a signal on another rank")
+                if self.evaluation.should_run(state.step, end):
+                    self.writer.log(state.step, self.evaluation.run(state.step))
+                    self.meter.reset()  # evaluation time is not step time
+                self.checkpointer.save(state)
+            return self._finish()
 
     # -- the parts of the loop
 
@@ -419,7 +427,7 @@ class Trainer:
                   flush=True)
             print(f"[train] metrics: {self.writer.path}", flush=True)
         self.writer.close()
-        dist.barrier()
+        barrier("end of the run")
         self.heartbeat.stop()
         if self.stopped_by is not None and not self.cfg.train.checkpoint:  # exit code 1, not 75
             raise TrainingError(f"stopped by {stopped_by} at step {self.state.step}; train.checkpoint is false, so "
@@ -444,7 +452,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        barrier()
+        barrier("run folder made")
         import deepspeed
 
         (self.out / "ranks").mkdir(exist_ok=True)

@@ -198,8 +198,10 @@ def test_sigterm_saves_and_the_run_resumes(shards, tmp_path):
 
 def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
     """SIGSTOP of rank 1 mid-run: rank 0's watchdog names it after train.collective_timeout and leaves
-    with exit 1 (figure: seconds from the stop to the named line). torchrun then waits its own 30 s
-    grace on the stopped process before SIGKILL; the test plays the scheduler and kills it at once."""
+    with exit 1 (figure: seconds from the stop to the named line), naming the report it wrote first
+    (output_dir/hang/rank0.txt: the collective it waits in by our record and by its stack, torch's
+    flight recorder, every thread's stack; the stopped rank writes none). torchrun then waits its own
+    30 s grace on the stopped process before SIGKILL; the test plays the scheduler and kills it at once."""
     out, timeout = tmp_path / "run", 6
     cmd = torchrun_cmd(tiny_overrides(shards, out, steps=10_000) + ["eval.enabled=false", "train.checkpoint=false",
                                                                    f"train.collective_timeout={timeout}"])
@@ -230,6 +232,32 @@ def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
         output[-3000:]
     # unheard for the timeout counts from rank 1's last beat (up to a beat, timeout / 6, before the stop)
     assert named is not None and timeout - timeout / 6 - 0.5 <= named < timeout + 5, named
+    report, flight = out / "hang" / "rank0.txt", out / "hang" / "flight_rank0.json"
+    assert f"ending the job. Where each rank stood: {report}\n" in output, output[-3000:]
+    assert not (out / "hang" / "rank1.txt").exists()  # a stopped process writes nothing
+    text = report.read_text()
+    assert "why: rank 1 (last heard" in text and "stopped answering (train.collective_timeout=6 s)" in text, text
+    # where it waits: torch.distributed's function in its stack, and our record of the collective
+    waiting = text.split("the training thread waits in:\n")[1].split("\n\n")[0].splitlines()
+    assert waiting[0].startswith("  torch.distributed: ") and "distributed_c10d.py:" in waiting[0], text[:3000]
+    last = text.split("last collective of ours: ")[1].splitlines()[0]
+    step = int(last.split(" at step ")[1].split(",")[0])
+    assert 3 <= step <= 5, last  # stopped after step 3's log line
+    if "still inside after" in last:  # in one of ours: the stack's frame of ours is the record's caller
+        assert any(line.startswith("  ours: ") for line in waiting), waiting
+    else:  # in DeepSpeed's: its frame is named
+        assert any(line.startswith("  DeepSpeed") for line in waiting), waiting
+    # every thread's stack: the training thread's ends in the collective; the heartbeat's is there
+    threads = text.split("Python stacks of all ")[1]
+    assert threads.count("--- thread ") == int(threads.split(" threads")[0]) >= 2
+    training = threads.split("--- thread MainThread (training thread)")[1].split("--- thread ")[0]
+    assert "torch/distributed/distributed_c10d.py" in training.strip().splitlines()[-2], training
+    assert "--- thread heartbeat" in threads
+    # torch's flight recorder: the collectives it saw (DeepSpeed's included), the last one still open
+    recorded = json.loads(flight.read_text())
+    assert recorded["entries"] and all(e["profiling_name"].startswith("gloo:") for e in recorded["entries"])
+    assert any(int(s["last_enqueued_collective"]) > int(s["last_completed_collective"])
+               for s in recorded["pg_status"].values()), recorded["pg_status"]
 
 
 @contextlib.contextmanager

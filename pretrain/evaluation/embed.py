@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pretrain.data import Batch, make_loader
 from pretrain.data.decoders import to_device
-from pretrain.distributed import all_gather_nograd, batch_layout, is_distributed, rank, world_size
+from pretrain.distributed import all_gather_nograd, batch_layout, collective, is_distributed, rank, world_size
 
 
 @dataclass
@@ -101,7 +101,8 @@ def _lockstep(batches: Iterable[Batch], device: torch.device, enabled: bool):
         batch = next(it, None)
         if enabled and is_distributed():
             more = torch.tensor([float(batch is not None)], device=device)
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            with collective("evaluation: lockstep batches (all_reduce)"):
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if more.item() == 0:
                 return
             yield batch, batch is not None

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.data import build_modalities
-from pretrain.distributed import is_distributed, rank, rng_state, set_rng_state, world_size
+from pretrain.distributed import collective, is_distributed, rank, rng_state, set_rng_state, world_size
 from pretrain.evaluation.embed import SplitFeatures, embed_split
 from pretrain.evaluation.plots import write_plots
 from pretrain.evaluation.tasks import EVALUATORS, EvalContext, WorkSplit, evaluator, figures, planned_tasks
@@ -39,7 +39,8 @@ def evaluate(model, cfg, modalities, device: torch.device, step: int = 0,
             metrics.update({f"eval/{ds.name}/{k[len('eval/'):]}": v for k, v in more.items()})
         if is_distributed():  # rank 0's numbers everywhere (a GPU may differ in the last bits)
             box = [metrics]
-            dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+            with collective("evaluation: rank 0's metrics (broadcast_object_list)"):
+                dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
             metrics = box[0]
         metrics["eval/seconds"] = time.perf_counter() - t0
         if output_dir is not None and rank() == 0:

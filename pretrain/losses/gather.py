@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pretrain.distributed import BatchLayout, all_gather_nograd, batch_layout, is_distributed, reduce_scatter_flat
+from pretrain.distributed import (
+    BatchLayout,
+    all_gather_nograd,
+    batch_layout,
+    collective,
+    is_distributed,
+    reduce_scatter_flat,
+)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -42,7 +49,8 @@ class _GatherWithGrad(torch.autograd.Function):
                 flat[r * longest : r * longest + n] = grad[start : start + n]
                 start += n
         mine = grad.new_empty((longest, *grad.shape[1:]))
-        reduce_scatter_flat(mine, flat, op=dist.ReduceOp.SUM)
+        with collective("all_gather_with_grad backward (reduce_scatter)"):
+            reduce_scatter_flat(mine, flat, op=dist.ReduceOp.SUM)
         return mine[: layout.local], None
 
 
@@ -60,8 +68,9 @@ def all_gather_with_grad(x: torch.Tensor, layout: BatchLayout | list[int] | None
 def _exchange(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
     out = torch.empty_like(x)
     ops = [dist.P2POp(dist.isend, x.contiguous(), send_to), dist.P2POp(dist.irecv, out, recv_from)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
+    with collective("ring_shift (send/recv)"):
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
     return out
 
 
