@@ -324,7 +324,9 @@ class Trainer:
         self.ema = (WeightEma(self.engine.module, t.ema, self.rank, self.world, t.zero_stage == 3)
                     if t.ema is not None else None)
         self.state = TrainState(self.loader, self.ema)
-        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
+        # a failed background save (train.async_checkpoint) stops every rank at the next step, as a signal does
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank,
+                                         on_failure=lambda reason: self.stop_signal.ask("a failed checkpoint save"))
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
@@ -409,11 +411,13 @@ class Trainer:
         results = {"loss": self.logger.last.get("loss", float("nan"))}
         self.stopped_by = stopped_by if self.state.step < self.cfg.train.end_step else None  # (exit code 75)
         if stopped_by is not None:
+            self.checkpointer.wait()  # a background save: complete (or its failure raised) before the line below
             if self.rank == 0 and self.cfg.train.checkpoint:
                 print(f"[train] stopped by {stopped_by} at step {self.state.step}; resume with the same command",
                       flush=True)
         elif self.evaluation.enabled and self.state.step >= self.cfg.train.steps:
-            results.update(self._final_evaluation())
+            results.update(self._final_evaluation())  # (a background save goes on meanwhile)
+        self.checkpointer.wait()  # the end of the run waits for the last save
         if self.rank == 0 and stopped_by is None:
             print(f"[train] tensorboard logs: {self.writer.tb_dir}  (tensorboard --logdir {self.writer.tb_dir})",
                   flush=True)
