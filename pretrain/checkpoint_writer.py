@@ -271,63 +271,78 @@ class BackgroundWriter:
         self.pending.thread.start()
 
     def wait(self) -> None:
-        """Collective: the save in flight (if any) finished on every rank; raises
-        ``CheckpointSaveError`` on every rank where some rank's write failed."""
+        """Collective: the save in flight (if any) finished on every rank, and is committed; raises
+        ``CheckpointSaveError`` on every rank where some rank's write failed.
+
+        Rank 0's thread commits as soon as every rank has reported; where that has not happened yet
+        it stops waiting, and the reports travel here instead (a collective, so a rank that died is
+        an error here rather than a wait without end)."""
         save, self.pending = self.pending, None
         if save is None:
             return
+        save.abandon.set()
         save.thread.join()
         self.last_write = save.seconds
-        errors = [e for e in gather_objects(save.error) if e]
+        reports = gather_objects(save.report)
+        errors = [r["error"] for r in reports if "error" in r]
         if errors:
             if self.rank == 0:
                 import shutil
 
                 shutil.rmtree(save.folder, ignore_errors=True)  # every rank's writer has stopped
             raise ckpt.CheckpointSaveError(errors[0])
+        if self.rank == 0 and not save.committed:
+            save.commit([r["files"] for r in reports])
 
 
 class _Save:
-    """One rank's part of one save, on its own thread."""
+    """One rank's part of one save, on its own thread: write and hash this rank's files, report;
+    on rank 0, wait for every rank's report and commit."""
 
     def __init__(self, writer: BackgroundWriter, files: list[PendingFile], ckpt_dir: Path, folder: Path, step: int,
                  keep: int):
         self.writer, self.files, self.ckpt_dir, self.folder = writer, files, ckpt_dir, folder
         self.step, self.keep = step, keep
-        self.error: Optional[str] = None  # this rank's failure, as the message the run stops with
-        self.seconds = 0.0
+        self.report: dict = {}  # {"files": {name: {bytes, sha256}}} or {"error": the message the run stops with}
+        self.committed = False
+        self.abandon = threading.Event()  # rank 0: wait() takes over the waiting for the other ranks
+        self.started, self.seconds = time.perf_counter(), 0.0
         self.key = f"{writer.prefix}{folder.name}/"
         self.thread = threading.Thread(target=self._run, name=f"checkpoint-{folder.name}", daemon=True)
 
     def _run(self) -> None:
-        start, rank, store = time.perf_counter(), self.writer.rank, None
-        written: dict[str, dict] = {}
+        rank, store = self.writer.rank, None
         try:
             store = self._connect()
+            written: dict[str, dict] = {}
             for pending in self.files:
                 write_file(pending)
                 pending.state.release()  # the host copy goes as soon as it is on disk
                 name = str(pending.path.relative_to(self.folder))
                 written[name] = {"bytes": pending.path.stat().st_size, "sha256": ckpt._sha256(pending.path)}
-            report: dict = {"files": written}
+            self.report = {"files": written}
         except Exception as err:  # noqa: BLE001 - any failure stops the run with its reason
-            self.error = str(ckpt.save_error(self.ckpt_dir, self.folder, self.step, rank, err, remove=False))
-            report = {"error": self.error}
+            self.report = {"error": str(ckpt.save_error(self.ckpt_dir, self.folder, self.step, rank, err, remove=False))}
+            for pending in self.files:  # free at once what this rank took (a full disk); wait() removes the folder
+                pending.path.unlink(missing_ok=True)
         finally:
             for pending in self.files:
                 pending.state.release()
             self.files = []
         try:
-            if store is not None and rank != 0:
-                store.set(f"{self.key}{rank}", json.dumps(report))
-            elif rank == 0 and self.error is None:
-                self._commit(store, written, start)
+            if rank != 0 and store is not None:
+                store.set(f"{self.key}{rank}", json.dumps(self.report))
+            elif rank == 0 and "files" in self.report:
+                reports = self._reports(store)
+                if reports is not None and not any("error" in r for r in reports):
+                    self.commit([self.report["files"]] + [r["files"] for r in reports])
         except Exception as err:  # noqa: BLE001
-            self.error = self.error or (f"rank {rank} could not commit the checkpoint of step {self.step} in "
-                                        f"{self.folder}: {type(err).__name__}: {err}")
-        self.seconds = time.perf_counter() - start
-        if self.error is not None and self.writer.on_failure is not None:
-            self.writer.on_failure(self.error)
+            self.report = self.report if "error" in self.report else {
+                "error": f"rank {rank} could not complete the checkpoint of step {self.step} in {self.folder}: "
+                         f"{type(err).__name__}: {err}"}
+        self.seconds = time.perf_counter() - self.started
+        if "error" in self.report and self.writer.on_failure is not None:
+            self.writer.on_failure(self.report["error"])
 
     def _connect(self):
         """The rendezvous store, on a connection of this thread's own (as the heartbeat's)."""
@@ -336,26 +351,29 @@ class _Save:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                              timeout=timedelta(seconds=60), wait_for_workers=False)
 
-    def _commit(self, store, written: dict[str, dict], start: float) -> None:
-        """Rank 0: every rank's report, then the marker (nothing is marked if any rank failed)."""
-        files = dict(written)
-        if store is not None:
-            keys = [f"{self.key}{r}" for r in range(1, self.writer.world)]
-            while not store.check(keys):
-                time.sleep(0.02)
-            reports = [json.loads(v) for v in store.multi_get(keys)]
-            for key in keys:
-                store.delete_key(key)
-            failed = [r["error"] for r in reports if "error" in r]
-            if failed:
-                return  # the failing rank names the cause; wait() raises it everywhere
-            for r in reports:
-                files.update(r["files"])
-        for path in sorted(self.folder.rglob("*")):  # what the training thread wrote (DeepSpeed's recovery script)
+    def _reports(self, store) -> Optional[list[dict]]:
+        """Rank 0: the other ranks' reports, once all are in (None if ``wait`` took over first)."""
+        if store is None:
+            return []
+        keys = [f"{self.key}{r}" for r in range(1, self.writer.world)]
+        while not store.check(keys):
+            if self.abandon.wait(0.02):
+                return None
+        reports = [json.loads(v) for v in store.multi_get(keys)]
+        for key in keys:
+            store.delete_key(key)
+        return reports
+
+    def commit(self, parts: list[dict[str, dict]]) -> None:
+        """Rank 0, every rank's files written (``parts``: each rank's {name: {bytes, sha256}}): hashes
+        what the training thread wrote itself (DeepSpeed's recovery script), then the marker."""
+        files = {name: v for part in parts for name, v in part.items()}
+        for path in sorted(self.folder.rglob("*")):
             name = str(path.relative_to(self.folder))
             if path.is_file() and name not in files and path.name not in (ckpt.COMPLETE, ckpt.DAMAGED):
                 files[name] = {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
         ckpt.mark_complete(self.ckpt_dir, self.folder, self.step, dict(sorted(files.items())), self.keep)
+        self.committed = True
         sys.stdout.write(f"[train] checkpoint: {self.folder} (written in the background in "
-                         f"{time.perf_counter() - start:.1f} s)\n")
+                         f"{time.perf_counter() - self.started:.1f} s)\n")
         sys.stdout.flush()
