@@ -306,18 +306,13 @@ class Checkpointer:
     engine (``pretrain.layout``), and the data position of every old rank is dealt to the new ones
     (``pretrain.data.pipeline.relayout``)."""
 
-    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int,
-                 on_failure: Optional[Callable[[str], None]] = None):
+    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int, writer=None):
         self.cfg, self.dir, self.rank = cfg, Path(ckpt_dir), rank
         self.engine, self.bundle = engine.ds, engine
         self.last_saved: Optional[int] = None
         self.changed_layout: Optional[str] = None  # "ZeRO-2 x 2 ranks -> ZeRO-3 x 4 ranks", after such a resume
-        self.writer = None  # train.async_checkpoint: the background writer (on_failure: its write failed)
-        if cfg.checkpoint and cfg.async_checkpoint:
-            from pretrain.checkpoint_writer import BackgroundWriter, check_engine
-
-            check_engine(self.engine)
-            self.writer = BackgroundWriter(rank, world_size(), on_failure)
+        # train.async_checkpoint: a pretrain.checkpoint_writer.BackgroundWriter (None: every save synchronous)
+        self.writer = writer
 
     def resume_folder(self) -> Optional[Path]:
         """The checkpoint to resume from, its files checked (collective): under ``auto`` the newest

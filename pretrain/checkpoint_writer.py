@@ -63,7 +63,11 @@ def _original_location(storage) -> Optional[str]:
     return _device_of.get(getattr(storage, "_cdata", None))
 
 
-torch.serialization.register_package(1, _original_location, lambda obj, location: None)
+def _register_tagger() -> None:
+    """Once per process, before the first background save (ahead of torch's own taggers)."""
+    if not getattr(_register_tagger, "done", False):
+        torch.serialization.register_package(1, _original_location, lambda obj, location: None)
+        _register_tagger.done = True
 
 
 class Snapshot:
@@ -187,11 +191,13 @@ class _Deferring:
     is handed is snapshotted and kept for the writer thread, to be written by the real engine's own
     ``save``; everything else (directories, commit) passes through."""
 
-    def __init__(self, inner, files: list[PendingFile]):
-        self._inner, self._files = inner, files
+    def __init__(self, inner, deferred: "Deferred"):
+        self._inner, self._deferred, self._files = inner, deferred, deferred.files
 
     def save(self, state_dict, path: str) -> None:
+        start = time.perf_counter()
         self._files.append(PendingFile(Path(path), snapshot(state_dict), self._inner.save))
+        self._deferred.snapshot_s += time.perf_counter() - start
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -211,41 +217,43 @@ def write_file(pending: PendingFile) -> None:
 # ------------------------------------------------------------------------------------- the writer
 
 
-def check_engine(ds_engine) -> None:
-    """``train.async_checkpoint`` defers the writes of DeepSpeed's plain ``torch.save`` engine only."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    from pretrain.options import ConfigError
-
-    kind = type(ds_engine.checkpoint_engine)
-    if kind is not TorchCheckpointEngine:
-        raise ConfigError(f"train.async_checkpoint: DeepSpeed's checkpoint engine here is {kind.__name__}, which "
-                          "writes (or defers) on its own; set train.async_checkpoint=false with it")
-
-
 class Deferred:
     """The files of one save, snapshotted on the training thread."""
 
     def __init__(self):
         self.files: list[PendingFile] = []
+        self.snapshot_s = 0.0  # seconds spent copying the state
 
     def add(self, path: Path, state: Any) -> None:
         """A file the synchronous save writes with ``torch.save`` (this rank's training state)."""
+        start = time.perf_counter()
         self.files.append(PendingFile(Path(path), snapshot(state), _torch_save))
+        self.snapshot_s += time.perf_counter() - start
 
 
 class BackgroundWriter:
-    """This rank's background checkpoint writer; at most one save in flight.
+    """This rank's background checkpoint writer for the DeepSpeed engine ``ds_engine``; at most one
+    save in flight.
 
     ``on_failure(reason)``: called from the writer thread when this rank's write fails (the trainer
     stops the run at the next step); ``wait`` raises the failure on every rank."""
 
-    def __init__(self, rank: int, world: int, on_failure: Optional[Callable[[str], None]] = None):
+    def __init__(self, ds_engine, rank: int, world: int, on_failure: Optional[Callable[[str], None]] = None):
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        from pretrain.options import ConfigError
+
+        kind = type(ds_engine.checkpoint_engine)
+        if kind is not TorchCheckpointEngine:  # the only one whose writes can be deferred as they are
+            raise ConfigError(f"train.async_checkpoint: DeepSpeed's checkpoint engine here is {kind.__name__}, "
+                              "which writes (or defers) on its own; set train.async_checkpoint=false with it")
+        _register_tagger()
         self.rank, self.world, self.on_failure = rank, world, on_failure
         self.pending: Optional[_Save] = None
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.prefix = f"{STORE_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}/"
         self.last_stall = 0.0  # seconds the last save held the training thread (snapshot included)
+        self.last_snapshot = 0.0  # ... of which copying the state
         self.last_write = 0.0  # seconds its background part took (write, hash, commit)
 
     @property
@@ -258,7 +266,7 @@ class BackgroundWriter:
         ``Deferred`` yielded (add this rank's own with ``add``)."""
         inner = ds_engine.checkpoint_engine
         deferred = Deferred()
-        ds_engine.checkpoint_engine = _Deferring(inner, deferred.files)
+        ds_engine.checkpoint_engine = _Deferring(inner, deferred)
         try:
             yield deferred
         finally:
@@ -268,6 +276,7 @@ class BackgroundWriter:
         assert self.pending is None, "wait() for the save in flight first"
         self.pending = _Save(self, deferred.files, Path(ckpt_dir), Path(folder), step, keep)
         self.last_stall = time.perf_counter() - began
+        self.last_snapshot = deferred.snapshot_s
         self.pending.thread.start()
 
     def wait(self) -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch, previous_layout
+from pretrain.checkpoint_writer import BackgroundWriter
 from pretrain.data import Loader, build_modalities, make_loader
 from pretrain.distributed import (
     StopSignal,
@@ -324,9 +325,10 @@ class Trainer:
         self.ema = (WeightEma(self.engine.module, t.ema, self.rank, self.world, t.zero_stage == 3)
                     if t.ema is not None else None)
         self.state = TrainState(self.loader, self.ema)
-        # a failed background save (train.async_checkpoint) stops every rank at the next step, as a signal does
-        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank,
-                                         on_failure=lambda reason: self.stop_signal.ask("a failed checkpoint save"))
+        # train.async_checkpoint: a failed background save stops every rank at the next step, as a signal does
+        writer = (BackgroundWriter(self.engine.ds, self.rank, self.world, on_failure=self.stop_signal.ask)
+                  if t.checkpoint and t.async_checkpoint else None)
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank, writer=writer)
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
