@@ -1,6 +1,7 @@
 """Fault trials that take too long for every CI run, with a figure per row (benchmarks/RESULTS.md).
 
     python benchmarks/fault_matrix.py kill9 --kills 10            # N kill -9 of a whole 2-rank job
+    python benchmarks/fault_matrix.py kill9 --async-checkpoint    # the same, checkpoints written in the background
     python benchmarks/fault_matrix.py hang --trials 5 --ranks 3   # N SIGSTOPs of one rank, stacks of the rest
 
 ``kill9``: a 2-rank run (the test-size towers on tests/assets/shards, checkpoints every
@@ -14,6 +15,10 @@ After each kill the same command runs again; it resumes from the newest complete
 its losses must equal an uninterrupted run's at every step it runs (fp32, CPU, 1e-5). Prints
 "N of N exact" and writes every kill (step, delay, where the next run resumed) with ``--json``.
 tests/test_train_robust.py runs it with one kill after the first checkpoint; this script runs many.
+With ``--async-checkpoint`` the job saves with ``train.async_checkpoint`` (a background thread per
+rank writes while training goes on, so a kill lands inside a write more often); each kill records
+the checkpoint folders it left without COMPLETE (``torn``: a save was in flight), which the resume
+must ignore.
 
     python benchmarks/fault_matrix.py flaky --trials 20            # reads through a flaky store
 
@@ -57,10 +62,19 @@ sys.path.insert(0, str(ROOT))
 from tests.helpers import ASSET_SHARDS, tiny_overrides, torchrun_cmd  # noqa: E402 - the test-size run
 
 
-def command(out: Path, steps: int, every: int) -> list[str]:
-    """The test-size quickstart on tests/assets/shards, 2 ranks, checkpoints every ``every`` steps."""
+def command(out: Path, steps: int, every: int, background: bool = False) -> list[str]:
+    """The test-size quickstart on tests/assets/shards, 2 ranks, checkpoints every ``every`` steps
+    (``background``: written by train.async_checkpoint)."""
     return torchrun_cmd(tiny_overrides(ASSET_SHARDS, out, steps) + [f"train.checkpoint_every={every}",
-                                                                   "train.keep_checkpoints=2", "eval.enabled=false"])
+                                                                   "train.keep_checkpoints=2", "eval.enabled=false"]
+                        + (["train.async_checkpoint=true"] if background else []))
+
+
+def torn(out: Path) -> list[str]:
+    """Checkpoint folders without COMPLETE (a save was in flight when the job died)."""
+    ckpts = out / "checkpoints"
+    return sorted(p.name for p in ckpts.iterdir() if p.is_dir() and not (p / "COMPLETE").is_file()) \
+        if ckpts.is_dir() else []
 
 
 def logged(out: Path) -> list[dict]:
@@ -119,11 +133,11 @@ def kill_job(root: int, timeout: float = 60) -> int:
 
 
 def run_until(out: Path, steps: int, every: int, after: int | None, delay: float, timeout: float = 600,
-              at_least: int = 0) -> dict:
+              at_least: int = 0, background: bool = False) -> dict:
     """One launch; with ``after``, SIGKILL to the whole job ``delay`` s after the launch logged that
     many steps (counted from where it resumed; at the latest after step ``steps - 3``; no earlier
     than after step ``at_least``)."""
-    proc = subprocess.Popen(command(out, steps, every), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command(out, steps, every, background), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines, resumed, t0, kill_at, killed = [], 0, time.monotonic(), None, 0
     try:
@@ -231,7 +245,7 @@ def kill9(args) -> dict:
         shutil.rmtree(out)
     ref, chain = Path(args.reference) if args.reference else out / "reference", out / "chain"
     if not args.reference:
-        run_until(ref, args.steps, args.every, None, 0.0)
+        run_until(ref, args.steps, args.every, None, 0.0, background=args.async_checkpoint)
     want = {r["step"]: r["loss"] for r in logged(ref)}
     if sorted(want) != list(range(1, args.steps + 1)):
         raise SystemExit(f"the reference {ref} logged steps {sorted(want)}, not 1..{args.steps}")
@@ -241,7 +255,8 @@ def kill9(args) -> dict:
         last = i == args.kills
         after = None if last else rng.randint(1, args.every)  # steps into the launch
         delay = 0.0 if last else round(rng.uniform(0.0, args.max_delay), 3)
-        launch = run_until(chain, args.steps, args.every, after, delay, at_least=args.first_after if i == 0 else 0)
+        launch = run_until(chain, args.steps, args.every, after, delay, at_least=args.first_after if i == 0 else 0,
+                           background=args.async_checkpoint)
         step = launch["killed_after"]
         rows = logged(chain)
         new, seen = rows[seen:], len(rows)
@@ -254,7 +269,8 @@ def kill9(args) -> dict:
                              # the save of step k had begun but was not complete when the job died
                              in_save=k % args.every == 0 and launch["resumed_at"] < k)
         if step is not None:
-            kills.append({"kill_after_step": step, "delay_s": delay, "processes_killed": launch["processes_killed"]})
+            kills.append({"kill_after_step": step, "delay_s": delay, "processes_killed": launch["processes_killed"],
+                          "torn": torn(chain)})
         print(f"launch {i + 1}: resumed at step {launch['resumed_at']}, logged steps "
               f"{new[0]['step'] if new else '-'}..{new[-1]['step'] if new else '-'}"
               + (f", killed {delay:.2f} s after step {step}" if step is not None else ", finished")
@@ -262,9 +278,12 @@ def kill9(args) -> dict:
     final = {r["step"]: r["loss"] for r in logged(chain)}
     complete = sorted(final) == list(range(1, args.steps + 1))
     good = sum(1 for k in kills if k.get("exact") and k.get("resumed_from_checkpoint"))
-    print(f"kill -9 of the whole job: {good} of {len(kills)} exact (every step 1..{args.steps} logged: {complete})")
-    return {"steps": args.steps, "every": args.every, "seed": args.seed, "kills": kills, "exact": good,
-            "total": len(kills), "complete": complete}
+    in_write = sum(1 for k in kills if k["torn"])
+    print(f"kill -9 of the whole job: {good} of {len(kills)} exact (every step 1..{args.steps} logged: {complete}); "
+          f"{in_write} left a checkpoint folder without COMPLETE"
+          + (" (checkpoints written in the background)" if args.async_checkpoint else ""))
+    return {"steps": args.steps, "every": args.every, "seed": args.seed, "async_checkpoint": args.async_checkpoint,
+            "kills": kills, "exact": good, "total": len(kills), "complete": complete, "torn": in_write}
 
 
 def flaky(args) -> dict:
@@ -347,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    "checkpoint interval) to compare with, instead of running one first")
     k.add_argument("--first-after", type=int, default=0, metavar="K",
                    help="the first kill no earlier than after step K (default 0: anywhere in the first --every steps)")
+    k.add_argument("--async-checkpoint", action="store_true",
+                   help="save with train.async_checkpoint (written by a background thread while training goes on)")
     k.add_argument("--out", default="runs/fault_matrix")
     k.add_argument("--json", metavar="FILE")
     f = sub.add_parser("flaky", help="one epoch read through a flaky HTTP / S3 store, N fault schedules")

@@ -22,6 +22,7 @@ is (a checkpoint, a run, an export), for ``pretrain.eval``, ``pretrain.export`` 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +52,9 @@ class CheckpointConfig:
     checkpoint_every: int = 0  # also every N steps (0: only at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
     resume: str = "auto"  # auto: newest complete checkpoint in output_dir if any; none; or a folder
+    # write checkpoints in a background thread while training goes on (pretrain.checkpoint_writer):
+    # the step stalls only for a copy of the state (pinned host memory on a GPU); the same files
+    async_checkpoint: bool = False
 
     def check_checkpoint(self, key: str = "train") -> None:
         require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -196,10 +200,14 @@ def mark_damaged(folder: Path, problems: list[str]) -> None:
 # -------------------------------------------------------------------------------- saving, loading
 
 
-def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict], keep: int) -> Path:
+def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict], keep: int,
+         writer=None) -> Path:
     """Collective: every rank calls it. ``state()`` gives this rank's training state (taken after
     the engine's files are written, so the random streams are those the run continues with).
-    Returns the folder."""
+    Returns the folder. With ``writer`` (a ``pretrain.checkpoint_writer.BackgroundWriter``:
+    ``train.async_checkpoint``) the gathering and barriers happen here as always, but the files are
+    only snapshotted; the writer's thread writes, hashes and commits them, and this returns at once."""
+    began = time.perf_counter()
     tag = tag_for(step)
     folder = ckpt_dir / tag
     if rank == 0 and folder.exists():  # a leftover from an interrupted save of the same step
@@ -208,21 +216,36 @@ def save(engine, ckpt_dir: Path, step: int, rank: int, state: Callable[[], dict]
         dist.barrier()
     try:
         groups = getattr(getattr(engine, "basic_optimizer", None), "group_names", None)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "optimizer_groups": groups},
-                               save_latest=False)
-        torch.save(state(), folder / f"rank{rank:05d}.pt")
+        with (writer.deferring(engine) if writer is not None else contextlib.nullcontext()) as deferred:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "optimizer_groups": groups},
+                                   save_latest=False)
+            if deferred is None:
+                torch.save(state(), folder / f"rank{rank:05d}.pt")
+            else:
+                deferred.add(folder / f"rank{rank:05d}.pt", state())
     except (OSError, RuntimeError) as err:  # a full disk, a quota, a lost mount (torch wraps some as RuntimeError)
-        free = shutil.disk_usage(ckpt_dir).free  # torch's own message often hides the cause
-        shutil.rmtree(folder, ignore_errors=True)  # never half-written: free what it took
-        before = latest_complete(ckpt_dir)
-        cause = (f"the file system is full ({free} bytes were free)" if free < 64 * 2**20
-                 else f"{free / 2**30:.1f} GiB free there")
-        raise CheckpointSaveError(
-            f"rank {rank} could not write the checkpoint of step {step} to {folder}: {cause}; {err}. "
-            + (f"The previous complete checkpoint {before} stays in force; " if before else "No earlier checkpoint; ")
-            + "free space (or point output_dir elsewhere) and run the same command to resume") from None
+        raise save_error(ckpt_dir, folder, step, rank, err) from None
+    if writer is not None:
+        writer.start(deferred, ckpt_dir, folder, step, keep, began)
+        return folder
     _commit(ckpt_dir, folder, step, rank, keep)
     return folder
+
+
+def save_error(ckpt_dir: Path, folder: Path, step: int, rank: int, err: BaseException,
+               remove: bool = True) -> "CheckpointSaveError":
+    """The error a failed write stops the run with: the rank, folder and cause (torch's own message
+    often hides it), and what stays in force. ``remove``: the torn folder is freed first."""
+    free = shutil.disk_usage(ckpt_dir).free
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)  # never half-written: free what it took
+    before = latest_complete(ckpt_dir)
+    cause = (f"the file system is full ({free} bytes were free)" if free < 64 * 2**20
+             else f"{free / 2**30:.1f} GiB free there")
+    return CheckpointSaveError(
+        f"rank {rank} could not write the checkpoint of step {step} to {folder}: {cause}; {err}. "
+        + (f"The previous complete checkpoint {before} stays in force; " if before else "No earlier checkpoint; ")
+        + "free space (or point output_dir elsewhere) and run the same command to resume")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -234,15 +257,22 @@ def _commit(ckpt_dir: Path, folder: Path, step: int, rank: int, keep: int) -> No
     with collective("checkpoint save: every rank's files written"):
         dist.barrier()
     files = file_manifest(folder)
-    if rank == 0:  # the marker itself appears whole or not at all
-        (folder / f"{COMPLETE}.tmp").write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
-        os.replace(folder / f"{COMPLETE}.tmp", folder / COMPLETE)
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(folder.name + "\n")
-        os.replace(tmp, ckpt_dir / "latest")
-        prune(ckpt_dir, keep)
+    if rank == 0:
+        mark_complete(ckpt_dir, folder, step, files, keep)
     with collective("checkpoint save: committed"):
         dist.barrier()
+
+
+def mark_complete(ckpt_dir: Path, folder: Path, step: int, files: dict[str, dict], keep: int) -> None:
+    """Rank 0, once every rank's files are written and hashed (``files``: name -> {bytes, sha256}):
+    the COMPLETE marker, ``latest``, pruning. (A background save calls it from rank 0's writer thread.)"""
+    # the marker itself appears whole or not at all
+    (folder / f"{COMPLETE}.tmp").write_text(json.dumps({"step": step, "time": time.time(), "files": files}) + "\n")
+    os.replace(folder / f"{COMPLETE}.tmp", folder / COMPLETE)
+    tmp = ckpt_dir / "latest.tmp"
+    tmp.write_text(folder.name + "\n")
+    os.replace(tmp, ckpt_dir / "latest")
+    prune(ckpt_dir, keep)
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -279,11 +309,13 @@ class Checkpointer:
     engine (``pretrain.layout``), and the data position of every old rank is dealt to the new ones
     (``pretrain.data.pipeline.relayout``)."""
 
-    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int):
+    def __init__(self, cfg: CheckpointConfig, ckpt_dir: Path, engine, rank: int, writer=None):
         self.cfg, self.dir, self.rank = cfg, Path(ckpt_dir), rank
         self.engine, self.bundle = engine.ds, engine
         self.last_saved: Optional[int] = None
         self.changed_layout: Optional[str] = None  # "ZeRO-2 x 2 ranks -> ZeRO-3 x 4 ranks", after such a resume
+        # train.async_checkpoint: a pretrain.checkpoint_writer.BackgroundWriter (None: every save synchronous)
+        self.writer = writer
 
     def resume_folder(self) -> Optional[Path]:
         """The checkpoint to resume from, its files checked (collective): under ``auto`` the newest
@@ -377,11 +409,23 @@ class Checkpointer:
 
     def save(self, state, last: bool = False) -> Optional[Path]:
         """Saves at every ``checkpoint_every``-th step and at the last one (``last``: the run ends
-        here, finished or stopped); never twice for one step. Collective."""
-        if not self.cfg.checkpoint or self.last_saved == state.step or not (last or self.due(state.step)):
+        here, finished or stopped); never twice for one step. Collective. With
+        ``train.async_checkpoint`` a save in flight is waited for first (``wait``), and this one
+        returns once its state is copied; the end of the run waits for it."""
+        if not self.cfg.checkpoint or not (last or self.due(state.step)):
+            return None
+        self.wait()
+        if self.last_saved == state.step:
             return None
         self.last_saved = state.step
-        folder = save(self.engine, self.dir, state.step, self.rank, state.state_dict, self.cfg.keep_checkpoints)
-        if self.rank == 0:
+        folder = save(self.engine, self.dir, state.step, self.rank, state.state_dict, self.cfg.keep_checkpoints,
+                      writer=self.writer)
+        if self.rank == 0 and self.writer is None:
             print(f"[train] checkpoint: {folder}", flush=True)
         return folder
+
+    def wait(self) -> None:
+        """Collective: the background save in flight (if any) is complete on every rank, or this
+        raises ``CheckpointSaveError`` (on every rank) with the reason it failed."""
+        if self.writer is not None:
+            self.writer.wait()

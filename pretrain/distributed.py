@@ -348,3 +348,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signal.Signals(signum).name
+
+    def ask(self, reason: str) -> None:
+        """A stop the program itself asks for (a failed background checkpoint save): the same path
+        as a signal (every rank stops at the same step); ``reason`` is what ``received`` names."""
+        self.received = self.received or reason

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from pretrain.checkpoint import CheckpointConfig, Checkpointer, previous_global_batch, previous_layout
+from pretrain.checkpoint_writer import BackgroundWriter
 from pretrain.data import Loader, build_modalities, make_loader
 from pretrain.distributed import (
     COLLECTIVES,
@@ -328,7 +329,10 @@ class Trainer:
         self.ema = (WeightEma(self.engine.module, t.ema, self.rank, self.world, t.zero_stage == 3)
                     if t.ema is not None else None)
         self.state = TrainState(self.loader, self.ema)
-        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank)
+        # train.async_checkpoint: a failed background save stops every rank at the next step, as a signal does
+        writer = (BackgroundWriter(self.engine.ds, self.rank, self.world, on_failure=self.stop_signal.ask)
+                  if t.checkpoint and t.async_checkpoint else None)
+        self.checkpointer = Checkpointer(t, self.out / "checkpoints", self.engine, self.rank, writer=writer)
         try:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
@@ -417,11 +421,13 @@ class Trainer:
         results = {"loss": self.logger.last.get("loss", float("nan"))}
         self.stopped_by = stopped_by if self.state.step < self.cfg.train.end_step else None  # (exit code 75)
         if stopped_by is not None:
+            self.checkpointer.wait()  # a background save: complete (or its failure raised) before the line below
             if self.rank == 0 and self.cfg.train.checkpoint:
                 print(f"[train] stopped by {stopped_by} at step {self.state.step}; resume with the same command",
                       flush=True)
         elif self.evaluation.enabled and self.state.step >= self.cfg.train.steps:
-            results.update(self._final_evaluation())
+            results.update(self._final_evaluation())  # (a background save goes on meanwhile)
+        self.checkpointer.wait()  # the end of the run waits for the last save
         if self.rank == 0 and stopped_by is None:
             print(f"[train] tensorboard logs: {self.writer.tb_dir}  (tensorboard --logdir {self.writer.tb_dir})",
                   flush=True)

@@ -7,6 +7,9 @@ production code has no fault hooks):
 - ``die:R:S``: rank R exits at once (code 13, no clean-up) when it starts step S;
 - ``crash_in_save:S``: every rank exits (code 17) in the middle of the save at step S, after its
   files are written and before the checkpoint is marked complete;
+- ``kill_in_async_write:R:S`` (with ``train.async_checkpoint``): rank R's background writer kills its
+  own process with SIGKILL (no clean-up) right after it wrote its first file of the save at step S,
+  while the training thread goes on;
 - ``fill_disk:S``: just before the save at step S, rank 0 fills the output folder's file system
   (another writer, as it were) with a file ``disk_filler``, leaving free half the size of the newest
   complete checkpoint;
@@ -81,6 +84,21 @@ def install(spec: str) -> None:
             return commit(ckpt_dir, folder, at, rank, keep)
 
         checkpoint._commit = crash
+    elif kind == "kill_in_async_write":
+        import signal
+
+        from pretrain import checkpoint_writer
+
+        rank, step = (int(x) for x in arg.split(":"))
+        write = checkpoint_writer.write_file
+
+        def write_then_die(pending):
+            write(pending)
+            if dist.get_rank() == rank and pending.path.parent.name == checkpoint.tag_for(step):
+                print(f"[train] rank {rank}: injected kill -9 during the background write of step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint_writer.write_file = write_then_die
     elif kind == "fill_disk":
         step, save = int(arg), checkpoint.save
 

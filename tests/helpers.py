@@ -33,7 +33,7 @@ __all__ = [
     "ASSETS", "ASSET_SHARDS", "MAP", "PYTHON", "QUICKSTART", "ROOT", "TINY_MODEL", "all_files", "build",
     "ReadmeBlock", "caption_rows", "data_config", "deadline", "flat", "free_port", "jpg_bytes", "loader", "losses",
     "heldout_images", "image_decoder",
-    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "take", "text_shards",
+    "make_caption_dataset", "make_vector_shards", "ok", "png_bytes", "readme_block", "readme_blocks", "run_cmd", "run_cmds", "single", "single_cmd", "small_disk", "take", "text_shards",
     "tiny_overrides", "torchrun", "torchrun_cmd", "vector_overrides", "wav_bytes", "write", "write_index", "write_jsonl",
     "write_shard", "libraries_agree",
 ]
@@ -354,6 +354,23 @@ def single_cmd(args: list[str], module: str = "pretrain.train") -> list[str]:
 
 def single(args: list[str], env: dict | None = None, timeout: int = 600, module: str = "pretrain.train"):
     return run_cmd(single_cmd(args, module), timeout=timeout, env=env)
+
+
+@contextlib.contextmanager
+def small_disk(folder, size_bytes: int):
+    """A tmpfs of ``size_bytes`` mounted at ``folder`` (needs root, as on the CI machine)."""
+    folder.mkdir(parents=True)
+    size = max(4096, size_bytes // 4096 * 4096)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a tmpfs for the full-disk case (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def losses(out: Path) -> dict[int, float]:

@@ -16,8 +16,8 @@ import torch
 
 from pretrain.checkpoint import COMPLETE
 from pretrain.cli import STOPPED
-from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, deadline, free_port, losses, ok, run_cmd, single, tiny_overrides, \
-    torchrun, torchrun_cmd
+from tests.helpers import ASSET_SHARDS, QUICKSTART, ROOT, deadline, free_port, losses, ok, run_cmd, single, small_disk, \
+    tiny_overrides, torchrun, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -258,21 +258,6 @@ def test_a_hung_rank_ends_the_job_naming_it(shards, tmp_path):
     assert recorded["entries"] and all(e["profiling_name"].startswith("gloo:") for e in recorded["entries"])
     assert any(int(s["last_enqueued_collective"]) > int(s["last_completed_collective"])
                for s in recorded["pg_status"].values()), recorded["pg_status"]
-
-
-@contextlib.contextmanager
-def small_disk(folder, size_bytes: int):
-    """A tmpfs of ``size_bytes`` mounted at ``folder`` (needs root, as on the CI machine)."""
-    folder.mkdir(parents=True)
-    size = max(4096, size_bytes // 4096 * 4096)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the full-disk case (needs root): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_a_full_disk_during_a_save_stops_cleanly(shards, tmp_path):
