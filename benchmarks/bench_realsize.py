@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_realsize.py                      # every case below, ~25 min
     .venv/bin/python benchmarks/bench_realsize.py --cases b16-0,b16-3i  # some of them
     .venv/bin/python benchmarks/bench_realsize.py --cap-gib 20 --out benchmarks/realsize.json
+    .venv/bin/python benchmarks/bench_realsize.py --table benchmarks/realsize.json   # RESULTS.md's table
 
 Cases: OpenCLIP's ViT-B-16 (``configs/openclip_vit_b16.yaml``, both towers, 150M parameters) at ZeRO
 0, 1, 2, 3 and 3 with ``train.zero3_init``; ViT-L-14 (428M) at ZeRO-3 with ``zero3_init`` only (at
@@ -370,6 +371,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--as-rank":
         return rank_main(argv[1], argv[2:])
+    if argv and argv[0] == "--table":  # RESULTS.md's table from saved results: --table A.json [B.json ...]
+        print(table([c for f in argv[1:] for c in json.loads(Path(f).read_text())["cases"]]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--cap-gib", type=float, default=20.0, help="kill a job whose processes pass this, GiB")
@@ -393,9 +397,38 @@ def main(argv=None) -> int:
         print(json.dumps(_brief(r)), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results["cases"]))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def table(cases: list[dict]) -> str:
+    """RESULTS.md's rows: per case, the plan beside the measurement (MiB per rank, the larger rank)."""
+    m = lambda b: f"{b / MIB:,.0f}"  # noqa: E731
+    rows = ["| case | weights | fp32 masters | gradients held / fp32 copies | optimizer states | plan / engine "
+            "| backward's growth: measured vs plan's activations (+ DeepSpeed buffers) | peak above start-up: "
+            "measured vs plan's total | rank + loader worker peak (PSS) | checkpoint: MiB (plan), save s, resume s "
+            "| export: s, MiB, peak MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in cases:
+        if "measured_states" not in r:
+            rows.append(f"| {r['case']} | {r.get('skipped') or r.get('failed')} |" + " |" * 9)
+            continue
+        s, e, p = r["summary"], r["measured_states"], r["plan"]["parts"]
+        ratio = " ".join(f"{v:.3f}" for v in s["state_ratio_plan_over_measured"].values() if v)
+        tr, rs = r["train"]["ranks"], r["resume"]["ranks"]
+        ds = f" + {m(p['deepspeed'])}" if p["deepspeed"] else ""
+        rows.append(
+            f"| {r['arch']} ZeRO-{r['zero_stage']}{' zero3_init' if r['zero3_init'] else ''} | {m(e['weights'])} "
+            f"| {m(e['masters'])} | {m(e['grads_held'])} / {m(e['grads_update'])} | {m(e['optimizer'])} | {ratio} "
+            f"| {m(s['activations_measured'])} vs {m(s['activations_planned'])}{ds} "
+            f"| {m(s['peak_above_baseline'])} vs {m(s['plan_total_less_loader'])} "
+            f"| {', '.join(m(x) for x in r['train']['peak_pss_rank_and_workers'])} "
+            f"| {m(r['checkpoint_bytes'])} ({m(r['plan']['checkpoint_bytes'])}), "
+            f"{max(max(k['save_s']) for k in tr):.1f}, {max(k.get('resume_s', 0) for k in rs):.1f} "
+            f"| {r['export']['seconds']:.1f}, {m(r['export']['bytes'])}, {m(r['export']['peak_pss'])} |")
+    return "\n".join(rows)
 
 
 def _brief(r: dict) -> dict:
