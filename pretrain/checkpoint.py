@@ -131,12 +131,7 @@ class FoundCheckpoint:
 
 
 def find_checkpoint(path: str | Path, what: str = "--checkpoint") -> FoundCheckpoint:
-    """A checkpoint folder, a run folder (its newest complete checkpoint) or an exported folder; a
-    URL (``s3://...``, ``train.remote_sync``'s) is downloaded to a local cache first (``pretrain.remote``)."""
-    if "://" in str(path):
-        from pretrain.remote import fetch_for_reading
-
-        path = fetch_for_reading(str(path), what)
+    """A checkpoint folder, a run folder (its newest complete checkpoint) or an exported folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{what}: no such folder: {folder}")

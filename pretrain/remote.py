@@ -34,8 +34,8 @@ and the previous remote checkpoint is tried: the fallback of ``pretrain.checkpoi
 folder's other files missing locally come along (metrics.jsonl, TensorBoard, ...), so logs continue.
 The local resume then checks the folder again as it checks any.
 
-Readers (``python -m pretrain.eval --checkpoint s3://...``, ``pretrain.export``): ``fetch_for_reading``
-downloads a checkpoint folder, the newest complete checkpoint of a run folder (a damaged one named
+Readers (``python -m pretrain.eval --checkpoint s3://...``, ``pretrain.export``) find their
+checkpoint with ``find_checkpoint`` here: for a URL, ``fetch_for_reading`` downloads a checkpoint folder, the newest complete checkpoint of a run folder (a damaged one named
 and skipped; a reader marks nothing), or an exported folder to a local cache (``PRETRAIN_CACHE``,
 default ``~/.cache/multimodal-pretrain``; a folder already there with the same COMPLETE is reused)
 and hands back the local path.
@@ -53,6 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from pretrain import checkpoint
+from pretrain.checkpoint import (COMPLETE, DAMAGED, EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint, checkpoint_step,
+                                 complete_checkpoints, latest_complete)
+from pretrain.distributed import barrier, gather_objects, world_size
 from pretrain.options import require
 
 CHUNK = 8 * 2**20
@@ -172,8 +176,6 @@ class RemoteFolder:
     def checkpoints(self, rel: str = "checkpoints") -> tuple[list[tuple[int, str, bytes]], dict[str, list[str]]]:
         """(complete checkpoints as (step, tag, COMPLETE's bytes), oldest first; every folder under
         ``rel`` -> its files). A folder without COMPLETE is not complete, whatever else it holds."""
-        from pretrain.checkpoint import COMPLETE
-
         folders: dict[str, list[str]] = {}
         for name in self.files(rel):
             tag, sep, inner = name.partition("/")
@@ -222,8 +224,6 @@ class RemoteFolder:
 
     def mark_damaged(self, rel: str, problems: list[str]) -> None:
         """COMPLETE -> DAMAGED (with the reasons), as ``pretrain.checkpoint.mark_damaged`` does locally."""
-        from pretrain.checkpoint import COMPLETE, DAMAGED
-
         self.put_bytes(f"{rel}/{DAMAGED}", (json.dumps({"problems": problems, "time": time.time()}) + "\n").encode())
         self.remove(f"{rel}/{COMPLETE}")
 
@@ -239,8 +239,6 @@ def _marker_step(marker: bytes, tag: str) -> int:
 def _recorded(marker: bytes) -> tuple[Optional[dict], list[str]]:
     """(name -> {bytes, sha256} from COMPLETE, or None for checkpoints written before checksums;
     problems with the marker itself)."""
-    from pretrain.checkpoint import COMPLETE
-
     try:
         files = json.loads(marker).get("files")
     except (ValueError, AttributeError) as err:
@@ -297,9 +295,6 @@ class RemoteSync:
     def fetch_newer(self) -> Optional[Path]:
         """Collective: downloads the newest complete remote checkpoint newer than every local one
         (a damaged one named, marked and skipped); returns its local folder, or None."""
-        from pretrain.checkpoint import checkpoint_step, latest_complete
-        from pretrain.distributed import barrier, gather_objects
-
         local = latest_complete(self.ckpt_dir)
         newest_local = checkpoint_step(local) if local is not None else -1
         listing: tuple = ([], {}, None)
@@ -338,9 +333,6 @@ class RemoteSync:
     def _download(self, tag: str, marker: bytes, names: list[str]) -> list[str]:
         """Collective: the remote checkpoint ``tag`` into the local folder, every rank its share,
         checked against ``marker``; COMPLETE (the same bytes) written last. Returns the problems."""
-        from pretrain.checkpoint import COMPLETE, DAMAGED
-        from pretrain.distributed import barrier, gather_objects, world_size
-
         folder = self.ckpt_dir / tag
         if self.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # a leftover of an interrupted download or save
@@ -440,8 +432,6 @@ class RemoteSync:
 
     def sync_checkpoints(self) -> None:
         """Uploads every complete local checkpoint not yet up (oldest first), then prunes remotely."""
-        from pretrain.checkpoint import COMPLETE, complete_checkpoints
-
         pending = []
         for folder in complete_checkpoints(self.ckpt_dir):
             try:
@@ -465,8 +455,6 @@ class RemoteSync:
 
     def _upload(self, folder: Path, marker: bytes, replace: bool) -> bool:
         """One checkpoint folder: its files, then COMPLETE. Returns whether it went up whole."""
-        from pretrain.checkpoint import COMPLETE, DAMAGED
-
         rel = f"checkpoints/{folder.name}"
         if replace:  # a torn upload, a damaged or stale copy: never mixed with these files
             self.remote.remove(rel)
@@ -509,8 +497,6 @@ class RemoteSync:
         it in short collectives (a long upload never meets the process group's timeout). A last pass
         that fails stops a finished run with the reason (the local folder holds everything); a run
         stopped by a signal only says so (its exit code asks for the resume)."""
-        from pretrain.distributed import gather_objects
-
         if self.remote is None:
             return
         self._closing.set()
@@ -559,6 +545,15 @@ def _cache_for(url: str) -> Path:
     return cache_root() / "remote" / scheme / rest.lstrip("/")
 
 
+def find_checkpoint(path: str | Path, what: str = "--checkpoint") -> FoundCheckpoint:
+    """``pretrain.checkpoint.find_checkpoint`` of a local folder or of a URL (``s3://...``: a
+    checkpoint, run or exported folder, downloaded to the local cache first): what
+    ``pretrain.eval`` and ``pretrain.export`` read ``--checkpoint`` with."""
+    if "://" in str(path):
+        path = fetch_for_reading(str(path), what)
+    return checkpoint.find_checkpoint(path, what)
+
+
 def _parent(url: str) -> str:
     return url.rstrip("/").rpartition("/")[0]
 
@@ -569,8 +564,6 @@ def fetch_for_reading(url: str, what: str = "--checkpoint") -> Path:
     the same kind (a checkpoint folder ``<cache>/.../RUN/checkpoints/TAG`` beside the run's
     config.yaml, as remotely). ``pretrain.checkpoint.CheckpointError`` naming ``what`` when it is
     none of them, is damaged (a checkpoint folder named) or cannot be read."""
-    from pretrain.checkpoint import COMPLETE, EXPORT_WEIGHTS, CheckpointError
-
     url = url.rstrip("/")
     problem = url_problem(url)
     if problem is not None:
@@ -620,8 +613,6 @@ def _config_beside(run_url: str) -> None:
 def _fetch_alone(remote: RemoteFolder, tag: str, marker: bytes, local: Path) -> list[str]:
     """One process: the checkpoint folder ``remote/tag`` into ``local/tag`` (kept when its
     COMPLETE is the same), through a private folder renamed into place. Returns the problems."""
-    from pretrain.checkpoint import COMPLETE, DAMAGED
-
     dest = local / tag
     if (dest / COMPLETE).is_file() and (dest / COMPLETE).read_bytes() == marker:
         return []

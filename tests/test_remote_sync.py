@@ -17,8 +17,9 @@ import shutil
 
 import pytest
 
-from pretrain.checkpoint import COMPLETE, DAMAGED, find_checkpoint
+from pretrain.checkpoint import COMPLETE, DAMAGED
 from pretrain.distributed import free_port
+from pretrain.remote import find_checkpoint
 from tests.helpers import ASSET_SHARDS, QUICKSTART, losses, ok, tiny_overrides, torchrun
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test extra: make setup installs it")
