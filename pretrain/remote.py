@@ -365,13 +365,18 @@ class RemoteSync:
         return problems
 
     def _fetch_run_files(self) -> None:
-        """The remote run folder's other files that are missing locally (logs continue, not restart)."""
-        for rel in self.remote.files():
-            if rel.startswith(("checkpoints/", "slurm/")) or (self.out / rel).exists():
-                continue
-            _attempts(lambda: self.remote.get(rel, self.out / rel, rel))
-            st = (self.out / rel).stat()
-            self._seen[rel] = (st.st_size, st.st_mtime_ns)
+        """The remote run folder's other files that are missing locally (logs continue, not restart);
+        a failure here only costs the history of the logs, so it is said and the run goes on."""
+        try:
+            for rel in self.remote.files():
+                if rel.startswith(("checkpoints/", "slurm/")) or (self.out / rel).exists():
+                    continue
+                _attempts(lambda: self.remote.get(rel, self.out / rel, rel))
+                st = (self.out / rel).stat()
+                self._seen[rel] = (st.st_size, st.st_mtime_ns)
+        except Exception as err:  # noqa: BLE001 - the store's errors have no common type
+            print(f"[train] could not fetch the run's logs from {self.remote.url} ({type(err).__name__}: {err}); "
+                  "metrics.jsonl and TensorBoard start anew here (the bucket's copies are overwritten)", flush=True)
 
     # -- the uploader
 
