@@ -41,6 +41,19 @@ those files exist, each showing the collective its rank waits in (by its trainin
 or our open record), while the stopped rank wrote none. As a scheduler would, the script kills
 the job once the rank is named (torchrun itself waits 30 s on a stopped worker). Prints "N of N"
 and, per trial, where each live rank waited; ``--json`` writes them all.
+
+    python benchmarks/fault_matrix.py upload --trials 10           # kill -9 during an upload to S3
+
+``upload``: ``train.remote_sync`` to a local S3 server (moto, started by this script on 127.0.0.1).
+Each trial is a 2-rank run (``--steps``, checkpoints every ``--every``, stopped ``--every`` steps
+before the end) whose rank 0 is killed with SIGKILL in the middle of a checkpoint's upload (tests.faults
+``kill_in_upload``: a seeded random one of the newest three checkpoints, before a seeded random one
+of its files); every other trial then flips 8 bytes in a random file of the newest complete remote
+checkpoint. The local run folder is deleted and the same command runs to the end from the bucket
+alone: it must resume from the newest complete remote checkpoint whose files match (the torn one
+never, the corrupted one named), its losses must equal an uninterrupted run's at every step (fp32,
+1e-5), and the bucket must end with whole checkpoints only (at most ``train.keep_checkpoints``).
+tests/test_remote_sync.py runs one such trial.
 """
 from __future__ import annotations
 
@@ -353,6 +366,111 @@ def flaky(args) -> dict:
             "total": args.trials, "spent_ok": sum(r["ok"] for r in spent_rows), "spent": args.spent}
 
 
+def upload_command(out: Path, steps: int, every: int, url: str) -> list[str]:
+    return torchrun_cmd(tiny_overrides(ASSET_SHARDS, out, steps) + [
+        f"train.checkpoint_every={every}", "train.keep_checkpoints=3", "eval.enabled=false",
+        f"train.remote_sync.url={url}", "train.remote_sync.every=1"], module="tests.faults")
+
+
+def upload(args) -> dict:
+    """Trials of a kill -9 during an upload, each resumed on an empty local folder from the bucket."""
+    from moto.server import ThreadedMotoServer
+    import s3fs
+
+    from pretrain.distributed import free_port
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint, bucket = f"http://127.0.0.1:{port}", "fault-matrix"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+           "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+           "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    env.pop("AWS_PROFILE", None)
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True,
+                           use_listings_cache=False)
+    fs.mkdir(bucket)
+
+    def launch(run: Path, url: str, fault: str = "", *extra: str) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        proc = subprocess.run(upload_command(run, args.steps, args.every, url) + list(extra), cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900,
+                              env={**env, "PRETRAIN_FAULT": fault})
+        return proc.returncode, proc.stdout, time.monotonic() - t0
+
+    def remote_folders(prefix: str) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for key in fs.find(f"{prefix}/checkpoints/"):
+            tag, _, name = key[len(prefix) + len("/checkpoints/"):].partition("/")
+            if name:
+                found.setdefault(tag, set()).add(name)
+        return found
+
+    try:
+        code, text, _ = launch(out / "reference", f"s3://{bucket}/reference")
+        if code != 0:
+            raise SystemExit(f"the reference run failed (exit {code}):\n{text[-3000:]}")
+        want = {r["step"]: r["loss"] for r in logged(out / "reference")}
+        rng, stop = random.Random(args.seed), args.steps - args.every
+        saves = list(range(args.every, stop + 1, args.every))
+        trials = []
+        for i in range(args.trials):
+            run, prefix = out / f"trial{i}", f"{bucket}/trial{i}"
+            step, nth, corrupt = rng.choice(saves[-3:]), rng.randint(1, 5), i % 2 == 1  # 5 files at 2 ranks, ZeRO-2
+            code, text, first_s = launch(run, f"s3://{prefix}", f"kill_in_upload:{step}:{nth}",
+                                         f"train.stop_at_step={stop}")
+            killed = "injected kill -9 in the upload" in text
+            folders = remote_folders(prefix)
+            complete = sorted(int(t[4:]) for t, names in folders.items() if "COMPLETE" in names)
+            torn = sorted(t for t, names in folders.items() if "COMPLETE" not in names)
+            expect, corrupted = (complete[-1] if complete else 0), None
+            if corrupt and complete:
+                tag = f"step{expect:06d}"
+                name = rng.choice(sorted(folders[tag] - {"COMPLETE"}))
+                key = f"{prefix}/checkpoints/{tag}/{name}"
+                data = bytearray(fs.cat_file(key))
+                at = rng.randrange(max(1, len(data) - 8))
+                data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+                fs.pipe_file(key, bytes(data))
+                corrupted, expect = f"{tag}/{name}", (complete[-2] if len(complete) > 1 else 0)
+            shutil.rmtree(run)  # a fresh machine: the bucket alone
+            code2, text2, second_s = launch(run, f"s3://{prefix}")
+            resumed = 0
+            for line in text2.splitlines():
+                if "resumed_from=" in line:
+                    resumed = int(line.split(" at step ")[1].split()[0])
+            rows = {r["step"]: r["loss"] for r in logged(run)}
+            exact = all(math.isclose(rows[s], want[s], rel_tol=1e-5, abs_tol=1e-6) for s in range(resumed + 1,
+                                                                                                   args.steps + 1))
+            after = remote_folders(prefix)
+            whole = all("COMPLETE" in names for names in after.values()) and len(after) <= 3 and \
+                f"step{args.steps:06d}" in after
+            named = corrupted is None or any("is damaged" in line and corrupted.split("/")[1] in line
+                                             for line in text2.splitlines())
+            ok = code2 == 0 and killed and resumed == expect and exact and whole and named and all(
+                f"{t} has no COMPLETE marker" in text2 for t in torn)
+            trials.append({"kill_in_upload_of": step, "before_file": nth, "killed": killed, "exit": code,
+                           "remote_complete": complete, "remote_torn": torn, "corrupted": corrupted,
+                           "resumed_at": resumed, "expected": expect, "exact": exact, "bucket_whole_after": whole,
+                           "ok": ok, "seconds": [round(first_s, 1), round(second_s, 1)]})
+            print(f"trial {i + 1}: killed in the upload of step {step} before file {nth} (exit {code}); remote "
+                  f"complete {complete}, torn {torn}" + (f", corrupted {corrupted}" if corrupted else "")
+                  + f"; resumed at {resumed} (expected {expect}); {'ok' if ok else 'FAILED'}", flush=True)
+            if not ok and args.stop_on_failure:
+                print(text2[-4000:])
+                break
+    finally:
+        server.stop()
+    good = sum(t["ok"] for t in trials)
+    print(f"kill -9 during an upload: {good} of {len(trials)} resumed from the newest complete remote checkpoint, exact")
+    return {"steps": args.steps, "every": args.every, "seed": args.seed, "trials": trials, "exact": good,
+            "total": len(trials), "complete": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="trial", required=True)
@@ -383,10 +501,23 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--out", default="runs/fault_matrix_hang")
     h.add_argument("--json", metavar="FILE")
+    u = sub.add_parser("upload", help="N kill -9 during an upload to S3 (moto), each resumed from the bucket alone")
+    u.add_argument("--trials", type=int, default=10)
+    u.add_argument("--steps", type=int, default=12)
+    u.add_argument("--every", type=int, default=2, help="checkpoint every N steps (default 2)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--stop-on-failure", action="store_true")
+    u.add_argument("--out", default="runs/fault_matrix_upload")
+    u.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if args.trial == "flaky":
         result = flaky(args)
         good = result["ok"] == result["total"] and result["spent_ok"] == result["spent"]
+    elif args.trial == "upload":
+        if args.steps < 2 * args.every + 4:
+            p.error("--steps must be at least 2 x --every + 4")
+        result = upload(args)
+        good = result["exact"] == result["total"] and result["complete"]
     elif args.trial == "hang":
         result = hang(args)
         good = result["ok"] == result["total"]

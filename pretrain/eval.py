@@ -10,13 +10,16 @@ Writes ``OUT/eval/step{N}.json``, ``OUT/eval/plots/*.png`` and ``OUT/eval/index.
 ``OUT`` is ``--output`` or the run folder of the checkpoint (the exported folder for an export),
 and prints a summary. One process, or several under ``torchrun`` (each rank embeds its part of
 the split; the parts are gathered). The tasks and metric keys: ``pretrain/evaluation/__init__.py``.
+``DIR`` may also be a URL of any of these (``s3://bucket/runs/name``, as ``train.remote_sync``
+mirrors a run; any fsspec URL): it is downloaded to a local cache first (``pretrain.remote``), the
+files checked against their checksums, and ``OUT`` defaults to its folder there.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pretrain.checkpoint import CheckpointError, find_checkpoint
+from pretrain.checkpoint import CheckpointError
 from pretrain.cli import FAILED, USAGE, exit_process, run_cli
 from pretrain.config import load_config
 from pretrain.data import build_modalities
@@ -24,6 +27,7 @@ from pretrain.distributed import close_distributed, init_distributed
 from pretrain.evaluation import evaluate, format_metrics
 from pretrain.export import load_weights
 from pretrain.options import ConfigError
+from pretrain.remote import find_checkpoint  # a folder, or an s3:// (fsspec) URL fetched to a local cache
 
 
 def run(args) -> None:
@@ -49,7 +53,7 @@ def run(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint, run or exported folder")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint, run or exported folder, or its URL (s3://...)")
     parser.add_argument("--config", help="YAML recipe (default: the run's config.yaml)")
     parser.add_argument("--output", help="folder for eval/ (default: the checkpoint's run folder)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.tasks=[retrieval]")

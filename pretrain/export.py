@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint, find_checkpoint
+from pretrain.checkpoint import EXPORT_WEIGHTS, CheckpointError, FoundCheckpoint
 from pretrain.cli import USAGE, exit_process, run_cli
 from pretrain.config import Config, config_from_dict, to_dict
 from pretrain.data import Modalities, build_modalities
 from pretrain.data.decoders import to_device
 from pretrain.models import FORMATS, ContrastiveModel, build_model
 from pretrain.models.interop import refusal
+from pretrain.remote import find_checkpoint  # a folder, or an s3:// (fsspec) URL fetched to a local cache
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -182,7 +183,8 @@ class Embedder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/stepNNNNNN) or a run")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (RUN/checkpoints/stepNNNNNN) or a "
+                        "run, or its URL (s3://..., as train.remote_sync mirrors it: downloaded to a local cache)")
     parser.add_argument("--output", required=True, help="folder for model.safetensors and config.yaml")
     parser.add_argument("--format", default="native", help="native (default), open_clip or hf")
     parser.add_argument("--weights", default="live", choices=["live", "ema"],

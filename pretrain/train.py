@@ -17,6 +17,7 @@ from pretrain.checkpoint import CheckpointSaveError
 from pretrain.cli import FAILED, OK, STOPPED, collector_paused, exit_process, run_cli
 from pretrain.config import load_config
 from pretrain.distributed import close_distributed
+from pretrain.remote import RemoteSyncError
 from pretrain.trainer import Trainer, TrainingError
 from pretrain.watchdog import HangError
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return STOPPED if trainer.stopped_by else OK  # stopped by a signal: saved, resume later
 
     return run_cli(run,
-                   errors=[(TrainingError, FAILED), (CheckpointSaveError, FAILED), (HangError, FAILED),
+                   errors=[(TrainingError, FAILED), (CheckpointSaveError, FAILED), (HangError, FAILED), (RemoteSyncError, FAILED),
                            (torch.OutOfMemoryError, FAILED, _out_of_memory)],
                    cleanup=close_distributed)
 

@@ -42,6 +42,7 @@ from pretrain.evaluation import evaluate, format_metrics
 from pretrain.metrics import MetricsWriter, StepMeter, WandbConfig
 from pretrain.models import build_model
 from pretrain.optim import OptimConfig
+from pretrain.remote import RemoteSync, RemoteSyncConfig
 from pretrain.options import ConfigError, require, to_dict
 from pretrain.step import ContrastiveStep, FlagChannel, StepFlags, StepOutput
 from pretrain.watchdog import Heartbeat
@@ -75,6 +76,7 @@ class TrainConfig(CheckpointConfig, EngineConfig, OptimConfig):
     collective_timeout: float = 300.0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (off unless wandb.project is set)
     ema: Optional[EmaConfig] = None  # {decay, every, start}: a moving average of the weights (pretrain.ema)
+    remote_sync: Optional[RemoteSyncConfig] = None  # {url, every}: the run folder mirrored to object storage (pretrain.remote)
 
     def check(self, key: str = "train") -> None:
         require(self.steps > 0, f"{key}.steps", f"must be > 0, got {self.steps}")
@@ -308,6 +310,7 @@ class Trainer:
         self.info = info = init_distributed(timeout=2 * t.collective_timeout or None, hang_dir=self.out / "hang")
         self.rank, self.world = info.rank, info.world_size
         self.heartbeat = Heartbeat(self.rank, self.world, t.collective_timeout, hang_dir=self.out / "hang").start()
+        self.remote = RemoteSync.begin(t, self.out, self.rank)  # a newer remote checkpoint fetched for the resume
         self.batch_note = _fit_global_batch(t, self.world, previous_global_batch(t, self.out / "checkpoints"))
         self.global_batch = t.micro_batch_size * t.grad_accumulation_steps * self.world
         if t.zero_stage == "auto":  # before config.yaml is written: it records the stage chosen
@@ -337,6 +340,7 @@ class Trainer:
             self.resumed_from = self.checkpointer.resume(self.state)
         except RuntimeError as err:
             raise TrainingError(str(err)) from None
+        self.remote.start()  # rank 0 uploads in the background from here on
         self.batches = iter(self.loader)
         masked = frozenset(m for m, mc in cfg.data.modalities.items() if not mc.required)  # may be absent
         self.flags = FlagChannel(info.device)  # each step's outcome on its way to the host (pretrain.step)
@@ -433,6 +437,7 @@ class Trainer:
                   flush=True)
             print(f"[train] metrics: {self.writer.path}", flush=True)
         self.writer.close()
+        self.remote.close(stopped=stopped_by is not None)  # the last upload (every rank waits with rank 0)
         barrier("end of the run")
         self.heartbeat.stop()
         if self.stopped_by is not None and not self.cfg.train.checkpoint:  # exit code 1, not 75

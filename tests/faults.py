@@ -13,6 +13,9 @@ production code has no fault hooks):
 - ``fill_disk:S``: just before the save at step S, rank 0 fills the output folder's file system
   (another writer, as it were) with a file ``disk_filler``, leaving free half the size of the newest
   complete checkpoint;
+- ``kill_in_upload:S:K``: rank 0 kills itself with SIGKILL (``kill -9``, no clean-up) in the
+  middle of the upload of checkpoint step S to ``train.remote_sync.url``: when its K-th file is
+  about to go up (the K-1 before it are up, COMPLETE is not);
 - ``record_buffers:DIR`` (a probe): at every checkpoint save, each rank writes its model's buffers
   (BatchNorm statistics, ...) to ``DIR/step<S>.rank<R>.pt``, then saves as usual;
 - ``save_after_resume:DIR`` (a probe): right after a resume, the engine's state as loaded is saved
@@ -112,6 +115,23 @@ def install(spec: str) -> None:
             return save(engine, ckpt_dir, at, rank, *args, **kwargs)
 
         checkpoint.save = fill_then_save
+    elif kind == "kill_in_upload":
+        import signal
+
+        from pretrain import remote
+
+        step, nth = (int(x) for x in arg.split(":"))
+        put, prefix, count = remote.RemoteFolder.put, f"checkpoints/{checkpoint.tag_for(step)}/", [0]
+
+        def put_or_die(self, local, rel, *args, **kwargs):
+            if rel.startswith(prefix):
+                count[0] += 1
+                if count[0] == nth:
+                    print(f"[train] injected kill -9 in the upload of {rel}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return put(self, local, rel, *args, **kwargs)
+
+        remote.RemoteFolder.put = put_or_die
     elif kind == "record_buffers":
         save = checkpoint.save
 
