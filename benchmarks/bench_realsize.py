@@ -231,7 +231,11 @@ def watch(cmd: list[str], env: dict, cap: int, log: Path, timeout: float) -> dic
                     peak_rank[r] = max(peak_rank.get(r, 0), sum(_pss(q) for q in _tree(p, kids)))
             if total > cap or time.perf_counter() - start > timeout:
                 capped = total > cap
-                os.killpg(proc.pid, signal.SIGKILL)
+                for p in procs:  # torchrun starts its ranks in sessions of their own: every process, not the group
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 proc.wait()
                 break
             time.sleep(0.2)
@@ -302,7 +306,11 @@ def run_case(name: str, work: Path, shards: str, cap: int) -> dict:
     else:
         return {"case": name, "skipped": f"{_available() / GIB:.1f} GiB of memory available, {want / GIB:.1f} GiB wanted"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),  # DeepSpeed's CPU op built once, as make does
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+           # glibc keeps freed heap blocks resident (ZeRO-3's gathered parameters, freed and made again per module,
+           # piled up as "memory" a GPU's caching allocator would reuse): every allocation over 64 KiB its own
+           # mapping, given back when freed, so resident memory follows the live tensors
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     out: dict = {"case": name, "arch": arch, "zero_stage": stage, "zero3_init": init, "load_before": _load()}
     port = 29500 + (os.getpid() % 500)
     for phase, steps in (("train", 2), ("resume", 3)):
