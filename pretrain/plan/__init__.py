@@ -17,7 +17,8 @@ overrides, errors and exit codes). Nothing is trained and no weights are read:
   after backward (whole at ZeRO-0, the partition's parameters at ZeRO-1/2, a partition at ZeRO-3) plus
   the fp32 copies made at the update; the optimizer's two fp32 moments (AdamW and LAMB; LAMB is
   ZeRO-0 only); DeepSpeed's reduction bucket (``reduce_bucket_size``) and, at ZeRO-3, the parameters
-  gathered in flight.
+  gathered in flight (whole between forward and backward as far as ``stage3_max_reuse_distance`` keeps
+  them: the whole of a model under 500M parameters at DeepSpeed's defaults).
 - **Activations** of one micro-batch: each tower's forward and backward run on the meta device under
   a tracker of live tensor bytes (the same tracker measures real runs), times a factor per kind of
   tower measured on this project's CPU machine in fp32 (``ACTIVATION_CALIBRATION``, re-measured by
@@ -291,6 +292,7 @@ ZERO_KEYS = {
     "model_persistence_threshold": ("stage3_model_persistence_threshold", "model_persistence_threshold"),
     "prefetch_bucket_size": ("stage3_prefetch_bucket_size", "prefetch_bucket_size"),
     "max_live_parameters": ("stage3_max_live_parameters", "max_live_parameters"),
+    "max_reuse_distance": ("stage3_max_reuse_distance", "max_reuse_distance"),
     "parameter_alignment": ("parameter_alignment",),
 }
 
@@ -308,6 +310,7 @@ class ZeroSettings:
     model_persistence_threshold: int = sys.maxsize
     prefetch_bucket_size: int = int(5e7)
     max_live_parameters: int = int(1e9)
+    max_reuse_distance: int = int(1e9)
     parameter_alignment: bool = False
     allreduce_bucket_size: int = int(5e8)
 
@@ -461,12 +464,19 @@ def model_states(rows: list[ParamRow], stage: int, world: int, precision: str, o
     for r in rows:
         if r not in persistent:
             by_module[r.module] = by_module.get(r.module, 0) + r.numel
-    largest = max(by_module.values(), default=0)
-    gathered = min(zero.max_live_parameters, largest + zero.prefetch_bucket_size, sum(by_module.values()))
+    largest, total = max(by_module.values(), default=0), sum(by_module.values())
+    # From the second step on (DeepSpeed has traced the module order), a gathered parameter stays whole
+    # when it is used again within stage3_max_reuse_distance elements fetched: a module's forward and
+    # its backward are 2 x (the parameters after it) apart, so at the turn from forward to backward
+    # the last reuse_distance / 2 elements of the model are all whole (all of ViT-L-14's 428M at the
+    # default 1e9; measured on 2 ranks, benchmarks/RESULTS.md), at most stage3_max_live_parameters.
+    kept = min(total, zero.max_reuse_distance // 2)
+    gathered = min(zero.max_live_parameters, total, max(largest + zero.prefetch_bucket_size, kept + largest))
     bucket = b * zero.reduce_bucket_size if zero.contiguous_gradients else 0
     notes.append(f"{len(persistent)} parameters of at most {zero.param_persistence_threshold} elements kept whole "
-                 f"({total_persistent:,} elements); gathered in flight: the largest module ({largest:,}) plus the "
-                 f"prefetch bucket, at most stage3_max_live_parameters")
+                 f"({total_persistent:,} elements); gathered in flight: {gathered:,} elements (the model's last "
+                 f"stage3_max_reuse_distance / 2 kept whole between forward and backward, plus the largest module "
+                 f"({largest:,}) or the prefetch bucket, at most stage3_max_live_parameters)")
     checkpoint = world * (4 * parts_train + opt + buffer_bytes)  # each rank: its fp32 partition, moments, buffers
     return ModelStates(weights, masters, held, update, opt, bucket, b * gathered, checkpoint, notes)
 
