@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from pretrain.checkpoint import COMPLETE, DAMAGED
 from pretrain.distributed import free_port
 from pretrain.remote import find_checkpoint
+from tests.flaky import AWS_ENV  # dummy credentials for moto: nothing read from this machine
 from tests.helpers import ASSET_SHARDS, QUICKSTART, losses, ok, tiny_overrides, torchrun
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test extra: make setup installs it")
@@ -27,17 +27,6 @@ s3fs = pytest.importorskip("s3fs", reason="s3fs is a test extra (and the 's3' ex
 
 BUCKET = "pretrain-remote"
 URL = f"s3://{BUCKET}/runs/tiny"
-# dummy credentials; nothing read from this machine's AWS files, no instance-metadata lookup, no proxy
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "NO_PROXY": "127.0.0.1",
-    "no_proxy": "127.0.0.1",
-}
 
 
 @pytest.fixture

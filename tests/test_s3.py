@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
 from pretrain.distributed import free_port
+from tests.flaky import AWS_ENV  # dummy credentials for moto: nothing read from this machine
 from tests.helpers import (ASSET_SHARDS, PYTHON, data_config, flat, loader, losses, ok, run_cmd, take, tiny_overrides,
                            torchrun)
 
@@ -23,17 +23,6 @@ s3fs = pytest.importorskip("s3fs", reason="s3fs is a test extra (and the 's3' ex
 BUCKET = "pretrain-test"
 TRAIN = f"s3://{BUCKET}/train/shard-{{000000..000007}}.tar"
 TRAIN_INDEX = f"s3://{BUCKET}/train/index.json"
-# dummy credentials; nothing read from this machine's AWS files, no instance-metadata lookup, no proxy
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "NO_PROXY": "127.0.0.1",
-    "no_proxy": "127.0.0.1",
-}
 
 
 @pytest.fixture(scope="module")
