@@ -357,11 +357,18 @@ def summarise(r: dict) -> dict:
                        for p in second)
     update_measured = max(p["peak_update"] - p["before_update"] for p in second)
     act_plan = plan["activations"] + plan["loss"] + plan["inputs"]
+    # DeepSpeed's reduction bucket is torch.empty(reduce_bucket_size): a GPU's allocator holds all of it,
+    # the CPU only the pages written, at most the model's gradients; the rest of its buffers (ZeRO-3's
+    # gathered parameters) are written whole
+    bucket = 4 * (int(1e8) if SMALL_BUCKET in CASES[r["case"]][4] else int(5e8))
+    written = min(bucket, 4 * r["plan_parameters"]) if plan["deepspeed"] else 0
+    backward_cpu = act_plan + max(0, plan["deepspeed"] - bucket) + written if plan["deepspeed"] else act_plan
     held = sum(meas[m] for m in ("weights", "masters", "optimizer", "grads_held"))
     return {"state_ratio_plan_over_measured": ratios, "states_held": held,
             "peak_above_baseline": max(k["maxrss"] - k["rss_before_model"] for k in ranks),
             "activations_measured": act_measured, "activations_planned": act_plan,
             "activation_ratio": act_plan / act_measured if act_measured > 0 else None,
+            "backward_planned_cpu": backward_cpu, "backward_ratio_cpu": backward_cpu / act_measured,
             "update_transient_measured": update_measured, "update_transient_planned": plan["gradient_copies"],
             "plan_total_less_loader": r["plan"]["total"] - plan["loader"]}
 
@@ -415,15 +422,16 @@ def table(cases: list[dict]) -> str:
     """RESULTS.md's rows: per case, the plan beside the measurement (MiB per rank, the larger rank)."""
     m = lambda b: f"{b / MIB:,.0f}"  # noqa: E731
     rows = ["| case | weights | fp32 masters | gradients held / fp32 copies | optimizer states | plan / engine "
-            "| backward's growth: measured vs plan's activations (+ DeepSpeed buffers) | peak above start-up: "
+            "| backward's growth: measured vs plan's activations (+ DeepSpeed buffers) "
+            "| the same, DeepSpeed's bucket as far as written (CPU): plan / measured | peak above start-up: "
             "measured vs plan's total | rank + loader worker peak (PSS) | checkpoint: MiB (plan), save s, resume s "
             "| export: s, MiB, peak MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in cases:
         if "measured_states" not in r:
-            rows.append(f"| {r['case']} | {r.get('skipped') or r.get('failed')} |" + " |" * 9)
+            rows.append(f"| {r['case']} | {r.get('skipped') or r.get('failed')} |" + " |" * 10)
             continue
-        s, e, p = r["summary"], r["measured_states"], r["plan"]["parts"]
+        s, e, p = summarise(r), r["measured_states"], r["plan"]["parts"]
         ratio = " ".join(f"{v:.3f}" for v in s["state_ratio_plan_over_measured"].values() if v)
         tr, rs = r["train"]["ranks"], r["resume"]["ranks"]
         ds = f" + {m(p['deepspeed'])}" if p["deepspeed"] else ""
@@ -431,6 +439,7 @@ def table(cases: list[dict]) -> str:
             f"| {r['arch']} ZeRO-{r['zero_stage']}{' zero3_init' if r['zero3_init'] else ''} | {m(e['weights'])} "
             f"| {m(e['masters'])} | {m(e['grads_held'])} / {m(e['grads_update'])} | {m(e['optimizer'])} | {ratio} "
             f"| {m(s['activations_measured'])} vs {m(s['activations_planned'])}{ds} "
+            f"| {m(s['backward_planned_cpu'])} / {m(s['activations_measured'])} = {s['backward_ratio_cpu']:.2f} "
             f"| {m(s['peak_above_baseline'])} vs {m(s['plan_total_less_loader'])} "
             f"| {', '.join(m(x) for x in r['train']['peak_pss_rank_and_workers'])} "
             f"| {m(r['checkpoint_bytes'])} ({m(r['plan']['checkpoint_bytes'])}), "
