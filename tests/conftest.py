@@ -6,6 +6,10 @@ behind a green exit code. A skip that is expected on the CI machine needs an ent
 ``ALLOWED_SKIPS`` (a fragment of its reason -> why CI may skip it). Outside CI, skips only print
 their reasons (``-ra``).
 
+Every test leaves the launcher variables (``MASTER_PORT``, ``RANK``, ...) as it found them: a CLI
+run in this process (``pretrain.eval.main``) joins a one-process group and sets them, and a later
+test's subprocesses would inherit one port (two runs started at once then collide on it).
+
 ``uninterrupted_run``: a tiny 2-rank training run (6 steps, checkpoints every 2, sample keys
 logged, evaluation every 2 steps, each rank's buffers recorded at each save in ``run.parent /
 "buffers"``) that resume, export, evaluation and S3 tests compare against; made once.
@@ -26,6 +30,18 @@ ALLOWED_SKIPS: dict[str, str] = {
 }
 
 _unexpected: list[str] = []
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_variables_restored():
+    before = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    for name, value in before.items():  # as they were: restored, or removed again
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
